@@ -1,0 +1,186 @@
+"""Elastic operations: the bottom rung of the ladder ops -> blocks -> Supernet.
+
+Each op owns the weights of its largest configuration and computes any smaller one from
+a prefix of its channels (and, for depthwise convs, a transformed centre of its kernel).
+The active size always arrives as an argument or is read off the input tensor; no op
+stores an "active" setting, so one supernet can run different subnets concurrently.
+Each op also has `extract(...)`, which returns a static layer from `static.py` holding
+copies of exactly the weights that configuration uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tofa_core.supernet.static import ConvBNAct, SqueezeExcite, activation
+
+
+def act_fn(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return F.relu(x)
+    if name == "hswish":
+        return F.hardswish(x)
+    return x
+
+
+class ElasticBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the first C channels of the largest BN, C read from the input.
+
+    The sliced running statistics are views into the full buffers, so training any subnet
+    updates the shared statistics in place, exactly as the full BN would for C = max.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x,
+            self.running_mean[:c],
+            self.running_var[:c],
+            self.weight[:c],
+            self.bias[:c],
+            self.training or not self.track_running_stats,
+            momentum,
+            self.eps,
+        )
+
+    def copy_into(self, bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+        c = bn.num_features
+        with torch.no_grad():
+            bn.weight.copy_(self.weight[:c])
+            bn.bias.copy_(self.bias[:c])
+            bn.running_mean.copy_(self.running_mean[:c])
+            bn.running_var.copy_(self.running_var[:c])
+            bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        bn.eps, bn.momentum = self.eps, self.momentum
+        return bn
+
+
+class ElasticConvBN(nn.Module):
+    """Dense conv (any odd kernel, no bias) + elastic BN + activation; in/out channels elastic."""
+
+    def __init__(self, max_in: int, max_out: int, kernel: int = 1, stride: int = 1, act: str = "none"):
+        super().__init__()
+        self.kernel, self.stride, self.act = kernel, stride, act
+        self.conv = nn.Conv2d(max_in, max_out, kernel, stride, kernel // 2, bias=False)
+        self.bn = ElasticBatchNorm2d(max_out)
+
+    def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
+        w = self.conv.weight[:out_channels, : x.shape[1]]
+        y = F.conv2d(x, w, None, self.stride, self.kernel // 2)
+        return act_fn(self.act, self.bn(y))
+
+    def extract(self, in_channels: int, out_channels: int) -> ConvBNAct:
+        layer = ConvBNAct(in_channels, out_channels, self.kernel, self.stride, act=self.act)
+        with torch.no_grad():
+            layer.conv.weight.copy_(self.conv.weight[:out_channels, :in_channels])
+        self.bn.copy_into(layer.bn)
+        return layer
+
+
+def _centre(w: torch.Tensor, size: int) -> torch.Tensor:
+    start = (w.shape[-1] - size) // 2
+    return w[..., start : start + size, start : start + size]
+
+
+class ElasticDepthwiseConvBN(nn.Module):
+    """Depthwise conv with elastic channels and kernel size, + elastic BN + activation.
+
+    A smaller kernel is the centre of the next larger one passed through a learned
+    (s*s x s*s) transformation matrix, largest to smallest (OFA's kernel transformation),
+    so that small kernels need not share raw weights with the large kernel's centre.
+    """
+
+    def __init__(self, max_channels: int, kernel_choices: tuple[int, ...], stride: int, act: str):
+        super().__init__()
+        self.kernels = tuple(sorted(kernel_choices))
+        self.stride, self.act = stride, act
+        k = self.kernels[-1]
+        self.conv = nn.Conv2d(max_channels, max_channels, k, stride, k // 2, groups=max_channels, bias=False)
+        for big, small in zip(self.kernels[:0:-1], self.kernels[-2::-1]):
+            self.register_parameter(f"transform_{big}to{small}", nn.Parameter(torch.eye(small * small)))
+        self.bn = ElasticBatchNorm2d(max_channels)
+
+    def kernel_weight(self, channels: int, kernel: int) -> torch.Tensor:
+        """The (channels, 1, kernel, kernel) filter this configuration uses."""
+        w = self.conv.weight[:channels]
+        for big, small in zip(self.kernels[:0:-1], self.kernels[-2::-1]):
+            if big <= kernel:
+                break
+            matrix = getattr(self, f"transform_{big}to{small}")
+            w = F.linear(_centre(w, small).reshape(channels, small * small), matrix)
+            w = w.reshape(channels, 1, small, small)
+        return w
+
+    def forward(self, x: torch.Tensor, kernel: int) -> torch.Tensor:
+        c, h, wd = x.shape[1], x.shape[2], x.shape[3]
+        w = self.kernel_weight(c, kernel)
+        # Taps farther from the centre than the feature map is wide only ever meet zero
+        # padding: dropping them gives the same outputs and gradients at a fraction of the
+        # cost, which matters on the 1x1..4x4 maps that small inputs produce.
+        radius = min(kernel // 2, max(h, wd) - 1)
+        if radius < kernel // 2:
+            w = _centre(w, 2 * radius + 1)
+        y = F.conv2d(x, w, None, self.stride, radius, 1, c)
+        return act_fn(self.act, self.bn(y))
+
+    def extract(self, channels: int, kernel: int) -> ConvBNAct:
+        layer = ConvBNAct(channels, channels, kernel, self.stride, groups=channels, act=self.act)
+        with torch.no_grad():
+            layer.conv.weight.copy_(self.kernel_weight(channels, kernel))
+        self.bn.copy_into(layer.bn)
+        return layer
+
+
+class ElasticSE(nn.Module):
+    """Squeeze-and-excite whose channels and hidden size follow the input's channel count."""
+
+    def __init__(self, max_channels: int, max_mid: int, mid_of):
+        super().__init__()
+        self.mid_of = mid_of  # channels -> hidden size, the space's rounding rule
+        self.reduce = nn.Linear(max_channels, max_mid)
+        self.expand = nn.Linear(max_mid, max_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        m = self.mid_of(c)
+        y = F.relu(F.linear(x.mean((2, 3)), self.reduce.weight[:m, :c], self.reduce.bias[:m]))
+        y = F.hardsigmoid(F.linear(y, self.expand.weight[:c, :m], self.expand.bias[:c]))
+        return x * y[:, :, None, None]
+
+    def extract(self, channels: int) -> SqueezeExcite:
+        m = self.mid_of(channels)
+        layer = SqueezeExcite(channels, m)
+        with torch.no_grad():
+            layer.reduce.weight.copy_(self.reduce.weight[:m, :channels])
+            layer.reduce.bias.copy_(self.reduce.bias[:m])
+            layer.expand.weight.copy_(self.expand.weight[:channels, :m])
+            layer.expand.bias.copy_(self.expand.bias[:channels])
+        return layer
+
+
+def extract_linear(linear: nn.Linear, in_features: int) -> nn.Linear:
+    """A Linear over the first `in_features` inputs of `linear` (all of its outputs)."""
+    layer = nn.Linear(in_features, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(linear.weight[:, :in_features])
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+    return layer
+
+
+__all__ = [
+    "ElasticBatchNorm2d",
+    "ElasticConvBN",
+    "ElasticDepthwiseConvBN",
+    "ElasticSE",
+    "activation",
+    "act_fn",
+    "extract_linear",
+]

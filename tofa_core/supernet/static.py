@@ -1,0 +1,88 @@
+"""Plain static layers that an extracted subnet is made of.
+
+Nothing here knows about the supernet: an extracted model is ordinary torch modules with
+ordinary weights, scriptable with TorchScript and exportable to ONNX.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU(), "hswish": nn.Hardswish(), "none": nn.Identity()}[name]
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d (no bias, 'same' padding) -> BatchNorm2d -> activation."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: str = "none"):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: global pool -> reduce -> ReLU -> expand -> hard sigmoid -> scale."""
+
+    def __init__(self, channels: int, mid: int):
+        super().__init__()
+        self.reduce = nn.Linear(channels, mid)
+        self.expand = nn.Linear(mid, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.reduce(x.mean((2, 3))))
+        y = F.hardsigmoid(self.expand(y))
+        return x * y[:, :, None, None]
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: [1x1 expand] -> depthwise kxk -> [SE] -> 1x1 project (+ input)."""
+
+    def __init__(self, expand: nn.Module, depthwise: ConvBNAct, se: nn.Module, project: ConvBNAct, residual: bool):
+        super().__init__()
+        self.expand = expand
+        self.depthwise = depthwise
+        self.se = se
+        self.project = project
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.se(self.depthwise(self.expand(x))))
+        return x + y if self.residual else y
+
+
+class StaticNet(nn.Module):
+    """An extracted subnet. Resizes its input to `resolution` like the supernet does."""
+
+    def __init__(
+        self,
+        resolution: int,
+        stem: ConvBNAct,
+        blocks: list[nn.Module],
+        final_expand: ConvBNAct,
+        feature_mix: nn.Linear,
+        dropout: float,
+        classifier: nn.Linear,
+    ):
+        super().__init__()
+        self.resolution = resolution
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.final_expand = final_expand
+        self.feature_mix = feature_mix
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] != self.resolution or x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = self.final_expand(self.blocks(self.stem(x)))
+        x = F.hardswish(self.feature_mix(x.mean((2, 3))))
+        return self.classifier(self.dropout(x))
