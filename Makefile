@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: setup
-	$(VENV)/bin/tofa run
+	$(VENV)/bin/tofa sample tiny --count 8
 
 test: setup
 	$(VENV)/bin/ruff check .
