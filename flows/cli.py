@@ -42,7 +42,9 @@ def _space(preset: str, num_classes: int, in_channels: int, resolutions: str | N
 
 PresetArg = typer.Argument("tiny", help="Search space preset: tiny or ofa-mbv3.")
 ClassesOpt = typer.Option(10, "--num-classes", min=1, help="Classifier outputs.")
-ChannelsOpt = typer.Option(None, "--in-channels", min=1, help="Input channels [default: 1 for tiny, 3 for ofa-mbv3].")
+ChannelsOpt = typer.Option(
+    None, "--in-channels", min=1, help="Input channels [default: 1 for tiny, 3 for ofa-mbv3]."
+)
 ResOpt = typer.Option(None, "--resolutions", help="Override the input resolutions, e.g. 16,24,32.")
 
 
@@ -77,12 +79,16 @@ def space(
 @app.command()
 def sample(
     preset: str = PresetArg,
-    count: int = typer.Option(5, "--count", min=1, help="How many random subnets (plus the largest and smallest)."),
+    count: int = typer.Option(
+        5, "--count", min=1, help="How many random subnets (plus the largest and smallest)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     num_classes: int = ClassesOpt,
     in_channels: int | None = ChannelsOpt,
     resolutions: str | None = ResOpt,
-    verify: bool = typer.Option(True, help="Extract each subnet and check it computes what the supernet does."),
+    verify: bool = typer.Option(
+        True, help="Extract each subnet and check it computes what the supernet does."
+    ),
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the subnets and their costs here."),
 ) -> None:
     """Sample subnets of a fresh supernet, with their costs; extract and verify each one."""
@@ -101,8 +107,18 @@ def sample(
         table.add_column(col, justify="right")
     rows, worst = [], 0.0
     for arch in archs:
-        row = {"arch": arch.to_dict(), "macs": count_macs(arch, sp), "params": count_params(arch, sp)}
-        cells = [str(arch.resolution), str(arch.width), str(list(arch.depths)), f"{row['macs']:,}", f"{row['params']:,}"]
+        row = {
+            "arch": arch.to_dict(),
+            "macs": count_macs(arch, sp),
+            "params": count_params(arch, sp),
+        }
+        cells = [
+            str(arch.resolution),
+            str(arch.width),
+            str(list(arch.depths)),
+            f"{row['macs']:,}",
+            f"{row['params']:,}",
+        ]
         if verify:
             x = torch.randn(4, sp.in_channels, arch.resolution, arch.resolution)
             with torch.no_grad():
@@ -133,7 +149,9 @@ def costs(
     from tofa_core.costs import count_macs, count_params, layers
 
     sp = _space(preset, num_classes, _channels(preset, in_channels), resolutions)
-    text = Path(arch_json).read_text() if arch_json.endswith(".json") and Path(arch_json).exists() else arch_json
+    text = (
+        Path(arch_json).read_text() if arch_json.endswith(".json") and Path(arch_json).exists() else arch_json
+    )
     try:
         arch = sp.validate(Arch.from_json(text))
     except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -143,8 +161,15 @@ def costs(
         table.add_column(col, justify="right")
     for spec in layers(arch, sp):
         table.add_row(
-            spec.name, spec.kind, str(spec.cin), str(spec.cout), str(spec.kernel), str(spec.stride),
-            str(spec.in_size), f"{spec.macs:,}", f"{spec.params:,}",
+            spec.name,
+            spec.kind,
+            str(spec.cin),
+            str(spec.cout),
+            str(spec.kernel),
+            str(spec.stride),
+            str(spec.in_size),
+            f"{spec.macs:,}",
+            f"{spec.params:,}",
         )
     console.print(table)
 

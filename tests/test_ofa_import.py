@@ -19,7 +19,9 @@ def reference():
 
 def ofa_space(num_classes=10, in_channels=3):
     # Small resolutions keep the test fast; the network does not depend on resolution.
-    return SearchSpace.preset("ofa-mbv3", num_classes=num_classes, in_channels=in_channels, resolutions=(32, 64))
+    return SearchSpace.preset(
+        "ofa-mbv3", num_classes=num_classes, in_channels=in_channels, resolutions=(32, 64)
+    )
 
 
 def test_imported_supernet_matches_reference_on_random_archs(reference):
@@ -34,7 +36,10 @@ def test_imported_supernet_matches_reference_on_random_archs(reference):
         with torch.no_grad():
             ours, theirs = net(x, arch), reference(x)
         assert theirs.abs().max() > 0.1
-        assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (arch, (ours - theirs).abs().max())
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (
+            arch,
+            (ours - theirs).abs().max(),
+        )
         # and the subnet extracted from the imported weights computes the same
         with torch.no_grad():
             assert torch.allclose(net.extract(arch).eval()(x), theirs, atol=1e-4, rtol=1e-4)
@@ -47,7 +52,11 @@ def test_old_checkpoint_key_names_load_too(reference, tmp_path):
         key = key.replace(".conv.inverted_bottleneck", ".mobile_inverted_conv.inverted_bottleneck")
         key = key.replace(".conv.depth_conv", ".mobile_inverted_conv.depth_conv")
         key = key.replace(".conv.point_linear", ".mobile_inverted_conv.point_linear")
-        key = key.replace(".bn.bn.", ".bn.").replace(".conv.conv.", ".conv.").replace(".linear.linear.", ".linear.")
+        key = (
+            key.replace(".bn.bn.", ".bn.")
+            .replace(".conv.conv.", ".conv.")
+            .replace(".linear.linear.", ".linear.")
+        )
         old[key] = value
     assert any("mobile_inverted_conv" in k for k in old)
     path = tmp_path / "ofa_mbv3_d234_e346_k357_w1.0"

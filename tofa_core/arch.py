@@ -62,6 +62,11 @@ class Arch:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Arch:
+        if not isinstance(data, dict):
+            raise ValueError(
+                "an Arch is a JSON object with fields resolution, depths, kernels, expands, width; "
+                f"got {data!r}"
+            )
         expected = {"resolution", "depths", "kernels", "expands", "width"}
         unknown = set(data) - expected
         missing = {"resolution", "depths", "kernels", "expands"} - set(data)
@@ -70,6 +75,9 @@ class Arch:
                 f"Arch: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}; "
                 f"an Arch has the fields {sorted(expected)}"
             )
+        for name in ("depths", "kernels", "expands"):
+            if not isinstance(data[name], (list, tuple)):
+                raise ValueError(f"Arch.{name} must be a list, got {data[name]!r}")
         return cls(**data)
 
     @classmethod
@@ -118,7 +126,13 @@ class SearchSpace:
     bn_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("kernel_choices", "expand_choices", "depth_choices", "resolutions", "width_choices"):
+        for name in (
+            "kernel_choices",
+            "expand_choices",
+            "depth_choices",
+            "resolutions",
+            "width_choices",
+        ):
             object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
         object.__setattr__(self, "stages", tuple(self.stages))
         if any(k % 2 == 0 for k in self.kernel_choices):
@@ -141,7 +155,9 @@ class SearchSpace:
         if name not in builders:
             raise ValueError(f"unknown search space preset {name!r}; choose one of {sorted(builders)}")
         if num_classes < 1 or in_channels < 1:
-            raise ValueError(f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}")
+            raise ValueError(
+                f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
+            )
         fields = builders[name](num_classes, in_channels)
         unknown = set(overrides) - set(fields)
         if unknown:
@@ -197,25 +213,36 @@ class SearchSpace:
         """Raise ValueError naming the offending field and the allowed values; return `arch`."""
         if not isinstance(arch, Arch):
             raise ValueError(f"expected an Arch, got {type(arch).__name__}")
-        if arch.resolution not in self.resolutions:
-            raise ValueError(f"Arch.resolution={arch.resolution} not allowed in space {self.name!r}; allowed: {list(self.resolutions)}")
-        if arch.width not in self.width_choices:
-            raise ValueError(f"Arch.width={arch.width} not allowed in space {self.name!r}; allowed: {list(self.width_choices)}")
+
+        def check(field_name: str, value: Any, allowed: tuple, integer: bool) -> None:
+            # `in` alone would let 3.0 or True through (they compare equal to 3 and 1), and a
+            # float kernel or depth breaks extraction far from here.
+            wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+            if wrong_type or value not in allowed:
+                raise ValueError(
+                    f"Arch.{field_name}={value!r} not allowed in space {self.name!r}; "
+                    f"allowed: {list(allowed)}"
+                )
+
+        check("resolution", arch.resolution, self.resolutions, True)
+        check("width", arch.width, self.width_choices, False)
         if len(arch.depths) != len(self.stages):
-            raise ValueError(f"Arch.depths has {len(arch.depths)} stages; space {self.name!r} has {len(self.stages)}")
+            raise ValueError(
+                f"Arch.depths has {len(arch.depths)} stages; space {self.name!r} has {len(self.stages)}"
+            )
         for i, d in enumerate(arch.depths):
-            if d not in self.depth_choices:
-                raise ValueError(f"Arch.depths[{i}]={d} not allowed in space {self.name!r}; allowed: {list(self.depth_choices)}")
+            check(f"depths[{i}]", d, self.depth_choices, True)
         n = sum(arch.depths)
-        for name, values, allowed in (
-            ("kernels", arch.kernels, self.kernel_choices),
-            ("expands", arch.expands, self.expand_choices),
+        for name, values, allowed, integer in (
+            ("kernels", arch.kernels, self.kernel_choices, True),
+            ("expands", arch.expands, self.expand_choices, False),
         ):
             if len(values) != n:
-                raise ValueError(f"Arch.{name} has {len(values)} entries; depths {list(arch.depths)} keep {n} blocks")
+                raise ValueError(
+                    f"Arch.{name} has {len(values)} entries; depths {list(arch.depths)} keep {n} blocks"
+                )
             for i, v in enumerate(values):
-                if v not in allowed:
-                    raise ValueError(f"Arch.{name}[{i}]={v} not allowed in space {self.name!r}; allowed: {list(allowed)}")
+                check(f"{name}[{i}]", v, allowed, integer)
         return arch
 
     # ----------------------------------------------------------------- evolution operators

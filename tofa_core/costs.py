@@ -81,14 +81,18 @@ def layers(arch: Arch, space: SearchSpace) -> list[LayerSpec]:
     stem = space.channels(space.stem_width, arch.width)
     out = [LayerSpec("stem", "conv", space.in_channels, stem, 3, space.stem_stride, size, "hswish")]
     size = out[-1].out_size
-    block, size = _mbconv("first_block", space, size, stem, stem, 3, 1, 1, space.first_block_act, False, False)
+    block, size = _mbconv(
+        "first_block", space, size, stem, stem, 3, 1, 1, space.first_block_act, False, False
+    )
     out += block
     cin = stem
     for i, (spec, blocks) in enumerate(zip(space.stages, arch.stage_blocks())):
         cout = space.channels(spec.width, arch.width)
         for j, (k, e) in enumerate(blocks):
             stride = spec.stride if j == 0 else 1
-            block, size = _mbconv(f"stages.{i}.{j}", space, size, cin, cout, k, e, stride, spec.act, spec.se, True)
+            block, size = _mbconv(
+                f"stages.{i}.{j}", space, size, cin, cout, k, e, stride, spec.act, spec.se, True
+            )
             out += block
             cin = cout
     final = space.channels(space.final_expand_width, arch.width)

@@ -84,7 +84,8 @@ def load_ofa_weights(net: Supernet, source: str | Path | Mapping[str, torch.Tens
     """Load OFA MobileNetV3 weights (a file or a state dict) into `net`; return notes on what changed."""
     if net.space.name != "ofa-mbv3":
         raise ValueError(
-            f"OFA MobileNetV3 weights fit only the 'ofa-mbv3' search space; this supernet uses {net.space.name!r}"
+            "OFA MobileNetV3 weights fit only the 'ofa-mbv3' search space; "
+            f"this supernet uses {net.space.name!r}"
         )
     if isinstance(source, (str, Path)):
         state = torch.load(source, map_location="cpu", weights_only=True)

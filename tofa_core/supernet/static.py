@@ -45,7 +45,14 @@ class SqueezeExcite(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual block: [1x1 expand] -> depthwise kxk -> [SE] -> 1x1 project (+ input)."""
 
-    def __init__(self, expand: nn.Module, depthwise: ConvBNAct, se: nn.Module, project: ConvBNAct, residual: bool):
+    def __init__(
+        self,
+        expand: nn.Module,
+        depthwise: ConvBNAct,
+        se: nn.Module,
+        project: ConvBNAct,
+        residual: bool,
+    ):
         super().__init__()
         self.expand = expand
         self.depthwise = depthwise
@@ -82,7 +89,9 @@ class StaticNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] != self.resolution or x.shape[-1] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
+            )
         x = self.final_expand(self.blocks(self.stem(x)))
         x = F.hardswish(self.feature_mix(x.mean((2, 3))))
         return self.classifier(self.dropout(x))

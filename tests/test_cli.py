@@ -1,0 +1,237 @@
+"""Tests for the `tofa` command line (flows.cli)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tofa_core.arch import Arch, SearchSpace
+from tofa_core.costs import count_macs, count_params, layers
+
+TINY = SearchSpace.preset("tiny", num_classes=10, in_channels=1)
+runner = CliRunner()
+
+
+def _flat(text: str) -> str:
+    """Output with rich's line wrapping undone (it wraps at 80 columns under the runner)."""
+    return " ".join(text.split())
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+# ----------------------------------------------------------------- space
+
+
+def test_space_tiny_prints_choices():
+    result = invoke("space", "tiny")
+    assert result.exit_code == 0, result.output
+    out = _flat(result.output)
+    assert "search space tiny" in out
+    assert "16, 20, 24, 28, 32" in out
+    assert "0.5, 0.75, 1.0" in out
+    assert "1, 2, 3 (x4 stages)" in out
+    assert "3, 5, 7" in out
+    assert "2, 3, 4" in out
+    lo, hi = TINY.min_arch(), TINY.max_arch()
+    assert f"{count_macs(lo, TINY):,} MACs, {count_params(lo, TINY):,} params" in out
+    assert f"{count_macs(hi, TINY):,} MACs, {count_params(hi, TINY):,} params" in out
+
+
+def test_space_ofa_and_overrides():
+    result = invoke("space", "ofa-mbv3", "--resolutions", "32,64", "--num-classes", "5")
+    assert result.exit_code == 0, result.output
+    out = _flat(result.output)
+    assert "search space ofa-mbv3" in out
+    assert "32, 64" in out and "128" not in out
+    assert "2, 3, 4 (x5 stages)" in out
+    sp = SearchSpace.preset("ofa-mbv3", num_classes=5, resolutions=(32, 64))
+    assert f"{count_macs(sp.max_arch(), sp):,} MACs" in out
+
+
+def test_space_in_channels_default_and_override():
+    # tiny defaults to 1 input channel; 3 channels adds stem weights.
+    base = _flat(invoke("space", "tiny").output)
+    rgb = invoke("space", "tiny", "--in-channels", "3")
+    assert rgb.exit_code == 0
+    sp3 = SearchSpace.preset("tiny", num_classes=10, in_channels=3)
+    assert f"{count_params(sp3.max_arch(), sp3):,} params" in _flat(rgb.output)
+    assert f"{count_params(sp3.max_arch(), sp3):,} params" not in base
+
+
+def test_space_unknown_preset():
+    result = invoke("space", "bogus")
+    assert result.exit_code == 2
+    out = _flat(result.output)
+    assert "error:" in out and "'bogus'" in out and "ofa-mbv3" in out
+
+
+@pytest.mark.parametrize("value", ["16,x", "abc", "16;24"])
+def test_bad_resolutions_option(value):
+    result = invoke("space", "tiny", "--resolutions", value)
+    assert result.exit_code == 2
+    assert "--resolutions must be comma-separated integers" in _flat(result.output)
+    assert repr(value) in _flat(result.output)
+
+
+# ----------------------------------------------------------------- sample
+
+
+def test_sample_writes_json(tmp_path):
+    out_file = tmp_path / "subnets.json"
+    result = invoke("sample", "tiny", "--count", "2", "--json-out", str(out_file))
+    assert result.exit_code == 0, result.output
+    assert "wrote" in _flat(result.output)
+    rows = json.loads(out_file.read_text())
+    assert len(rows) == 4
+    archs = [Arch.from_dict(row["arch"]) for row in rows]
+    assert archs[0] == TINY.max_arch()
+    assert archs[1] == TINY.min_arch()
+    for row, arch in zip(rows, archs, strict=True):
+        assert set(row) == {"arch", "macs", "params", "max_abs_diff"}
+        TINY.validate(arch)
+        assert row["macs"] == count_macs(arch, TINY)
+        assert row["params"] == count_params(arch, TINY)
+        assert 0.0 <= row["max_abs_diff"] < 1e-4
+    assert "4 subnets of tiny" in _flat(result.output)
+
+
+def test_sample_is_reproducible_and_seeded(tmp_path):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    common = ("sample", "tiny", "--count", "3", "--no-verify")
+    assert invoke(*common, "--seed", "7", "--json-out", str(a)).exit_code == 0
+    assert invoke(*common, "--seed", "7", "--json-out", str(b)).exit_code == 0
+    assert invoke(*common, "--seed", "8", "--json-out", str(c)).exit_code == 0
+    rows_a, rows_c = json.loads(a.read_text()), json.loads(c.read_text())
+    assert rows_a == json.loads(b.read_text())
+    assert len(rows_a) == 5
+    assert all("max_abs_diff" not in row for row in rows_a)
+    # max and min are the same for every seed; the random ones are not.
+    assert rows_a[:2] == rows_c[:2]
+    assert [r["arch"] for r in rows_a[2:]] != [r["arch"] for r in rows_c[2:]]
+
+
+def test_sample_bogus_preset():
+    result = invoke("sample", "bogus")
+    assert result.exit_code == 2
+    out = _flat(result.output)
+    assert "unknown search space preset 'bogus'" in out
+    assert "tiny" in out
+
+
+def test_sample_count_must_be_positive():
+    result = invoke("sample", "tiny", "--count", "0")
+    assert result.exit_code == 2
+    assert "--count" in result.output
+
+
+# ----------------------------------------------------------------- costs
+
+
+VALID = Arch(24, (1, 2, 3, 1), (3, 5, 7, 3, 5, 7, 3), (2, 3, 4, 2, 3, 4, 2), 0.75)
+
+
+def test_costs_valid_arch_json():
+    result = invoke("costs", VALID.to_json())
+    assert result.exit_code == 0, result.output
+    out = _flat(result.output)
+    macs, params = count_macs(VALID, TINY), count_params(VALID, TINY)
+    assert f"{macs:,} MACs, {params:,} params" in out
+    # One row per layer: every layer name is printed (possibly truncated by rich at 80
+    # columns, so compare on the stem and classifier which are short).
+    assert "stem" in out and "classifier" in out
+    assert len(layers(VALID, TINY)) > 20
+
+
+def test_costs_from_file(tmp_path):
+    path = tmp_path / "arch.json"
+    path.write_text(TINY.max_arch().to_json())
+    result = invoke("costs", str(path))
+    assert result.exit_code == 0, result.output
+    assert f"{count_macs(TINY.max_arch(), TINY):,} MACs" in _flat(result.output)
+
+
+def test_costs_other_space():
+    sp = SearchSpace.preset("ofa-mbv3", num_classes=10)
+    arch = sp.min_arch()
+    result = invoke("costs", arch.to_json(), "--space", "ofa-mbv3")
+    assert result.exit_code == 0, result.output
+    assert f"{count_macs(arch, sp):,} MACs, {count_params(arch, sp):,} params" in _flat(result.output)
+    # The same arch is not a tiny arch.
+    assert invoke("costs", arch.to_json()).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("arch", "fragments"),
+    [
+        (replace(VALID, kernels=(3, 5, 4, 3, 5, 7, 3)), ["Arch.kernels[2]=4", "[3, 5, 7]"]),
+        (replace(VALID, resolution=17), ["Arch.resolution=17", "[16, 20, 24, 28, 32]"]),
+        (replace(VALID, width=0.6), ["Arch.width=0.6"]),
+        (Arch(24, (1, 4, 3, 1), (3,) * 9, (2,) * 9, 0.75), ["Arch.depths[1]=4"]),
+        (replace(VALID, expands=(2,) * 6), ["Arch.expands has 6 entries"]),
+    ],
+)
+def test_costs_invalid_arch(arch, fragments):
+    result = invoke("costs", arch.to_json())
+    assert result.exit_code == 2
+    out = _flat(result.output)
+    assert "not a valid Arch for space 'tiny'" in out
+    for fragment in fragments:
+        assert fragment in out, (fragment, out)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("{not json", "not a valid Arch"),
+        ('{"resolution": 16}', "missing fields ['depths', 'expands', 'kernels']"),
+        ('{"resolution": 16, "depths": [1], "kernels": [], "expands": [], "x": 1}', "['x']"),
+        ("5", "not a valid Arch"),
+        ("missing-file.json", "not a valid Arch"),
+    ],
+)
+def test_costs_malformed_input(text, fragment):
+    result = invoke("costs", text)
+    assert result.exit_code == 2
+    assert fragment in _flat(result.output)
+
+
+# ----------------------------------------------------------------- help and console script
+
+
+@pytest.mark.parametrize("command", [[], ["space"], ["sample"], ["costs"]])
+def test_help(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    if command:
+        assert command[0] in result.output
+    else:
+        for name in ("space", "sample", "costs"):
+            assert name in result.output
+
+
+def test_costs_requires_argument():
+    result = invoke("costs")
+    assert result.exit_code == 2
+    assert "Missing argument 'arch_json'" in result.output
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "tofa"
+    assert script.exists(), script
+    proc = subprocess.run([str(script), "space", "tiny"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "search space tiny" in proc.stdout
+    assert f"{count_macs(TINY.max_arch(), TINY):,} MACs" in " ".join(proc.stdout.split())
+    bad = subprocess.run([str(script), "space", "bogus"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "bogus" in bad.stderr and bad.stdout == ""
