@@ -1,0 +1,1 @@
+"""Data: sources, validation and quarantine, the versioned Parquet store, splits, loaders, augmentation."""
