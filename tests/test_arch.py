@@ -490,3 +490,28 @@ def test_channel_helpers():
     assert OFA.mid_channels(40, 6) == 240
     assert OFA.se_channels(240) == 64
     assert TINY.stage_in_widths(0.5) == [8, 16, 24, 32]
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"width_choices": (0.5, 1.25)}, "widths"),
+        ({"stem_width": 12}, "stem_width=12"),
+        ({"resolutions": (0, 16)}, "resolutions must be positive"),
+    ],
+)
+def test_preset_rejects_overrides_the_supernet_cannot_honour(override, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        SearchSpace.preset("tiny", num_classes=10, in_channels=1, **override)
+
+
+def test_preset_accepts_any_space_field_and_numpy_scalars():
+    import numpy as np
+
+    space = SearchSpace.preset("ofa-mbv3", num_classes=10, dropout=0.0, bn_eps=1e-3)
+    assert space.dropout == 0.0 and space.bn_eps == 1e-3
+    arch = space.max_arch()
+    as_numpy = replace(
+        arch, resolution=np.int64(arch.resolution), kernels=tuple(np.int64(k) for k in arch.kernels)
+    )
+    assert space.validate(as_numpy) is as_numpy

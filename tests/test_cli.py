@@ -235,3 +235,9 @@ def test_console_script():
     bad = subprocess.run([str(script), "space", "bogus"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "bogus" in bad.stderr and bad.stdout == ""
+
+
+def test_non_positive_resolution_is_a_clean_error():
+    result = runner.invoke(app, ["sample", "tiny", "--resolutions", "0", "--count", "1"])
+    assert result.exit_code == 2
+    assert "resolutions must be positive" in " ".join(result.output.split())

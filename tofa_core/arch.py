@@ -12,7 +12,9 @@ here, so a preset is the only place a topology is written down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import numbers
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -135,6 +137,19 @@ class SearchSpace:
         ):
             object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
         object.__setattr__(self, "stages", tuple(self.stages))
+        if any(r < 1 for r in self.resolutions) or any(not 0 < w <= 1 for w in self.width_choices):
+            raise ValueError(
+                f"{self.name}: resolutions must be positive and widths in (0, 1]; "
+                f"got resolutions {self.resolutions}, widths {self.width_choices}"
+            )
+        # The supernet holds weights for width 1.0; a base width the rounding rule would change
+        # would make the largest subnet disagree with the weights it slices.
+        for label, base in [
+            ("stem_width", self.stem_width),
+            ("final_expand_width", self.final_expand_width),
+        ] + [(f"stages[{i}].width", s.width) for i, s in enumerate(self.stages)]:
+            if self.channels(base, 1.0) != base:
+                raise ValueError(f"{self.name}: {label}={base} must be a multiple of divisor={self.divisor}")
         if any(k % 2 == 0 for k in self.kernel_choices):
             raise ValueError(f"{self.name}: kernel sizes must be odd, got {self.kernel_choices}")
         if max(self.depth_choices) > min(s.max_depth for s in self.stages):
@@ -159,7 +174,7 @@ class SearchSpace:
                 f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
             )
         fields = builders[name](num_classes, in_channels)
-        unknown = set(overrides) - set(fields)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(SearchSpace)}
         if unknown:
             raise ValueError(f"unknown SearchSpace fields {sorted(unknown)}")
         fields.update(overrides)
@@ -217,7 +232,8 @@ class SearchSpace:
         def check(field_name: str, value: Any, allowed: tuple, integer: bool) -> None:
             # `in` alone would let 3.0 or True through (they compare equal to 3 and 1), and a
             # float kernel or depth breaks extraction far from here.
-            wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+            kind = numbers.Integral if integer else numbers.Real  # numpy scalars included
+            wrong_type = isinstance(value, bool) or not isinstance(value, kind)
             if wrong_type or value not in allowed:
                 raise ValueError(
                     f"Arch.{field_name}={value!r} not allowed in space {self.name!r}; "
