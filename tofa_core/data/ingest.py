@@ -1,0 +1,545 @@
+"""Ingestion: source -> validated, versioned data set in the store.
+
+Stages (the Prefect flow in flows/ingest.py runs them as tasks; `ingest()` chains them):
+  plan      list the source, find the parent version, tell known items from new ones
+  decode    decode only the new items, in parallel processes
+  validate  labels, duplicates and per-source checks; the quarantine; the version id
+  write     shards: the parent's where they are unchanged, new ones for the rest
+  commit    the quarantine, then the manifest (exactly once) - the version now exists
+Nothing is written before validation passes, and nothing of an existing version is ever
+rewritten, so a failed or killed ingest leaves every committed version as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tofa_core.data.decode import Decoded, decode_bytes, from_array
+from tofa_core.data.sources import Item, Listing, SourceError, list_source
+from tofa_core.data.store import (
+    QUARANTINE_SCHEMA,
+    SHARD_SCHEMA,
+    DatasetStore,
+    Manifest,
+    QuarantineSummary,
+    ShardRef,
+    now,
+)
+from tofa_core.storage import NotFound, StorageError, open_storage
+
+log = logging.getLogger(__name__)
+DATASET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_SPLIT_PRIORITY = {"test": 0, "train": 1, "unlabeled": 2}  # which copy of a duplicate is kept
+
+
+class IngestConfig(BaseModel):
+    """Ingest settings; the `ingest:` section of a config file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    labelled_fraction: float = Field(0.1, gt=0, le=1, description="digits: labelled share of non-test images")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="digits: test share")
+    seed: int = 0
+    classes: list[str] | None = Field(None, description="fixed class order; other labels are quarantined")
+    min_per_class: int = Field(2, ge=1, description="labelled training images each class needs")
+    max_quarantine_fraction: float = Field(0.25, ge=0, le=1, description="fail the source above this")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are quarantined as bombs")
+    image_size: int | None = Field(None, ge=1, description="resize every image to this square side")
+    shard_rows: int = Field(8192, ge=1)
+    workers: int | None = Field(None, ge=1, description="decode processes; default: CPU count")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> IngestConfig:
+        data = load_yaml_section(path, "ingest")
+        try:
+            return cls(**data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{path}: ingest.{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def load_yaml_section(path: str | Path, section: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file is a YAML mapping with sections such as '{section}:'")
+    value = data.get(section, {}) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: '{section}' must be a mapping, got {value!r}")
+    return value
+
+
+@dataclass(slots=True)
+class Record:
+    """A newly decoded image of the version being built."""
+
+    source_id: str
+    path: str
+    split: str
+    label: str | None
+    decoded: Decoded
+
+
+@dataclass
+class ParentIndex:
+    """The parent version's rows, column by column and without pixels.
+
+    Columns, not row objects: an incremental ingest of a large data set must cost a small
+    fraction of a full one, and per-row Python objects for every known image would not.
+    """
+
+    manifest: Manifest
+    source_id: list[str]
+    path: list[str]
+    split: list[str]
+    label: list[int | None]
+    content_hash: list[str]
+    shard: list[int]  # index into manifest.shards
+    row: list[int]  # row within that shard
+
+    @classmethod
+    def read(cls, store: DatasetStore, manifest: Manifest) -> ParentIndex:
+        ds = store.dataset(manifest.dataset)
+        cols: dict[str, list] = {k: [] for k in ("source_id", "path", "split", "label", "content_hash")}
+        shard, row = [], []
+        for i, ref in enumerate(manifest.shards):
+            table = ds.read_table(ref.path, list(cols)).to_pydict()
+            for name, values in cols.items():
+                values.extend(table[name])
+            shard.extend([i] * ref.rows)
+            row.extend(range(ref.rows))
+        return cls(manifest, shard=shard, row=row, **cols)
+
+    @functools.cached_property
+    def names(self) -> list[str | None]:
+        """Label name per row."""
+        classes = self.manifest.classes
+        return [None if label is None else classes[label] for label in self.label]
+
+    def columns(self, rows: list[int]) -> tuple[list[str], list[str], list[str | None]]:
+        """(content_hash, split, label name) of `rows`; whole columns when that is all rows."""
+        if len(rows) == len(self.label):  # rows are distinct, so this is every row
+            return self.content_hash, self.split, self.names
+        return (
+            [self.content_hash[i] for i in rows],
+            [self.split[i] for i in rows],
+            [self.names[i] for i in rows],
+        )
+
+
+@dataclass
+class Plan:
+    dataset: str
+    listing: Listing
+    parent: ParentIndex | None
+    known_rows: list[int]  # parent rows whose source item is still there, unchanged
+    new_items: list[Item]
+    repeats: list[tuple[str, str, str]]  # (path, reason, source_id): items listed twice
+
+
+@dataclass
+class Validated:
+    plan: Plan
+    version: str
+    classes: list[str]
+    kept_rows: list[int]
+    new: list[Record]
+    quarantine: list[tuple[str, str, str]]  # (path, reason, source_id)
+    counts: dict[str, dict[str, int]]
+    exists: bool
+    channels: int = 1
+
+    @property
+    def num_images(self) -> int:
+        return len(self.kept_rows) + len(self.new)
+
+
+@dataclass
+class IngestResult:
+    manifest: Manifest
+    created: bool
+    decoded: int
+    reused_shards: int
+    written_shards: int
+    quarantine: list[tuple[str, str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+    def summary(self) -> str:
+        m = self.manifest
+        what = "created" if self.created else "unchanged: this content is stored already, nothing written"
+        head = f"data set {m.dataset!r}: version {m.version} {what}"
+        counts = ", ".join(f"{split} {sum(c.values())}" for split, c in m.counts.items())
+        lines = [
+            head,
+            f"  {m.num_images} images ({counts}), {len(m.classes)} classes, {m.channels} channel(s)",
+        ]
+        lines.append(
+            f"  decoded {self.decoded} new images; "
+            f"shards reused {self.reused_shards}, written {self.written_shards}"
+        )
+        if self.quarantine:
+            reasons = Counter(_reason_kind(r) for _, r, _ in self.quarantine)
+            lines.append(
+                f"  quarantined {len(self.quarantine)}: " + ", ".join(f"{k} {n}" for k, n in reasons.items())
+            )
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_ingest(source: str, dataset: str, store: DatasetStore, config: IngestConfig) -> Plan:
+    if not re.match(DATASET_NAME, dataset):
+        raise SourceError(
+            f"data set name {dataset!r} must match {DATASET_NAME} (lower case, digits, - and _)"
+        )
+    try:
+        listing = list_source(
+            source,
+            labelled_fraction=config.labelled_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    except StorageError as err:
+        raise SourceError(f"cannot read source {source}: {err}") from None
+    latest = store.latest(dataset)
+    parent = ParentIndex.read(store, latest) if latest else None
+    by_source = dict(zip(parent.source_id, range(len(parent.source_id)))) if parent else {}
+    known, new_items, repeats, seen = [], [], [], set()
+    for item in listing.items:
+        row = by_source.get(item.source_id)
+        if row is None:
+            new_items.append(item)
+        elif row in seen:  # the same record twice in one table: its first copy is the parent's
+            repeats.append((item.path, f"duplicate: same image as {parent.path[row]}", item.source_id))
+        else:
+            seen.add(row)
+            known.append(row)
+    log.info(
+        "planned %s: %d items, %d new, parent %s",
+        source,
+        len(listing.items),
+        len(new_items),
+        latest and latest.version,
+    )
+    return Plan(dataset, listing, parent, known, new_items, repeats)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _decode_chunk(
+    storage_uri: str | None, entries: list, max_pixels: int, image_size: int | None
+) -> list[Decoded]:
+    storage = open_storage(storage_uri) if storage_uri and any(e[1] for e in entries) else None
+    out = []
+    for source_id, key, data, array in entries:
+        if array is not None:
+            out.append(from_array(source_id, array))
+            continue
+        if key is not None:
+            try:
+                data = storage.read_bytes(key)
+            except NotFound:
+                out.append(Decoded(source_id, error=f"missing file: {key} does not exist"))
+                continue
+        out.append(decode_bytes(source_id, data, max_pixels, image_size))
+    return out
+
+
+def decode_items(plan: Plan, config: IngestConfig) -> list[Decoded]:
+    """Decode the plan's new items; several processes when there are enough to pay for them."""
+    storage = plan.listing.storage
+    uri = storage.root if storage is not None else None
+    entries = [(it.source_id, it.key, it.data, it.array) for it in plan.new_items]
+    workers = config.workers or os.cpu_count() or 1
+    if workers == 1 or len(entries) < 512 or plan.listing.kind == "digits":
+        return _decode_chunk(uri, entries, config.max_pixels, config.image_size)
+    size = max(64, -(-len(entries) // (workers * 4)))
+    chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
+    # forkserver: safe beside the threads of Prefect, torch and boto3 (fork is not).
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
+            parts = pool.map(
+                _decode_chunk, [uri] * len(chunks), chunks, [config.max_pixels] * len(chunks),
+                [config.image_size] * len(chunks),
+            )  # fmt: skip
+            return [d for part in parts for d in part]
+    except BrokenProcessPool:
+        # Worker processes cannot start when __main__ is not a re-importable file (code
+        # piped to python, some embedded interpreters): decode here instead, just slower.
+        log.warning("decode workers could not start; decoding %d images in this process", len(entries))
+        return _decode_chunk(uri, entries, config.max_pixels, config.image_size)
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def _classes(plan: Plan, config: IngestConfig, present: set[str]) -> list[str]:
+    if config.classes is not None:
+        return list(config.classes)
+    order = list(plan.parent.manifest.classes) if plan.parent else []
+    order = [c for c in order if c in present]  # a class the source no longer has is dropped
+    return order + [c for c in plan.listing.classes if c not in order and c in present]
+
+
+def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: DatasetStore) -> Validated:
+    """Build the version's contents and quarantine; raise SourceError if the source fails as a whole."""
+    listing, parent = plan.listing, plan.parent
+    quarantine = [(path, reason, "") for path, reason in listing.rejected] + plan.repeats
+    by_id = {d.source_id: d for d in decoded}
+    new: list[Record] = []
+    for item in plan.new_items:
+        d = by_id[item.source_id]
+        if d.error:
+            quarantine.append((item.path, d.error, item.source_id))
+        else:
+            new.append(Record(item.source_id, item.path, item.split, item.label, d))
+    kept = plan.known_rows
+
+    # Classes, and labels that are not among them.
+    present = {r.label for r in new if r.split == "train"}
+    if parent:
+        _, splits, names = parent.columns(kept)
+        present |= {name for split, name in zip(splits, names) if split == "train"}
+    classes = _classes(plan, config, present)
+    allowed = set(classes)
+
+    def unknown(label: str | None) -> bool:
+        return label is not None and label not in allowed
+
+    for r in new:
+        if unknown(r.label) and config.classes and r.label.isdigit() and int(r.label) < len(classes):
+            r.label = classes[int(r.label)]  # a table may give class indices into ingest.classes
+    bad = [r for r in new if unknown(r.label)]
+    for r in bad:
+        quarantine.append(
+            (r.path, f"unknown label: {r.label!r} is not among the classes {classes}", r.source_id)
+        )
+    new = [r for r in new if not unknown(r.label)]
+    if parent and any(
+        unknown(parent.manifest.classes[lbl]) for lbl in {parent.label[i] for i in kept} - {None}
+    ):
+        for i in kept:
+            if unknown(parent.names[i]):
+                reason = f"unknown label: {parent.names[i]!r} is not among the classes {classes}"
+                quarantine.append((parent.path[i], reason, parent.source_id[i]))
+        kept = [i for i in kept if not unknown(parent.names[i])]
+
+    # Duplicates (same pixels). The parent's rows are unique already, so only groups holding a
+    # new image need a look. One copy is kept, by split (test first), then the parent's, then path.
+    parent_by_hash = {parent.content_hash[i]: i for i in kept} if parent else {}
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in new:
+        groups[r.decoded.content_hash].append(r)
+    dropped_rows: set[int] = set()
+    new = []
+    for chash, records in groups.items():
+        copies = [(_SPLIT_PRIORITY[r.split], 1, r.path, r.label, r) for r in records]
+        row = parent_by_hash.get(chash)
+        if row is not None:
+            copies.append((_SPLIT_PRIORITY[parent.split[row]], 0, parent.path[row], parent.names[row], row))
+        if len(copies) == 1:
+            new.append(records[0])
+            continue
+        labels = {c[3] for c in copies if c[3] is not None}
+        copies.sort(key=lambda c: c[:3])
+        if len(labels) > 1:
+            detail = ", ".join(f"{c[2]}={c[3]}" for c in copies if c[3] is not None)
+            drop = copies
+            reason = f"duplicate with conflicting labels: {detail}"
+        else:
+            drop = copies[1:]
+            reason = f"duplicate: same image as {copies[0][2]}"
+            if isinstance(copies[0][4], Record):
+                new.append(copies[0][4])
+        for c in drop:
+            if isinstance(c[4], Record):
+                quarantine.append((c[2], reason, c[4].source_id))
+            else:
+                dropped_rows.add(c[4])
+                quarantine.append((c[2], reason, parent.source_id[c[4]]))
+    if dropped_rows:
+        kept = [i for i in kept if i not in dropped_rows]
+
+    counts: Counter = Counter((r.split, r.label or "-") for r in new)
+    if parent:
+        hashes, splits, names = parent.columns(kept)
+        counts.update(zip(splits, [name or "-" for name in names]))
+    total = len(listing.items) + len(listing.rejected)
+    _check_source(listing.uri, counts, classes, quarantine, total, config)
+
+    lines = [f"{r.decoded.content_hash}:{r.split}:{r.label}" for r in new]
+    if parent:
+        lines += [f"{h}:{s}:{n}" for h, s, n in zip(hashes, splits, names)]
+    version = _version_id(classes, lines)
+    exists = store.dataset(plan.dataset).exists(f"{version}/manifest.json")
+    colour = any(r.decoded.channels == 3 for r in new) or bool(kept and parent.manifest.channels == 3)
+    by_split: dict[str, dict[str, int]] = {}
+    for (split, label), n in sorted(counts.items()):
+        by_split.setdefault(split, {})[label] = n
+    return Validated(plan, version, classes, kept, new, quarantine, by_split, exists, 3 if colour else 1)
+
+
+def _check_source(uri, counts: Counter, classes, quarantine, total, config: IngestConfig) -> None:
+    labelled = {label: n for (split, label), n in counts.items() if split == "train"}
+    if not labelled:
+        raise SourceError(
+            f"{uri}: no labelled training images; put them in train/<class>/ (folders) or give them "
+            "a label (tables)"
+        )
+    thin = {c: labelled.get(c, 0) for c in classes if labelled.get(c, 0) < config.min_per_class}
+    if thin:
+        raise SourceError(
+            f"{uri}: class(es) with fewer than min_per_class={config.min_per_class} labelled training "
+            f"images: {thin}; add images or lower ingest.min_per_class"
+        )
+    if total and len(quarantine) / total > config.max_quarantine_fraction:
+        reasons = Counter(_reason_kind(r) for _, r, _ in quarantine)
+        examples = "; ".join(f"{p}: {r}" for p, r, _ in quarantine[:3])
+        raise SourceError(
+            f"{uri}: {len(quarantine)} of {total} records failed validation, above "
+            f"max_quarantine_fraction={config.max_quarantine_fraction} ({dict(reasons)}; e.g. {examples}); "
+            "fix the source or raise ingest.max_quarantine_fraction"
+        )
+
+
+def _version_id(classes: list[str], lines: list[str]) -> str:
+    lines.sort()
+    digest = hashlib.blake2b(json.dumps(classes).encode() + "\n".join(lines).encode(), digest_size=8)
+    return f"v-{digest.hexdigest()}"
+
+
+# ----------------------------------------------------------------------------- write + commit
+
+
+def write_shards(
+    validated: Validated, store: DatasetStore, config: IngestConfig
+) -> tuple[list[ShardRef], int]:
+    """Write the version's shards; return them and how many were the parent's, reused as they are."""
+    plan, parent = validated.plan, validated.plan.parent
+    ds = store.dataset(plan.dataset)
+    index = {c: i for i, c in enumerate(validated.classes)}
+    shards: list[ShardRef] = []
+    fresh: list[dict] = []
+    if parent:
+        remap = [index.get(c) for c in parent.manifest.classes]  # parent label index -> ours
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for i in validated.kept_rows:
+            by_shard[parent.shard[i]].append(i)
+        for s, ref in enumerate(parent.manifest.shards):
+            rows = by_shard.get(s, [])
+            labels = {parent.label[i] for i in rows} - {None}
+            if len(rows) == ref.rows and all(remap[lbl] == lbl for lbl in labels):
+                shards.append(ref)  # unchanged: the child lists the parent's shard
+            elif rows:  # thinned or relabelled: copy its rows (no decoding)
+                table = ds.read_table(ref.path).take(pa.array([parent.row[i] for i in rows]))
+                for row in table.to_pylist():
+                    row["label"] = None if row["label"] is None else remap[row["label"]]
+                    fresh.append(row)
+    reused = len(shards)
+    for r in sorted(validated.new, key=lambda r: (r.split, r.label or "", r.path)):
+        d = r.decoded
+        fresh.append(
+            {
+                "content_hash": d.content_hash, "source_id": r.source_id, "path": r.path, "split": r.split,
+                "label": index[r.label] if r.label is not None else None,
+                "height": d.height, "width": d.width, "channels": d.channels, "pixels": d.pixels,
+            }
+        )  # fmt: skip
+    for start in range(0, len(fresh), config.shard_rows):
+        rows = fresh[start : start + config.shard_rows]
+        name = hashlib.blake2b("".join(r["content_hash"] for r in rows).encode(), digest_size=8).hexdigest()
+        key = f"{validated.version}/shard-{name}.parquet"
+        data = ds.write_table(key, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+        shards.append(ShardRef(path=key, sha256=hashlib.sha256(data).hexdigest(), rows=len(rows)))
+    return shards, reused
+
+
+def commit(
+    validated: Validated, shards: list[ShardRef], store: DatasetStore, config: IngestConfig
+) -> Manifest:
+    """Write the quarantine, then the manifest (once). Returns the version's manifest."""
+    plan = validated.plan
+    ds = store.dataset(plan.dataset)
+    summary = QuarantineSummary(
+        count=len(validated.quarantine),
+        reasons=dict(Counter(_reason_kind(r) for _, r, _ in validated.quarantine)),
+    )
+    if validated.quarantine:
+        summary.path = f"{validated.version}/quarantine.parquet"
+        rows = [{"path": p, "reason": r, "source_id": s} for p, r, s in sorted(validated.quarantine)]
+        ds.write_table(summary.path, pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA))
+    manifest = Manifest(
+        dataset=plan.dataset,
+        version=validated.version,
+        parent=plan.parent.manifest.version if plan.parent else None,
+        source=plan.listing.uri,
+        created=now(),
+        classes=validated.classes,
+        channels=validated.channels,
+        counts=validated.counts,
+        num_images=validated.num_images,
+        shards=shards,
+        quarantine=summary,
+        settings=config.model_dump(),
+    )
+    if not ds.put_if_absent(f"{validated.version}/manifest.json", manifest.to_json().encode()):
+        log.info("version %s was committed concurrently; keeping that one", validated.version)
+        return store.manifest(plan.dataset, validated.version)
+    return manifest
+
+
+def ingest(
+    source: str, dataset: str, store: DatasetStore, config: IngestConfig | None = None
+) -> IngestResult:
+    """Ingest `source` as a new version of `dataset` (a no-op when the content is stored already)."""
+    config = config or IngestConfig()
+    clock = _Clock()
+    plan = clock("plan", plan_ingest, source, dataset, store, config)
+    decoded = clock("decode", decode_items, plan, config)
+    validated = clock("validate", validate, plan, decoded, config, store)
+    if validated.exists:
+        manifest = store.manifest(dataset, validated.version)
+        return IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine, clock.seconds)
+    shards, reused = clock("write", write_shards, validated, store, config)
+    manifest = clock("commit", commit, validated, shards, store, config)
+    return IngestResult(
+        manifest, True, len(decoded), reused, len(shards) - reused, validated.quarantine, clock.seconds
+    )
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - start, 4)

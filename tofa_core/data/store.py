@@ -1,0 +1,160 @@
+"""The versioned data set store: `<root>/datasets/<name>/<version>/`.
+
+A version is Parquet shards of decoded uint8 images (one row per image: content hash,
+source id, path, split, label index, shape, pixels) plus `manifest.json`, written last and
+exactly once. A version without a manifest does not exist: readers never see a half
+written version, and a retry of a crashed ingest rewrites the same shards and commits.
+Shards are referenced by path from the dataset folder, so a child version lists its
+parent's shards instead of copying them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from tofa_core.storage import NotFound, Storage
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("content_hash", pa.string()),
+        ("source_id", pa.string()),
+        ("path", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.int32()),  # index into Manifest.classes; null = unlabelled
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int8()),
+        ("pixels", pa.binary()),  # height x width x channels, uint8, row-major
+    ]
+)
+INDEX_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "pixels"]
+QUARANTINE_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("source_id", pa.string())])
+
+
+class ShardRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    path: str  # relative to the dataset folder, e.g. "v-0123abcd/shard-89ef.parquet"
+    sha256: str
+    rows: int
+
+
+class QuarantineSummary(BaseModel):
+    path: str | None = None
+    count: int = 0
+    reasons: dict[str, int] = {}
+
+
+class Manifest(BaseModel):
+    """What a committed version holds. Written once; never modified."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = 1
+    dataset: str
+    version: str
+    parent: str | None
+    source: str
+    created: str
+    classes: list[str]
+    channels: int
+    shard_schema: list[tuple[str, str]] = [(f.name, str(f.type)) for f in SHARD_SCHEMA]
+    counts: dict[str, dict[str, int]]  # split -> class name (or "-" for unlabelled) -> images
+    num_images: int
+    shards: list[ShardRef]
+    quarantine: QuarantineSummary
+    settings: dict = {}
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class DatasetStore:
+    """Versions of named data sets under one storage root (local folder or S3 prefix)."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def dataset(self, name: str) -> Storage:
+        return self.storage.child(f"datasets/{name}")
+
+    def versions(self, name: str) -> list[Manifest]:
+        """Committed versions, oldest first."""
+        ds = self.dataset(name)
+        manifests = [o.key for o in ds.list() if o.key.count("/") == 1 and o.key.endswith("/manifest.json")]
+        out = [Manifest.model_validate_json(ds.read_bytes(k)) for k in manifests]
+        return sorted(out, key=lambda m: m.created)
+
+    def latest(self, name: str) -> Manifest | None:
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def manifest(self, name: str, version: str | None = None) -> Manifest:
+        if version is None:
+            found = self.latest(name)
+            if found is None:
+                raise NotFound(f"no data set {name!r} in {self.storage.uri('datasets')}; ingest one first")
+            return found
+        try:
+            return Manifest.model_validate_json(self.dataset(name).read_bytes(f"{version}/manifest.json"))
+        except NotFound:
+            raise NotFound(f"data set {name!r} has no version {version!r} in {self.storage.root}") from None
+
+    def read_shards(self, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
+        """All rows of a version (optionally only some columns), shard by shard in order."""
+        ds = self.dataset(manifest.dataset)
+        tables = [ds.read_table(s.path, columns) for s in manifest.shards]
+        if not tables:
+            return SHARD_SCHEMA.empty_table().select(columns or SHARD_SCHEMA.names)
+        return pa.concat_tables(tables)
+
+    def read_quarantine(self, manifest: Manifest) -> pa.Table:
+        if not manifest.quarantine.path:
+            return QUARANTINE_SCHEMA.empty_table()
+        return self.dataset(manifest.dataset).read_table(manifest.quarantine.path)
+
+
+def images_array(table: pa.Table, size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """Stack a shard table's images into one (N, C, H, W) uint8 array.
+
+    Images of another size are resized (bilinear) to `size` (default: the most common
+    size); grayscale images are repeated to 3 channels when `channels` is 3, and colour
+    ones averaged when it is 1.
+    """
+    n = table.num_rows
+    heights = table.column("height").to_numpy()
+    widths = table.column("width").to_numpy()
+    chans = table.column("channels").to_numpy()
+    if n == 0:
+        return np.zeros((0, channels or 1, size or 1, size or 1), dtype=np.uint8)
+    if size is None:
+        pairs, counts = np.unique(np.stack([heights, widths], 1), axis=0, return_counts=True)
+        h, w = (int(v) for v in pairs[counts.argmax()])
+    else:
+        h = w = size
+    c = channels or int(chans.max())
+    out = np.empty((n, c, h, w), dtype=np.uint8)
+    pixels = table.column("pixels").to_pylist()
+    uniform = bool((heights == h).all() and (widths == w).all() and (chans == c).all())
+    if uniform:  # the common case: one reshape, no per-image work
+        flat = np.frombuffer(b"".join(pixels), dtype=np.uint8)
+        return np.ascontiguousarray(flat.reshape(n, h, w, c).transpose(0, 3, 1, 2))
+    from PIL import Image
+
+    for i, raw in enumerate(pixels):
+        img = np.frombuffer(raw, dtype=np.uint8).reshape(heights[i], widths[i], chans[i])
+        if (heights[i], widths[i]) != (h, w):
+            mode = "L" if chans[i] == 1 else "RGB"
+            pil = Image.fromarray(img[:, :, 0] if chans[i] == 1 else img, mode)
+            img = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR)).reshape(h, w, chans[i])
+        if chans[i] != c:
+            img = np.repeat(img, c, axis=2) if c == 3 else img.mean(axis=2, keepdims=True).round()
+        out[i] = img.transpose(2, 0, 1)
+    return out
