@@ -174,6 +174,35 @@ def costs(
     console.print(table)
 
 
+@app.command()
+def ingest(
+    source: str = typer.Argument(
+        "digits",
+        help="digits, a folder (train/<class>/*, test/, unlabeled/), a .parquet/.csv table, or s3://...",
+    ),
+    dataset: str = typer.Option("digits", "--dataset", help="Data set name in the store."),
+    store: str | None = typer.Option(
+        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config file; its 'ingest:' section applies."
+    ),
+) -> None:
+    """Ingest a source as a new version of a data set (a no-op when nothing is new)."""
+    from flows.ingest import ingest_flow
+    from tofa_core.data.sources import SourceError
+    from tofa_core.storage import StorageError
+
+    try:
+        result = ingest_flow(
+            source=source, dataset=dataset, store=store, config_file=str(config) if config else None
+        )
+    except (SourceError, StorageError, ValueError) as err:
+        fail(str(err))
+    console.print(result["summary"], highlight=False)
+    console.print(f"store: {result['store']}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - `python -m flows.cli`
     sys.exit(app())
 

@@ -1,17 +1,29 @@
-"""Make tests/ helpers (ofa_reference) importable from every test module."""
+"""Shared fixtures: the real S3 server, a Prefect test server; tests/ helpers on sys.path."""
 
+import os
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-# ----------------------------------------------------------------- real S3 (SeaweedFS `weed mini`)
-
-import uuid  # noqa: E402
-
-import pytest  # noqa: E402
 from s3_server import S3Server, find_weed  # noqa: E402
+
+# Prefect keeps its database and settings under PREFECT_HOME: a private one per test session,
+# so tests never touch (or depend on) a user's ~/.prefect. Analytics off: no network here.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tofa-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect API (SQLite) for the session: flows run for real, with state tracking."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,8 @@ class LocalStorage(Storage):
             return self._file(key).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"{self.uri(key)} does not exist") from None
+        except IsADirectoryError:
+            raise NotFound(f"{self.uri(key)} is a folder, not a file") from None
         except OSError as err:
             raise StorageError(f"cannot read {self.uri(key)}: {err.strerror}") from None
 
@@ -186,7 +188,9 @@ class S3Storage(Storage):
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
+            # A session of its own: boto3's module-level default session caches the
+            # credentials it first saw, and a store must follow the environment it runs in.
+            self._client = boto3.session.Session().client(
                 "s3",
                 config=Config(
                     s3={"addressing_style": "path"},

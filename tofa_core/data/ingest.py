@@ -114,13 +114,16 @@ class ParentIndex:
     split: list[str]
     label: list[int | None]
     content_hash: list[str]
+    channels: list[int]
     shard: list[int]  # index into manifest.shards
     row: list[int]  # row within that shard
 
     @classmethod
     def read(cls, store: DatasetStore, manifest: Manifest) -> ParentIndex:
         ds = store.dataset(manifest.dataset)
-        cols: dict[str, list] = {k: [] for k in ("source_id", "path", "split", "label", "content_hash")}
+        cols: dict[str, list] = {
+            k: [] for k in ("source_id", "path", "split", "label", "content_hash", "channels")
+        }
         shard, row = [], []
         for i, ref in enumerate(manifest.shards):
             table = ds.read_table(ref.path, list(cols)).to_pydict()
@@ -184,6 +187,10 @@ class IngestResult:
     quarantine: list[tuple[str, str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
+    def reasons(self) -> dict[str, int]:
+        """Quarantined records per kind of reason."""
+        return dict(Counter(_reason_kind(r) for _, r, _ in self.quarantine))
+
     def summary(self) -> str:
         m = self.manifest
         what = "created" if self.created else "unchanged: this content is stored already, nothing written"
@@ -198,7 +205,7 @@ class IngestResult:
             f"shards reused {self.reused_shards}, written {self.written_shards}"
         )
         if self.quarantine:
-            reasons = Counter(_reason_kind(r) for _, r, _ in self.quarantine)
+            reasons = self.reasons()
             lines.append(
                 f"  quarantined {len(self.quarantine)}: " + ", ".join(f"{k} {n}" for k, n in reasons.items())
             )
@@ -264,8 +271,9 @@ def _decode_chunk(
         if key is not None:
             try:
                 data = storage.read_bytes(key)
-            except NotFound:
-                out.append(Decoded(source_id, error=f"missing file: {key} does not exist"))
+            except NotFound as err:
+                what = "is a folder, not a file" if "folder" in str(err) else "does not exist"
+                out.append(Decoded(source_id, error=f"missing file: {key} {what}"))
                 continue
         out.append(decode_bytes(source_id, data, max_pixels, image_size))
     return out
@@ -398,7 +406,9 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
         lines += [f"{h}:{s}:{n}" for h, s, n in zip(hashes, splits, names)]
     version = _version_id(classes, lines)
     exists = store.dataset(plan.dataset).exists(f"{version}/manifest.json")
-    colour = any(r.decoded.channels == 3 for r in new) or bool(kept and parent.manifest.channels == 3)
+    colour = any(r.decoded.channels == 3 for r in new)
+    if parent and not colour and parent.manifest.channels == 3:  # only a colour parent can hold colour rows
+        colour = any(parent.channels[i] == 3 for i in kept)
     by_split: dict[str, dict[str, int]] = {}
     for (split, label), n in sorted(counts.items()):
         by_split.setdefault(split, {})[label] = n
@@ -510,8 +520,18 @@ def commit(
     )
     if not ds.put_if_absent(f"{validated.version}/manifest.json", manifest.to_json().encode()):
         log.info("version %s was committed concurrently; keeping that one", validated.version)
-        return store.manifest(plan.dataset, validated.version)
+        manifest = store.manifest(plan.dataset, validated.version)
+    store.set_latest(plan.dataset, manifest.version)
     return manifest
+
+
+def select_existing(validated: Validated, store: DatasetStore) -> Manifest:
+    """The source's content is stored already: make that version the latest (if it is not)."""
+    dataset = validated.plan.dataset
+    latest = store.latest(dataset)
+    if latest is None or latest.version != validated.version:
+        store.set_latest(dataset, validated.version)
+    return store.manifest(dataset, validated.version)
 
 
 def ingest(
@@ -524,7 +544,7 @@ def ingest(
     decoded = clock("decode", decode_items, plan, config)
     validated = clock("validate", validate, plan, decoded, config, store)
     if validated.exists:
-        manifest = store.manifest(dataset, validated.version)
+        manifest = select_existing(validated, store)
         return IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine, clock.seconds)
     shards, reused = clock("write", write_shards, validated, store, config)
     manifest = clock("commit", commit, validated, shards, store, config)

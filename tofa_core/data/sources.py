@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from tofa_core.storage import NotFound, Storage, StorageError, open_storage
+from tofa_core.storage import LocalStorage, NotFound, Storage, StorageError, open_storage
 
 SPLITS = ("train", "test", "unlabeled")
 TABLE_SUFFIXES = (".parquet", ".csv")
@@ -61,7 +61,10 @@ def list_source(uri: str, *, labelled_fraction: float, test_fraction: float, see
         parent, _, name = text.rpartition("/")
         storage = open_storage(parent or ".")
         return _list_table(storage, name, text)
-    return _list_folder(open_storage(text), text)
+    storage = open_storage(text)
+    if isinstance(storage, LocalStorage) and not storage.path.is_dir():
+        raise SourceError(f"{uri}: no such folder (a source is digits, a folder, or a .parquet/.csv table)")
+    return _list_folder(storage, text)
 
 
 def _list_digits(labelled_fraction: float, test_fraction: float, seed: int) -> Listing:
@@ -150,7 +153,10 @@ def _list_table(storage: Storage, name: str, uri: str) -> Listing:
     ):
         raise SourceError(f"{uri}: column 'label' has type {label_type}; it must hold class names or indices")
     has_split = "split" in columns
-    if has_split and not pa.types.is_string(table.schema.field("split").type):
+    split_type = table.schema.field("split").type if has_split else pa.string()
+    if not (
+        pa.types.is_string(split_type) or pa.types.is_large_string(split_type) or pa.types.is_null(split_type)
+    ):
         raise SourceError(
             f"{uri}: column 'split' has type {table.schema.field('split').type}; it must be text"
         )
@@ -162,8 +168,13 @@ def _list_table(storage: Storage, name: str, uri: str) -> Listing:
         path = f"row {row}"
         label = None if label is None else str(label)
         split = split or ("train" if label is not None else "unlabeled")
-        if image is None:
+        if image is None or image == "" or image == b"":  # CSV reads an empty cell as ""
             rejected.append((path, "empty 'image' cell"))
+            continue
+        if not inline and (image.startswith("/") or ".." in image.split("/")):
+            rejected.append(
+                (f"{path} ({image})", "image path outside the table's folder: paths are relative to it")
+            )
             continue
         if split not in SPLITS:
             rejected.append((path, f"split {split!r} is not one of {list(SPLITS)}"))

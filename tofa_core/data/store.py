@@ -93,8 +93,20 @@ class DatasetStore:
         return sorted(out, key=lambda m: m.created)
 
     def latest(self, name: str) -> Manifest | None:
-        versions = self.versions(name)
-        return versions[-1] if versions else None
+        """The version the last successful ingest committed or selected (training reads this).
+
+        Recorded as an append-only log of refs (`refs/<time>-<version>.json`): an ingest whose
+        content equals an older version selects that version again without rewriting it.
+        """
+        refs = [o.key for o in self.dataset(name).list("refs")]
+        if not refs:
+            return None
+        return self.manifest(name, refs[-1].rsplit("/", 1)[-1].split("-", 1)[1].removesuffix(".json"))
+
+    def set_latest(self, name: str, version: str) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        ref = json.dumps({"version": version, "at": now()}).encode()
+        self.dataset(name).put_if_absent(f"refs/{stamp}-{version}.json", ref)
 
     def manifest(self, name: str, version: str | None = None) -> Manifest:
         if version is None:

@@ -1,0 +1,12 @@
+"""Where things live, from the environment (the DESIGN contract), with local defaults."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_STORE = ".tofa/store"
+
+
+def store_uri(override: str | None = None) -> str:
+    """TOFA_STORE: a local path or s3://bucket/prefix (default: .tofa/store under the cwd)."""
+    return override or os.environ.get("TOFA_STORE") or DEFAULT_STORE
