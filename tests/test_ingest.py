@@ -721,3 +721,15 @@ def test_channels_follow_the_content_not_the_history(tmp_path, store):
     fresh = ingest(str(src), "ds", DatasetStore(open_storage(tmp_path / "fresh")), FAST).manifest
     assert fresh.version == child.version and fresh.channels == 1
     assert child.channels == 1
+
+
+def test_incremental_version_equals_a_fresh_ingest_of_the_same_content(tmp_path):
+    src = make_folder(tmp_path / "src", {"a": 4, "b": 4})
+    step = DatasetStore(open_storage(tmp_path / "step"))
+    ingest(str(src), "d", step, FAST)
+    save(src / "train" / "b" / "extra.png", noise(np.random.default_rng(99)))
+    child = ingest(str(src), "d", step, FAST)
+    assert child.manifest.parent is not None and child.decoded == 1
+    fresh = ingest(str(src), "d", DatasetStore(open_storage(tmp_path / "fresh")), FAST)
+    assert fresh.manifest.version == child.manifest.version
+    assert fresh.manifest.digest == child.manifest.digest and fresh.manifest.counts == child.manifest.counts

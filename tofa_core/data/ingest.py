@@ -171,6 +171,7 @@ class Validated:
     counts: dict[str, dict[str, int]]
     exists: bool
     channels: int = 1
+    digest: str = ""
 
     @property
     def num_images(self) -> int:
@@ -328,10 +329,15 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
         else:
             new.append(Record(item.source_id, item.path, item.split, item.label, d))
     kept = plan.known_rows
+    # Common case of new data arriving: every parent row is still there. Then the parent's
+    # counts and digest stand for them and this stage costs O(new), not O(data set).
+    whole_parent = parent is not None and len(kept) == len(parent.label) and bool(parent.manifest.digest)
 
     # Classes, and labels that are not among them.
     present = {r.label for r in new if r.split == "train"}
-    if parent:
+    if whole_parent:
+        present |= set(parent.manifest.counts.get("train", {}))
+    elif parent:
         _, splits, names = parent.columns(kept)
         present |= {name for split, name in zip(splits, names) if split == "train"}
     classes = _classes(plan, config, present)
@@ -349,9 +355,11 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
             (r.path, f"unknown label: {r.label!r} is not among the classes {classes}", r.source_id)
         )
     new = [r for r in new if not unknown(r.label)]
-    if parent and any(
-        unknown(parent.manifest.classes[lbl]) for lbl in {parent.label[i] for i in kept} - {None}
-    ):
+    used = {c for split in parent.manifest.counts.values() for c in split} - {"-"} if whole_parent else None
+    if parent and used is None:
+        used = {parent.manifest.classes[lbl] for lbl in {parent.label[i] for i in kept} - {None}}
+    if parent and any(unknown(name) for name in used):
+        whole_parent = False
         for i in kept:
             if unknown(parent.names[i]):
                 reason = f"unknown label: {parent.names[i]!r} is not among the classes {classes}"
@@ -393,18 +401,24 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
                 quarantine.append((c[2], reason, parent.source_id[c[4]]))
     if dropped_rows:
         kept = [i for i in kept if i not in dropped_rows]
+        whole_parent = False
 
     counts: Counter = Counter((r.split, r.label or "-") for r in new)
-    if parent:
+    digest = sum(_record_digest(r.decoded.content_hash, r.split, r.label) for r in new)
+    if whole_parent:
+        counts.update(
+            {(split, c): n for split, per in parent.manifest.counts.items() for c, n in per.items()}
+        )
+        digest += int(parent.manifest.digest, 16)
+    elif parent:
         hashes, splits, names = parent.columns(kept)
         counts.update(zip(splits, [name or "-" for name in names]))
+        digest += sum(_record_digest(h, s, n) for h, s, n in zip(hashes, splits, names))
     total = len(listing.items) + len(listing.rejected)
     _check_source(listing.uri, counts, classes, quarantine, total, config)
 
-    lines = [f"{r.decoded.content_hash}:{r.split}:{r.label}" for r in new]
-    if parent:
-        lines += [f"{h}:{s}:{n}" for h, s, n in zip(hashes, splits, names)]
-    version = _version_id(classes, lines)
+    digest_hex = f"{digest % 2**64:016x}"
+    version = _version_id(classes, digest_hex)
     exists = store.dataset(plan.dataset).exists(f"{version}/manifest.json")
     colour = any(r.decoded.channels == 3 for r in new)
     if parent and not colour and parent.manifest.channels == 3:  # only a colour parent can hold colour rows
@@ -412,7 +426,9 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
     by_split: dict[str, dict[str, int]] = {}
     for (split, label), n in sorted(counts.items()):
         by_split.setdefault(split, {})[label] = n
-    return Validated(plan, version, classes, kept, new, quarantine, by_split, exists, 3 if colour else 1)
+    return Validated(
+        plan, version, classes, kept, new, quarantine, by_split, exists, 3 if colour else 1, digest_hex
+    )
 
 
 def _check_source(uri, counts: Counter, classes, quarantine, total, config: IngestConfig) -> None:
@@ -438,10 +454,14 @@ def _check_source(uri, counts: Counter, classes, quarantine, total, config: Inge
         )
 
 
-def _version_id(classes: list[str], lines: list[str]) -> str:
-    lines.sort()
-    digest = hashlib.blake2b(json.dumps(classes).encode() + "\n".join(lines).encode(), digest_size=8)
-    return f"v-{digest.hexdigest()}"
+def _record_digest(content_hash: str, split: str, label: str | None) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{content_hash}:{split}:{label}".encode(), digest_size=8).digest())
+
+
+def _version_id(classes: list[str], digest: str) -> str:
+    """The version id follows from the content: class order plus the multiset of (image, split,
+    label), the latter as a sum of per-record digests, so a child extends its parent's sum."""
+    return f"v-{hashlib.blake2b(json.dumps([classes, digest]).encode(), digest_size=8).hexdigest()}"
 
 
 # ----------------------------------------------------------------------------- write + commit
@@ -514,6 +534,7 @@ def commit(
         channels=validated.channels,
         counts=validated.counts,
         num_images=validated.num_images,
+        digest=validated.digest,
         shards=shards,
         quarantine=summary,
         settings=config.model_dump(),

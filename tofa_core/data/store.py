@@ -64,6 +64,7 @@ class Manifest(BaseModel):
     shard_schema: list[tuple[str, str]] = [(f.name, str(f.type)) for f in SHARD_SCHEMA]
     counts: dict[str, dict[str, int]]  # split -> class name (or "-" for unlabelled) -> images
     num_images: int
+    digest: str = ""  # sum of per-record digests (hex): children extend it without a full pass
     shards: list[ShardRef]
     quarantine: QuarantineSummary
     settings: dict = {}
