@@ -6,6 +6,8 @@ STAMP = $(VENV)/.stamp
 TORCH_PIN = torch==2.13.0
 # Scratch area for `make lock` (a fresh venv + a copy of pyproject.toml with empty packages).
 LOCK_DIR ?= /tmp/tofa-lock
+# Prefect's usage analytics stay off: runs here have no network, and users' runs are theirs.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: setup run test bench lint format lock clean
 
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: setup
+	$(VENV)/bin/tofa ingest digits --dataset digits
 	$(VENV)/bin/tofa sample tiny --count 8
 
 test: setup
