@@ -203,6 +203,62 @@ def ingest(
     console.print(f"store: {result['store']}", highlight=False)
 
 
+@app.command()
+def train(
+    data: str = typer.Option(
+        "digits", "--data", help="Source to train on (ingested first; a no-op if stored)."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
+    store: str | None = typer.Option(
+        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers."),
+    warm_start: str | None = typer.Option(
+        None,
+        "--warm-start",
+        help="'last' (newest supernet of this data set), a supernet .pt URI, or OFA weights.",
+    ),
+) -> None:
+    """Train one elastic supernet with the unified semi-supervised loss on Ray Train."""
+    from flows.train import train_flow
+    from tofa_core.data.sources import SourceError
+    from tofa_core.storage import StorageError
+    from tofa_core.training.checkpoint import CheckpointError
+
+    try:
+        summary = train_flow(
+            source=data,
+            dataset=dataset,
+            store=store,
+            config_file=str(config) if config else None,
+            epochs=epochs,
+            workers=workers,
+            warm_start=warm_start,
+        )
+    except (SourceError, StorageError, CheckpointError, ValueError) as err:
+        fail(str(err))
+    table = Table(title=f"supernet {summary['run_id']}")
+    table.add_column("")
+    table.add_column("value")
+    for key in (
+        "dataset",
+        "data_version",
+        "epochs",
+        "workers",
+        "test_acc/max",
+        "test_acc/min",
+        "seconds",
+        "supernet",
+    ):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover - `python -m flows.cli`
     sys.exit(app())
 

@@ -57,16 +57,12 @@ class Supernet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """He init for convs, small normal init for linears, identity kernel transforms."""
-        for name, p in self.named_parameters():
-            if name.endswith("conv.weight"):
-                nn.init.kaiming_normal_(p, mode="fan_out")
+        """He init (fan-in) for convs, PyTorch's default for linears, identity kernel transforms."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.Conv2d):
+                # fan-in per output channel: a depthwise filter reads k*k inputs, not C*k*k
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, (nn.Linear, nn.BatchNorm2d)):
                 m.reset_parameters()
 
     def reset_classifier(self, num_classes: int | None = None) -> None:

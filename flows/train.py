@@ -1,0 +1,179 @@
+"""Flow `tofa-train`: data version -> supernet, trained on Ray Train workers.
+
+`tofa_core.training.loop.train_supernet` runs in every Ray Train worker (Ray sets up the
+torch.distributed group: gloo on CPU, nccl on GPU). Checkpoints and the final supernet go to
+the store under `runs/<run id>/`, not to any machine's disk, so a worker lost on one node
+restarts anywhere (FailureConfig) and resumes from the last epoch. Ray connects to
+RAY_ADDRESS when set, else starts a local instance.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows.ingest import ingest_flow
+from flows.settings import store_uri
+from flows.tracking import log_training
+from tofa_core.data.store import DatasetStore
+from tofa_core.storage import S3Storage, open_storage
+from tofa_core.training.config import TrainConfig
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across concurrent runs."""
+    return f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker: the plain training loop, reporting each epoch's metrics to Ray."""
+    import ray.train
+
+    from tofa_core.training.loop import train_supernet
+
+    cfg = TrainConfig(**config["train"])
+    run_dir = open_storage(config["run_dir"])
+    warm = None
+    if config.get("warm"):
+        kind, where, key = config["warm"]
+        warm = (where, None) if kind == "ofa" else (open_storage(where), key)
+    result = train_supernet(
+        cfg,
+        DatasetStore(open_storage(config["store"])),
+        config["dataset"],
+        run_dir,
+        version=config.get("version"),
+        warm=warm,
+        report=lambda metrics: ray.train.report(metrics),
+    )
+    ray.train.report({"epoch": cfg.epochs, "done": 1, **result.final, "seconds": result.seconds})
+
+
+def _ray_storage(store: str):
+    """Where Ray keeps its run metadata: beside the data (S3 needs an explicit endpoint)."""
+    storage = open_storage(store)
+    if isinstance(storage, S3Storage):
+        import pyarrow.fs as pafs
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        )
+        return f"{storage.bucket}/{storage.prefix}/ray".replace("//", "/"), fs
+    return os.path.join(storage.root, "ray"), None
+
+
+@task(name="train-supernet", cache_policy=NONE)
+def run_trainer(
+    cfg: TrainConfig, store: str, dataset: str, version: str, run_id: str, workers: int, warm
+) -> dict:
+    import ray
+    import torch
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+    use_gpu = torch.cuda.is_available()
+    cpus = int(ray.available_resources().get("CPU", 1))
+    threads = cfg.threads or max(1, cpus // workers)
+    run_dir = open_storage(store).child(f"runs/{run_id}").root
+    storage_path, fs = _ray_storage(store)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "train": cfg.model_copy(update={"threads": threads}).model_dump(mode="json"),
+            "store": store,
+            "dataset": dataset,
+            "version": version,
+            "run_dir": run_dir,
+            "warm": warm,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}
+        ),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=3),
+        ),
+    )
+    result = trainer.fit()
+    history = []
+    if result.metrics_dataframe is not None:
+        frame = result.metrics_dataframe
+        history = [row for row in frame.to_dict("records") if not row.get("done")]
+    return {"run_dir": run_dir, "final": dict(result.metrics or {}), "history": history}
+
+
+@flow(name="tofa-train")
+def train_flow(
+    source: str = "digits",
+    dataset: str | None = None,
+    store: str | None = None,
+    config_file: str | None = None,
+    epochs: int | None = None,
+    workers: int = 2,
+    warm_start: str | None = None,
+) -> dict:
+    """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray."""
+    logger = get_run_logger()
+    dataset = dataset or (
+        source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]
+    )
+    store = store_uri(store)
+    data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
+    overrides = {"epochs": epochs} if epochs else {}
+    cfg = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig(**overrides)
+    warm = _resolve_warm_start(warm_start, store, dataset)
+    run_id = new_run_id()
+    logger.info("training run %s on %s %s with %d workers", run_id, dataset, data["version"], workers)
+    out = run_trainer(cfg, store, dataset, data["version"], run_id, workers, warm)
+    final = {k: v for k, v in out["final"].items() if k.startswith("test_acc/") or k == "seconds"}
+    summary = {
+        "run_id": run_id,
+        "dataset": dataset,
+        "data_version": data["version"],
+        "run_dir": out["run_dir"],
+        "supernet": f"{out['run_dir']}/supernet.pt",
+        "workers": workers,
+        **final,
+        "epochs": cfg.epochs,
+        "warm_start": warm[1] if warm else None,
+    }
+    summary["mlflow_run_id"] = log_training(summary, cfg, out["history"])
+    open_storage(store).child(f"supernets/{dataset}").write_bytes(f"{run_id}.json", _json(summary))
+    logger.info("trained: %s", summary)
+    return summary
+
+
+def _json(data: dict) -> bytes:
+    import json
+
+    return json.dumps(data, indent=2, default=str).encode()
+
+
+def _resolve_warm_start(warm_start: str | None, store: str, dataset: str):
+    """`last` (the newest supernet of this data set), a supernet URI (.pt), or an OFA weights file."""
+    if warm_start is None:
+        return None
+    if warm_start == "last":
+        done = [
+            o.key for o in open_storage(store).child(f"supernets/{dataset}").list() if o.key.endswith(".json")
+        ]
+        if not done:
+            return None
+        import json
+
+        last = json.loads(open_storage(store).child(f"supernets/{dataset}").read_bytes(done[-1]))
+        folder, _, key = last["supernet"].rpartition("/")
+        return ("tofa", folder, key)
+    if warm_start.endswith(".pt") and (warm_start.startswith("s3://") or "runs/" in warm_start):
+        folder, _, key = warm_start.rpartition("/")
+        return ("tofa", folder, key)
+    return ("ofa", warm_start, None)

@@ -1,0 +1,256 @@
+"""Unified loss, sandwich step, distributed gradients, checkpoints/resume and warm start."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tofa_core.arch import SearchSpace
+from tofa_core.data.ingest import IngestConfig, ingest
+from tofa_core.data.store import DatasetStore
+from tofa_core.storage import open_storage
+from tofa_core.supernet import Supernet
+from tofa_core.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, space_dict
+from tofa_core.training.config import TrainConfig
+from tofa_core.training.evaluate import recalibrate_bn
+from tofa_core.training.loop import allreduce_gradients, train_supernet, warm_start
+from tofa_core.training.loss import student_loss, teacher_loss
+from tofa_core.training.step import sandwich, train_step
+
+SPACE = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,))
+
+
+def grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def batch(seed: int, n_x: int = 8, n_u: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_x, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n_x,), generator=g)
+    u = torch.randn(n_u, 1, 8, 8, generator=g)
+    return x, y, u, u + 0.3 * torch.randn(n_u, 1, 8, 8, generator=g)
+
+
+# ----------------------------------------------------------------- the loss
+
+
+def test_no_unlabelled_terms_reduce_to_plain_supervised_sandwich():
+    cfg = TrainConfig(lambda_u=0, lambda_kd=0, alpha=1.0)
+    assert not cfg.semi_supervised
+    x, y, u, us = batch(0)
+    archs = sandwich(SPACE, random.Random(0), 2)
+    torch.manual_seed(0)
+    net = Supernet(SPACE)
+    ref = Supernet(SPACE)
+    ref.load_state_dict(net.state_dict())
+    torch.manual_seed(1)
+    logs = train_step(net, archs, x, y, u, us, cfg)
+    torch.manual_seed(1)  # same dropout masks
+    for arch in archs:
+        F.cross_entropy(ref(x, arch), y).backward()
+    ours, plain = grads(net), grads(ref)
+    assert ours.keys() == plain.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], plain[name], atol=1e-6, rtol=1e-5)
+    assert "mask_rate" not in logs and "student/kd" not in logs
+
+
+def test_pseudo_label_mask_follows_the_threshold():
+    y = torch.tensor([0, 1])
+    # rows: 2 labelled, 3 weak-unlabelled, 3 strong-unlabelled
+    logits = torch.tensor(
+        [
+            [5.0, 0, 0],
+            [0, 5.0, 0],
+            [9.0, 0, 0],
+            [0, 0.2, 0.1],
+            [0, 0, 9.0],
+            [1.0, 0, 0],
+            [0, 1.0, 0],
+            [0, 0, 1.0],
+        ]
+    )
+    cfg = TrainConfig(tau=0.95, lambda_u=1.0)
+    loss, targets, logs = teacher_loss(logits, y, 3, cfg)
+    assert targets.mask.tolist() == [1.0, 0.0, 1.0]
+    assert targets.pseudo.tolist() == [0, 1, 2]
+    assert logs["mask_rate"] == pytest.approx(2 / 3)
+    ce_x = F.cross_entropy(logits[:2], y)
+    per = F.cross_entropy(logits[5:], targets.pseudo, reduction="none")
+    expected = ce_x + (per[0] + per[2]) / 3  # mean over all unlabelled, masked ones count zero
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    _, none_confident, logs0 = teacher_loss(logits, y, 3, TrainConfig(tau=1.0))
+    assert none_confident.mask.sum() == 0 and logs0["teacher/pseudo"] == 0.0
+
+
+def test_student_matching_the_teacher_has_no_distillation_loss():
+    logits = torch.randn(8, 10)
+    y = torch.randint(0, 10, (2,))
+    cfg = TrainConfig(lambda_kd=2.0, lambda_u=0.0, alpha=0.5)
+    _, targets, _ = teacher_loss(logits, y, 3, cfg)
+    loss, logs = student_loss(logits.clone(), y, 3, targets, cfg)
+    assert logs["student/kd"] == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(0.5 * F.cross_entropy(logits[:2], y).item(), rel=1e-5)
+    other, logs2 = student_loss(torch.randn(8, 10), y, 3, targets, cfg)
+    assert logs2["student/kd"] > 0.01
+
+
+def test_every_sampled_subnet_contributes_and_teacher_first():
+    archs = sandwich(SPACE, random.Random(3), 2)
+    assert archs[0] == SPACE.max_arch() and archs[1] == SPACE.min_arch() and len(archs) == 4
+    again = sandwich(SPACE, random.Random(3), 2)
+    assert again == archs  # seeded: every rank samples the same subnets
+
+
+# ----------------------------------------------------------------- distributed gradients
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_grads(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x, y, u, us = batch(0)
+    n_x, n_u = len(x) // world, len(u) // world
+    torch.manual_seed(0)
+    net = Supernet(SPACE).eval()  # BN statistics frozen, dropout off: the comparison is exact
+    archs = sandwich(SPACE, random.Random(0), 2)
+    train_step(
+        net, archs, x[rank * n_x : (rank + 1) * n_x], y[rank * n_x : (rank + 1) * n_x],
+        u[rank * n_u : (rank + 1) * n_u], us[rank * n_u : (rank + 1) * n_u], TrainConfig(tau=0.0),
+    )  # fmt: skip
+    allreduce_gradients(net, world)
+    if rank == 0:
+        torch.save(grads(net), out)
+    dist.destroy_process_group()
+
+
+def test_two_workers_average_to_the_single_process_gradient(tmp_path):
+    out = str(tmp_path / "grads.pt")
+    mp.start_processes(_rank_grads, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    two = torch.load(out, weights_only=True)
+    x, y, u, us = batch(0)
+    torch.manual_seed(0)
+    net = Supernet(SPACE).eval()
+    train_step(net, sandwich(SPACE, random.Random(0), 2), x, y, u, us, TrainConfig(tau=0.0))
+    one = grads(net)
+    assert two.keys() == one.keys() and len(one) > 50
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- loop, checkpoints, resume
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    store = DatasetStore(open_storage(tmp_path_factory.mktemp("store")))
+    ingest("digits", "digits", store, IngestConfig())
+    return store
+
+
+QUICK = TrainConfig(
+    epochs=2, steps_per_epoch=2, batch_size=8, mu=1, k_random=1, resolutions=(8,), calib_images=64, threads=1
+)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path):
+    straight = train_supernet(QUICK, digits_store, "digits", open_storage(tmp_path / "a"))
+    assert len(straight.history) == 2 and 0 <= straight.final["test_acc/max"] <= 1
+
+    def crash_after_first_epoch(metrics):
+        if metrics["epoch"] == 1:
+            raise Crash
+
+    run_b = open_storage(tmp_path / "b")
+    with pytest.raises(Crash):
+        train_supernet(QUICK, digits_store, "digits", run_b, report=crash_after_first_epoch)
+    assert [o.key for o in run_b.list("checkpoints")] == ["checkpoints/epoch-0001.pt"]
+    resumed = train_supernet(QUICK, digits_store, "digits", run_b)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    a = load_checkpoint(open_storage(tmp_path / "a"), "supernet.pt")["model"]
+    b = load_checkpoint(run_b, "supernet.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert resumed.final == straight.final
+
+
+def test_unified_loss_logs_every_term(digits_store, tmp_path):
+    result = train_supernet(
+        QUICK.model_copy(update={"epochs": 1}), digits_store, "digits", open_storage(tmp_path)
+    )
+    row = result.history[0]
+    for key in ("teacher/ce", "teacher/pseudo", "mask_rate", "student/ce", "student/kd", "student/pseudo"):
+        assert key in row, key
+    assert 0 <= row["mask_rate"] <= 1 and row["images_per_s"] > 0
+    assert {"val_acc/max", "val_acc/min"} <= row.keys()
+
+
+def test_resume_refuses_a_checkpoint_of_another_data_version(digits_store, tmp_path):
+    run = open_storage(tmp_path)
+    train_supernet(QUICK.model_copy(update={"epochs": 1}), digits_store, "digits", run)
+    state = load_checkpoint(run, "checkpoints/epoch-0001.pt")
+    state["data_version"] = "v-0000000000000000"
+    save_checkpoint(run, "checkpoints/epoch-0001.pt", {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(CheckpointError, match="belongs to data version v-0000000000000000"):
+        train_supernet(QUICK, digits_store, "digits", run)
+
+
+def test_warm_start_keeps_the_body_and_resets_a_foreign_head(tmp_path):
+    five = SearchSpace.preset("tiny", num_classes=5, in_channels=1, resolutions=(8,))
+    torch.manual_seed(0)
+    donor = Supernet(five)
+    store = open_storage(tmp_path)
+    save_checkpoint(
+        store, "s.pt", {"space": space_dict(five), "classes": list("abcde"), "model": donor.state_dict()}
+    )
+    net = Supernet(SPACE)
+    notes = warm_start(net, store, "s.pt")
+    assert any("re-initialised" in n for n in notes)
+    torch.testing.assert_close(net.stem.conv.weight, donor.stem.conv.weight)
+    assert net.classifier.weight.shape == (10, SPACE.feature_mix_width)
+
+
+def test_mismatched_and_corrupt_checkpoints_get_clear_errors(tmp_path):
+    store = open_storage(tmp_path)
+    other = SearchSpace.preset("tiny", num_classes=10, in_channels=3, resolutions=(8,))
+    save_checkpoint(
+        store, "rgb.pt", {"space": space_dict(other), "classes": [], "model": Supernet(other).state_dict()}
+    )
+    with pytest.raises(CheckpointError, match=r"another search space .*in_channels"):
+        warm_start(Supernet(SPACE), store, "rgb.pt")
+    store.write_bytes("junk.pt", b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable TOFA checkpoint"):
+        load_checkpoint(store, "junk.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(store, "missing.pt")
+
+
+def test_bn_recalibration_restores_a_subnets_statistics():
+    torch.manual_seed(0)
+    net = Supernet(SPACE)
+    arch = SPACE.min_arch()
+    images = torch.randn(64, 1, 8, 8) * 3 + 1
+    static = recalibrate_bn(net.extract(arch), images, batch_size=16)
+    bn = static.stem.bn
+    with torch.no_grad():
+        stem_out = static.stem.conv(images)
+    torch.testing.assert_close(bn.running_mean, stem_out.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert bn.momentum == 0.1  # restored after the cumulative pass

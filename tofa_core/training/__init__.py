@@ -1,0 +1,1 @@
+"""Unified semi-supervised supernet training: config, loss, sandwich step, per-worker loop."""

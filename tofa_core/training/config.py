@@ -1,0 +1,54 @@
+"""Training settings: one validated object, the `train:` section of a config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tofa_core.data.augment import AugmentConfig
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # search space
+    space: str = Field("tiny", description="search space preset")
+    resolutions: tuple[int, ...] | None = Field(None, description="default: 1x, 1.5x and 2x the image side")
+    # schedule
+    epochs: int = Field(30, ge=1)
+    steps_per_epoch: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1, description="labelled images per step, over all workers")
+    mu: int = Field(3, ge=0, description="unlabelled batch = mu x labelled batch")
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    # the unified loss
+    k_random: int = Field(2, ge=0, description="random subnets per step besides the largest and smallest")
+    alpha: float = Field(1.0, ge=0, description="weight of the students' labelled cross-entropy")
+    lambda_kd: float = Field(1.0, ge=0, description="weight of distillation from the largest subnet")
+    lambda_u: float = Field(1.0, ge=0, description="weight of the pseudo-label term")
+    tau: float = Field(0.95, ge=0, le=1, description="confidence threshold for pseudo-labels")
+    # data
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    augment: AugmentConfig = AugmentConfig(hflip=False)
+    calib_images: int = Field(512, ge=1, description="training images for BN recalibration of a subnet")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch threads per worker")
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether unlabelled images take part at all (they do not when both their terms are off)."""
+        return self.mu > 0 and (self.lambda_u > 0 or self.lambda_kd > 0)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        from tofa_core.data.ingest import load_yaml_section
+
+        data = {**load_yaml_section(path, "train"), **overrides}
+        try:
+            return cls(**data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{path}: train.{where}: {first['msg']} (got {first.get('input')!r})") from None

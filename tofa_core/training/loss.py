@@ -1,0 +1,71 @@
+"""The unified semi-supervised loss (TOFA), one function per role.
+
+Teacher (largest subnet):  CE(f_max(weak x), y) + lambda_u * mean_u 1[max p_max(weak u) >= tau]
+                               * CE(f_max(strong u), argmax p_max(weak u))
+Student (any other):       alpha * CE(f_a(weak x), y)
+                           + lambda_kd * KL(sg(p_max) || p_a) on weak x, weak u and strong u
+                           + lambda_u * the same masked pseudo-label term, with the teacher's pseudo-labels
+With lambda_u = lambda_kd = 0 (and alpha = 1) this is plain supervised sandwich training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tofa_core.training.config import TrainConfig
+
+
+@dataclass
+class Targets:
+    """What the teacher hands to the students: its probabilities and pseudo-labels (no grad)."""
+
+    probs: torch.Tensor  # softmax of the teacher on every input row
+    pseudo: torch.Tensor  # argmax on weak u
+    mask: torch.Tensor  # float, 1 where the teacher is confident on weak u
+
+
+def _split(logits: torch.Tensor, n_x: int, n_u: int):
+    return logits[:n_x], logits[n_x : n_x + n_u], logits[n_x + n_u :]
+
+
+def _masked_ce(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return (F.cross_entropy(logits, targets.pseudo, reduction="none") * targets.mask).mean()
+
+
+def teacher_loss(logits, y, n_u: int, cfg: TrainConfig) -> tuple[torch.Tensor, Targets, dict[str, float]]:
+    lx, lw, ls = _split(logits, len(y), n_u)
+    with torch.no_grad():
+        probs = logits.softmax(dim=1)
+        confidence, pseudo = probs[len(y) : len(y) + n_u].max(dim=1)
+        mask = (confidence >= cfg.tau).float()
+    targets = Targets(probs, pseudo, mask)
+    ce = F.cross_entropy(lx, y)
+    pl = _masked_ce(ls, targets)
+    loss = ce + cfg.lambda_u * pl
+    logs = {"teacher/ce": ce.item(), "teacher/pseudo": pl.item()}
+    if n_u:
+        logs["mask_rate"] = mask.mean().item()
+    return loss, targets, logs
+
+
+def student_loss(
+    logits, y, n_u: int, targets: Targets, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    lx, _, ls = _split(logits, len(y), n_u)
+    ce = F.cross_entropy(lx, y)
+    loss = cfg.alpha * ce
+    logs = {"student/ce": ce.item()}
+    if cfg.lambda_kd > 0:
+        kd = F.kl_div(logits.log_softmax(dim=1), targets.probs, reduction="batchmean")
+        loss = loss + cfg.lambda_kd * kd
+        logs["student/kd"] = kd.item()
+    if cfg.lambda_u > 0 and n_u:
+        pl = _masked_ce(ls, targets)
+        loss = loss + cfg.lambda_u * pl
+        logs["student/pseudo"] = pl.item()
+    return loss, logs
