@@ -9,4 +9,6 @@ DEFAULT_STORE = ".tofa/store"
 
 def store_uri(override: str | None = None) -> str:
     """TOFA_STORE: a local path or s3://bucket/prefix (default: .tofa/store under the cwd)."""
-    return override or os.environ.get("TOFA_STORE") or DEFAULT_STORE
+    uri = override or os.environ.get("TOFA_STORE") or DEFAULT_STORE
+    # Absolute for local paths: Ray workers run in folders of their own.
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))

@@ -9,6 +9,7 @@ RAY_ADDRESS when set, else starts a local instance.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from datetime import UTC, datetime
@@ -50,7 +51,7 @@ def _worker(config: dict) -> None:
         warm=warm,
         report=lambda metrics: ray.train.report(metrics),
     )
-    ray.train.report({"epoch": cfg.epochs, "done": 1, **result.final, "seconds": result.seconds})
+    ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
 
 
 def _ray_storage(store: str):
@@ -77,7 +78,10 @@ def run_trainer(
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS") or None
+        # A local instance listens on loopback only; a cluster is reached at RAY_ADDRESS.
+        local = {} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+        ray.init(address=address, log_to_driver=False, **local)
     use_gpu = torch.cuda.is_available()
     cpus = int(ray.available_resources().get("CPU", 1))
     threads = cfg.threads or max(1, cpus // workers)
@@ -103,12 +107,13 @@ def run_trainer(
             failure_config=FailureConfig(max_failures=3),
         ),
     )
-    result = trainer.fit()
-    history = []
-    if result.metrics_dataframe is not None:
-        frame = result.metrics_dataframe
-        history = [row for row in frame.to_dict("records") if not row.get("done")]
-    return {"run_dir": run_dir, "final": dict(result.metrics or {}), "history": history}
+    trainer.fit()  # raises when the workers fail for good (after FailureConfig's restarts)
+    record = json.loads(open_storage(run_dir).read_bytes("result.json"))
+    return {
+        "run_dir": run_dir,
+        "final": {**record["final"], "seconds": record["seconds"]},
+        "history": record["history"],
+    }
 
 
 @flow(name="tofa-train")
@@ -144,7 +149,7 @@ def train_flow(
         "workers": workers,
         **final,
         "epochs": cfg.epochs,
-        "warm_start": warm[1] if warm else None,
+        "warm_start": (f"{warm[1]}/{warm[2]}" if warm[2] else warm[1]) if warm else None,
     }
     summary["mlflow_run_id"] = log_training(summary, cfg, out["history"])
     open_storage(store).child(f"supernets/{dataset}").write_bytes(f"{run_id}.json", _json(summary))
@@ -153,8 +158,6 @@ def train_flow(
 
 
 def _json(data: dict) -> bytes:
-    import json
-
     return json.dumps(data, indent=2, default=str).encode()
 
 
@@ -168,8 +171,6 @@ def _resolve_warm_start(warm_start: str | None, store: str, dataset: str):
         ]
         if not done:
             return None
-        import json
-
         last = json.loads(open_storage(store).child(f"supernets/{dataset}").read_bytes(done[-1]))
         folder, _, key = last["supernet"].rpartition("/")
         return ("tofa", folder, key)

@@ -11,6 +11,8 @@ Checkpoints go to the store every epoch with every rank's RNG state, so a restar
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import random
@@ -280,6 +282,9 @@ def train_supernet(
                 "final": final,
             },
         )
-    return TrainResult(
+    result = TrainResult(
         run_dir.root, splits.version, cfg.epochs, time.perf_counter() - started, history, final, supernet_key
     )
+    if rank == 0:  # the run's record, readable without torch: whoever launched us reads this
+        run_dir.write_bytes("result.json", json.dumps(dataclasses.asdict(result), indent=2).encode())
+    return result

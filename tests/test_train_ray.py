@@ -1,0 +1,127 @@
+"""Training on real Ray Train workers, through the Prefect flow, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tofa_core.storage import open_storage
+
+QUICK = """
+train:
+  epochs: {epochs}
+  steps_per_epoch: {steps}
+  batch_size: 8
+  mu: 1
+  k_random: 1
+  resolutions: [8]
+  calib_images: 64
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, prefect_server):
+    monkeypatch.chdir(tmp_path)  # .tofa/ (store, MLflow database) lands here
+    monkeypatch.delenv("TOFA_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path
+    import ray
+
+    ray.shutdown()
+
+
+def config(tmp_path, epochs: int, steps: int):
+    path = tmp_path / f"quick-{epochs}-{steps}.yaml"
+    path.write_text(QUICK.format(epochs=epochs, steps=steps))
+    return str(path)
+
+
+def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(workspace):
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import tracking_uri
+    from flows.train import train_flow
+
+    summary = train_flow(source="digits", config_file=config(workspace, 2, 2), workers=2)
+    run_dir = open_storage(summary["run_dir"])
+    assert [o.key for o in run_dir.list("checkpoints")] == [
+        "checkpoints/epoch-0001.pt",
+        "checkpoints/epoch-0002.pt",
+    ]
+    record = json.loads(run_dir.read_bytes("result.json"))
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert 0 <= summary["test_acc/max"] <= 1 and 0 <= summary["test_acc/min"] <= 1
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["tofa.data_version"] == summary["data_version"]
+    assert run.data.params["lambda_u"] == "1.0" and run.data.params["workers"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val_acc/max")
+    assert [m.step for m in history] == [1, 2]
+    assert {"teacher/ce", "mask_rate", "student/kd", "test_acc/max"} <= set(run.data.metrics)
+
+    again = train_flow(source="digits", config_file=config(workspace, 1, 2), workers=1, warm_start="last")
+    assert again["warm_start"] == f"{summary['run_dir']}/supernet.pt"
+    assert again["data_version"] == summary["data_version"]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace):
+    from flows.train import train_flow
+
+    def train_workers() -> list[int]:
+        """PIDs of this test's Ray Train worker processes: titled ray::RayTrainWorker, descended
+        from this process (Ray's GCS-state API would leave a client behind that aborts at exit)."""
+
+        def parent(pid: int) -> int:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if not entry.name.isdigit() or "RayTrainWorker" not in (entry / "cmdline").read_text():
+                    continue
+                pid = ancestor = int(entry.name)
+                while ancestor > 1 and ancestor != os.getpid():
+                    ancestor = parent(ancestor)
+                if ancestor == os.getpid():
+                    found.append(pid)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue  # exited meanwhile
+        return sorted(found)
+
+    outcome: dict = {}
+    cfg = config(workspace, 4, 6)
+
+    def run():
+        try:
+            outcome["summary"] = train_flow(source="digits", config_file=cfg, workers=2)
+        except Exception as err:  # reported to the test thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    runs = workspace / ".tofa" / "store" / "runs"
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and thread.is_alive():
+        done = list(runs.glob("*/checkpoints/epoch-0001.pt"))
+        if done:
+            workers = train_workers()
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)  # one worker process, by its PID
+                break
+        time.sleep(0.5)
+    thread.join(timeout=400)
+    assert killed is not None, "no checkpoint or no worker to kill in time"
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    record = json.loads(open_storage(summary["run_dir"]).read_bytes("result.json"))
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
+    assert killed not in train_workers()
