@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+
+# Prefect's ephemeral API migrates a fresh database on first start, which takes longer than its
+# 20 s default on a small loaded machine; its analytics would try the network. Users override.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="Transfer-Once-For-All: one elastic supernet for small data, one subnet per edge target.",
