@@ -265,6 +265,37 @@ def train(
     console.print(table)
 
 
+@app.command()
+def tune(
+    data: str = typer.Option(
+        "digits", "--data", help="Source to tune on (ingested first; a no-op if stored)."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
+    store: str | None = typer.Option(
+        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config; its 'train:' section is the base."
+    ),
+    trials: int = typer.Option(8, "--trials", min=1, help="Number of sampled settings."),
+    epochs: int = typer.Option(4, "--epochs", min=1, help="Epochs per trial at most (ASHA stops weak ones)."),
+) -> None:
+    """Ray Tune sweep (ASHA) over lr, lambda_u, tau and lambda_kd; writes the best config."""
+    from flows.tune import tune_flow
+    from tofa_core.data.sources import SourceError
+    from tofa_core.storage import StorageError
+
+    try:
+        summary = tune_flow(
+            source=data, dataset=dataset, store=store, config_file=str(config) if config else None,
+            trials=trials, epochs=epochs,
+        )  # fmt: skip
+    except (SourceError, StorageError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    console.print(f"best of {summary['trials']} trials: {summary['best']}", highlight=False)
+    console.print(f"mean val accuracy {summary['best_val_acc/mean']:.4f}; config: {summary['best_config']}")
+
+
 def main() -> None:  # pragma: no cover - `python -m flows.cli`
     sys.exit(app())
 

@@ -86,3 +86,26 @@ def log_training(summary: dict, cfg: TrainConfig, history: list[dict]) -> str:
         client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def log_sweep(summary: dict) -> str:
+    """One MLflow run for a Ray Tune sweep: the best settings as params, its score as a metric."""
+    from mlflow.entities import Metric, Param
+
+    client = _client()
+    run = client.create_run(
+        experiment_id(client, summary["dataset"]),
+        run_name=f"tune-{summary['sweep_id']}",
+        tags={
+            "tofa.kind": "tune",
+            "tofa.data_version": summary["data_version"],
+            "tofa.best_config": summary["best_config"],
+        },
+    )
+    now = int(time.time() * 1000)
+    params = [Param(f"best.{k}", str(v)) for k, v in summary["best"].items()]
+    params.append(Param("trials", str(summary["trials"])))
+    metrics = [Metric("best_val_acc/mean", float(summary["best_val_acc/mean"]), now, 0)]
+    client.log_batch(run.info.run_id, metrics=metrics, params=params)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

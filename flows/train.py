@@ -68,6 +68,17 @@ def _ray_storage(store: str):
     return os.path.join(storage.root, "ray"), None
 
 
+def start_ray():
+    """Connect to RAY_ADDRESS when set, else start a local Ray listening on loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        local = {} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+        ray.init(address=address, log_to_driver=False, **local)
+    return ray
+
+
 @task(name="train-supernet", cache_policy=NONE)
 def run_trainer(
     cfg: TrainConfig, store: str, dataset: str, version: str, run_id: str, workers: int, warm
@@ -77,11 +88,7 @@ def run_trainer(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        # A local instance listens on loopback only; a cluster is reached at RAY_ADDRESS.
-        local = {} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
-        ray.init(address=address, log_to_driver=False, **local)
+    start_ray()
     use_gpu = torch.cuda.is_available()
     cpus = int(ray.available_resources().get("CPU", 1))
     threads = cfg.threads or max(1, cpus // workers)
