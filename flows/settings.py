@@ -12,3 +12,10 @@ def store_uri(override: str | None = None) -> str:
     uri = override or os.environ.get("TOFA_STORE") or DEFAULT_STORE
     # Absolute for local paths: Ray workers run in folders of their own.
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def dataset_name(source: str, override: str | None = None) -> str:
+    """A data set is named after its source unless told: digits, or the folder/table name."""
+    if override:
+        return override
+    return source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.ingest import ingest_flow
-from flows.settings import store_uri
+from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import S3Storage, open_storage
@@ -135,9 +135,7 @@ def train_flow(
 ) -> dict:
     """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray."""
     logger = get_run_logger()
-    dataset = dataset or (
-        source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]
-    )
+    dataset = dataset_name(source, dataset)
     store = store_uri(store)
     data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
     overrides = {"epochs": epochs} if epochs else {}

@@ -15,7 +15,7 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flows.ingest import ingest_flow
-from flows.settings import store_uri
+from flows.settings import dataset_name, store_uri
 from flows.tracking import log_sweep
 from flows.train import new_run_id, start_ray
 from tofa_core.storage import open_storage
@@ -63,9 +63,7 @@ def tune_flow(
     from ray.tune.schedulers import ASHAScheduler
 
     logger = get_run_logger()
-    dataset = dataset or (
-        source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]
-    )
+    dataset = dataset_name(source, dataset)
     store = store_uri(store)
     data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
     base = TrainConfig.from_yaml(config_file, epochs=epochs) if config_file else TrainConfig(epochs=epochs)

@@ -65,13 +65,18 @@ class IngestConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> IngestConfig:
-        data = load_yaml_section(path, "ingest")
-        try:
-            return cls(**data)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{path}: ingest.{where}: {first['msg']} (got {first.get('input')!r})") from None
+        return load_section_model(cls, path, "ingest")
+
+
+def load_section_model(model, path: str | Path, section: str, **overrides):
+    """Build pydantic `model` from a config file's `section`; errors name file, field and value."""
+    data = {**load_yaml_section(path, section), **overrides}
+    try:
+        return model(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{path}: {section}.{where}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def load_yaml_section(path: str | Path, section: str) -> dict:

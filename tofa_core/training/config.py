@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tofa_core.data.augment import AugmentConfig
 
@@ -43,12 +43,6 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        from tofa_core.data.ingest import load_yaml_section
+        from tofa_core.data.ingest import load_section_model
 
-        data = {**load_yaml_section(path, "train"), **overrides}
-        try:
-            return cls(**data)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{path}: train.{where}: {first['msg']} (got {first.get('input')!r})") from None
+        return load_section_model(cls, path, "train", **overrides)

@@ -174,6 +174,14 @@ def train_supernet(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
     )
 
+    # What every checkpoint of this run says about itself (resume and warm start check it).
+    about = {
+        "space": space_dict(space),
+        "classes": splits.classes,
+        "data_version": splits.version,
+        "dataset": dataset,
+        "config": cfg.model_dump(mode="json"),
+    }
     history: list[dict] = []
     start_epoch = 0
     resume = latest_key(run_dir, "checkpoints")
@@ -243,11 +251,7 @@ def train_supernet(
                 run_dir,
                 f"checkpoints/epoch-{epoch + 1:04d}.pt",
                 {
-                    "space": space_dict(space),
-                    "classes": splits.classes,
-                    "data_version": splits.version,
-                    "dataset": dataset,
-                    "config": cfg.model_dump(mode="json"),
+                    **about,
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -272,15 +276,7 @@ def train_supernet(
         save_checkpoint(
             run_dir,
             supernet_key,
-            {
-                "space": space_dict(space),
-                "classes": splits.classes,
-                "data_version": splits.version,
-                "dataset": dataset,
-                "config": cfg.model_dump(mode="json"),
-                "model": net.state_dict(),
-                "final": final,
-            },
+            {**about, "model": net.state_dict(), "final": final},
         )
     result = TrainResult(
         run_dir.root, splits.version, cfg.epochs, time.perf_counter() - started, history, final, supernet_key
