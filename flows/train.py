@@ -74,8 +74,10 @@ def start_ray():
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
+        # "local" always starts a fresh instance: address=None would attach to whatever cluster
+        # /tmp/ray last recorded, even a dead one (ray.init then waits on its GCS).
         local = {} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
-        ray.init(address=address, log_to_driver=False, **local)
+        ray.init(address=address or "local", log_to_driver=False, **local)
     return ray
 
 
