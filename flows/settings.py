@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 DEFAULT_STORE = ".tofa/store"
 
@@ -19,3 +20,14 @@ def dataset_name(source: str, override: str | None = None) -> str:
     if override:
         return override
     return source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]
+
+
+def state_dir() -> Path:
+    """TOFA_HOME: this machine's own state (host latency table, local databases); default .tofa."""
+    return Path(os.environ.get("TOFA_HOME") or ".tofa").expanduser().resolve()
+
+
+def latency_dir() -> Path:
+    """TOFA_LATENCY_DIR: device latency tables (`<device>.json`); default the project's infra/latency."""
+    default = Path(__file__).resolve().parents[1] / "infra" / "latency"
+    return Path(os.environ.get("TOFA_LATENCY_DIR") or default)

@@ -48,6 +48,13 @@ class Arch:
         for name in ("depths", "kernels", "expands"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    def __hash__(self) -> int:  # cached: search hashes every candidate many times
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.resolution, self.depths, self.kernels, self.expands, self.width))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def stage_blocks(self) -> list[list[tuple[int, float]]]:
         """(kernel, expand) of each kept block, grouped by stage."""
         out, start = [], 0
@@ -126,6 +133,17 @@ class SearchSpace:
     dropout: float = 0.1
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
+
+    def __hash__(self) -> int:  # cached: every cost lookup in search hashes the space
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        # String hashes differ between processes: never ship a cached hash to another one.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     def __post_init__(self) -> None:
         for name in (
@@ -228,6 +246,8 @@ class SearchSpace:
         """Raise ValueError naming the offending field and the allowed values; return `arch`."""
         if not isinstance(arch, Arch):
             raise ValueError(f"expected an Arch, got {type(arch).__name__}")
+        if self._plainly_valid(arch):  # search validates tens of thousands of archs a second
+            return arch
 
         def check(field_name: str, value: Any, allowed: tuple, integer: bool) -> None:
             # `in` alone would let 3.0 or True through (they compare equal to 3 and 1), and a
@@ -260,6 +280,21 @@ class SearchSpace:
             for i, v in enumerate(values):
                 check(f"{name}[{i}]", v, allowed, integer)
         return arch
+
+    def _plainly_valid(self, arch: Arch) -> bool:
+        """Fast check for the common case: built-in ints/floats, all allowed, lengths right."""
+        n = sum(arch.depths) if all(type(d) is int for d in arch.depths) else -1
+        return (
+            type(arch.resolution) is int
+            and arch.resolution in self.resolutions
+            and type(arch.width) in (int, float)
+            and arch.width in self.width_choices
+            and len(arch.depths) == len(self.stages)
+            and all(d in self.depth_choices for d in arch.depths)
+            and len(arch.kernels) == n == len(arch.expands)
+            and all(type(k) is int and k in self.kernel_choices for k in arch.kernels)
+            and all(type(e) in (int, float) and e in self.expand_choices for e in arch.expands)
+        )
 
     # ----------------------------------------------------------------- evolution operators
 

@@ -2,15 +2,16 @@
 
 `layers(arch, space)` lists every weighted layer of the extracted network with its shape
 and input size; MACs and parameters are sums over it, and a per-device latency table
-(`LatencyModel`) sums its measured per-layer latencies over the same list, so all three
-costs share one description of the network. Search calls these tens of thousands of
+(`LatencyTable`) sums measured per-block latencies over the same list grouped into blocks,
+so all three costs share one description of the network. Search calls these tens of thousands of
 times, so the totals are cached per (arch, space); both are frozen and hashable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
 from functools import lru_cache
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from tofa_core.arch import Arch, SearchSpace
@@ -61,7 +62,27 @@ class LayerSpec(NamedTuple):
         return f"{self.kind}:{self.cin}-{self.cout}:k{self.kernel}:s{self.stride}:r{self.in_size}:{self.act}"
 
 
-def _mbconv(name, space, size, cin, cout, kernel, expand, stride, act, se, has_expand):
+class Block(NamedTuple):
+    """Consecutive layers that a latency table times as one unit, with their totals."""
+
+    name: str
+    layers: tuple[LayerSpec, ...]
+    out_size: int
+    macs: int
+    params: int
+    key: str  # latency-table key: every layer's key
+
+
+def _block(name: str, specs: list[LayerSpec], out_size: int) -> Block:
+    specs = tuple(specs)
+    macs, params = sum(s.macs for s in specs), sum(s.params for s in specs)
+    return Block(name, specs, out_size, macs, params, "|".join(s.key for s in specs))
+
+
+# Search prices tens of thousands of archs a second; they share a few hundred distinct blocks,
+# so blocks are built once per shape and an arch's costs are sums over ~15 cached blocks.
+@lru_cache(maxsize=1 << 14)
+def _mbconv(name, space, size, cin, cout, kernel, expand, stride, act, se, has_expand) -> Block:
     mid = space.mid_channels(cin, expand) if has_expand else cin
     out = []
     if has_expand:
@@ -71,41 +92,76 @@ def _mbconv(name, space, size, cin, cout, kernel, expand, stride, act, se, has_e
     if se:
         out.append(LayerSpec(f"{name}.se", "se", mid, space.se_channels(mid)))
     out.append(LayerSpec(f"{name}.project", "conv", mid, cout, 1, 1, size))
-    return out, size
+    return _block(name, out, size)
+
+
+@lru_cache(maxsize=1 << 10)
+def _stem(space: SearchSpace, resolution: int, width: float) -> Block:
+    """The stem convolution and the fixed first block, timed together as `stem`."""
+    stem = space.channels(space.stem_width, width)
+    conv = LayerSpec("stem", "conv", space.in_channels, stem, 3, space.stem_stride, resolution, "hswish")
+    first = _mbconv(
+        "first_block", space, conv.out_size, stem, stem, 3, 1, 1, space.first_block_act, False, False
+    )
+    return _block("stem", [conv, *first.layers], first.out_size)
+
+
+@lru_cache(maxsize=1 << 10)
+def _head(space: SearchSpace, cin: int, size: int, width: float) -> Block:
+    """Final expand, global pooling, feature mix and classifier, timed together as `head`."""
+    final = space.channels(space.final_expand_width, width)
+    specs = [
+        LayerSpec("final_expand", "conv", cin, final, 1, 1, size, "hswish"),
+        LayerSpec("feature_mix", "linear", final, space.feature_mix_width, act="hswish"),
+        LayerSpec("classifier", "linear", space.feature_mix_width, space.num_classes, bias=True),
+    ]
+    return _block("head", specs, size)
+
+
+@lru_cache(maxsize=64)
+def _stage_plan(
+    space: SearchSpace, width: float
+) -> tuple[tuple[int, int, str, bool, int, tuple[str, ...]], ...]:
+    """Per stage: output channels at `width`, stride, activation, SE, and its block names."""
+    return tuple(
+        (
+            space.channels(spec.width, width),
+            spec.stride,
+            spec.act,
+            spec.se,
+            spec.max_depth,
+            tuple(f"stages.{i}.{j}" for j in range(spec.max_depth)),
+        )
+        for i, spec in enumerate(space.stages)
+    )
+
+
+@lru_cache(maxsize=1 << 16)
+def arch_blocks(arch: Arch, space: SearchSpace) -> tuple[Block, ...]:
+    """The stem, every MBConv block `stages.i.j` and the head of `arch`, in forward order."""
+    space.validate(arch)
+    out = [_stem(space, arch.resolution, arch.width)]
+    size, cin = out[0].out_size, space.channels(space.stem_width, arch.width)
+    pos = 0
+    for (cout, stride, act, se, _, names), depth in zip(_stage_plan(space, arch.width), arch.depths):
+        for j in range(depth):
+            k, e = arch.kernels[pos], arch.expands[pos]
+            block = _mbconv(names[j], space, size, cin, cout, k, e, stride if j == 0 else 1, act, se, True)
+            out.append(block)
+            size, cin, pos = block.out_size, cout, pos + 1
+    out.append(_head(space, cin, size, arch.width))
+    return tuple(out)
 
 
 def layers(arch: Arch, space: SearchSpace) -> list[LayerSpec]:
     """Every weighted layer of `arch` in forward order, as `Supernet.extract(arch)` builds it."""
-    space.validate(arch)
-    size = arch.resolution
-    stem = space.channels(space.stem_width, arch.width)
-    out = [LayerSpec("stem", "conv", space.in_channels, stem, 3, space.stem_stride, size, "hswish")]
-    size = out[-1].out_size
-    block, size = _mbconv(
-        "first_block", space, size, stem, stem, 3, 1, 1, space.first_block_act, False, False
-    )
-    out += block
-    cin = stem
-    for i, (spec, blocks) in enumerate(zip(space.stages, arch.stage_blocks())):
-        cout = space.channels(spec.width, arch.width)
-        for j, (k, e) in enumerate(blocks):
-            stride = spec.stride if j == 0 else 1
-            block, size = _mbconv(
-                f"stages.{i}.{j}", space, size, cin, cout, k, e, stride, spec.act, spec.se, True
-            )
-            out += block
-            cin = cout
-    final = space.channels(space.final_expand_width, arch.width)
-    out.append(LayerSpec("final_expand", "conv", cin, final, 1, 1, size, "hswish"))
-    out.append(LayerSpec("feature_mix", "linear", final, space.feature_mix_width, act="hswish"))
-    out.append(LayerSpec("classifier", "linear", space.feature_mix_width, space.num_classes, bias=True))
-    return out
+    return [spec for block in arch_blocks(arch, space) for spec in block.layers]
 
 
 @lru_cache(maxsize=1 << 16)
 def _totals(arch: Arch, space: SearchSpace) -> tuple[int, int]:
-    specs = layers(arch, space)
-    return sum(s.macs for s in specs), sum(s.params for s in specs)
+    found = arch_blocks(arch, space)
+    return sum(b.macs for b in found), sum(b.params for b in found)
 
 
 def count_macs(arch: Arch, space: SearchSpace) -> int:
@@ -118,9 +174,106 @@ def count_params(arch: Arch, space: SearchSpace) -> int:
     return _totals(arch, space)[1]
 
 
+def blocks(arch: Arch, space: SearchSpace) -> list[tuple[str, str]]:
+    """`(block name, latency-table key)` per block of `arch`, in forward order."""
+    return [(b.name, b.key) for b in arch_blocks(arch, space)]
+
+
 class LatencyModel(Protocol):
     """What search needs from a latency predictor; per-device lookup tables implement it."""
 
     device: str
 
-    def latency_ms(self, specs: Sequence[LayerSpec]) -> float: ...
+    def latency_ms(self, arch: Arch, space: SearchSpace) -> float: ...
+
+
+class LatencyTableError(ValueError):
+    """A latency table is unreadable or lacks a block an architecture needs."""
+
+
+class LatencyTable:
+    """Measured per-block latencies of one device: an arch's latency is
+    `overhead_ms + scale * (sum of its blocks' entries)`.
+
+    Entries are timed block by block; `overhead_ms` (one inference call's fixed cost) and
+    `scale` (what whole networks add or save over their blocks timed alone: cache reuse,
+    memory arena, fused boundaries) are fitted on a few whole subnets timed end to end.
+
+    Built by `tofa_core.profiler.profile_latency` on the device itself and stored as JSON,
+    so a table measured once on a phone or a board serves searches on any machine.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        entries: dict[str, float],
+        overhead_ms: float,
+        meta: dict | None = None,
+        scale: float = 1.0,
+    ):
+        self.device = device
+        self.entries = dict(entries)
+        self.overhead_ms = overhead_ms
+        self.scale = scale
+        self.meta = dict(meta or {})
+        self._cache: dict[tuple[Arch, SearchSpace], float] = {}
+
+    def latency_ms(self, arch: Arch, space: SearchSpace) -> float:
+        hit = self._cache.get((arch, space))
+        if hit is None:
+            hit = self._cache[(arch, space)] = self.overhead_ms + self.scale * self.block_sum(arch, space)
+        return hit
+
+    def block_sum(self, arch: Arch, space: SearchSpace) -> float:
+        """The sum of `arch`'s block entries (before overhead and scale)."""
+        total = 0.0
+        for name, key in blocks(arch, space):
+            entry = self.entries.get(key)
+            if entry is None:
+                raise LatencyTableError(
+                    f"latency table {self.device!r} has no entry for block {name} of {arch.to_json()} "
+                    f"(key {key}); re-run `tofa profile-latency --device {self.device}` for this "
+                    "search space and data"
+                )
+            total += entry
+        return total
+
+    def missing(self, keys) -> list[str]:
+        return sorted(set(keys) - set(self.entries))
+
+    def to_json(self) -> str:
+        data = {
+            "device": self.device,
+            "overhead_ms": self.overhead_ms,
+            "meta": self.meta,
+            "entries": self.entries,
+        }
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "latency table") -> LatencyTable:
+        try:
+            data = json.loads(text)
+            entries = {str(k): float(v) for k, v in data["entries"].items()}
+            scale = float(data.get("scale", 1.0))
+            return cls(str(data["device"]), entries, float(data["overhead_ms"]), data.get("meta"), scale)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LatencyTableError(
+                f"{where} is not a latency table (JSON with device, overhead_ms, entries): {err}"
+            ) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise LatencyTableError(f"cannot read latency table {path}: {err.strerror}") from None
+        return cls.from_json(text, str(path))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)

@@ -81,6 +81,15 @@ class Augmenter:
         self._mean = _per_channel("mean", config.mean, channels)
         self._std = _per_channel("std", config.std, channels)
 
+    @property
+    def mean(self) -> list[float]:
+        """Per-channel normalisation mean (what a deployed model's preprocessing must use)."""
+        return self._mean.reshape(-1).tolist()
+
+    @property
+    def std(self) -> list[float]:
+        return self._std.reshape(-1).tolist()
+
     def _check(self, x: torch.Tensor) -> None:
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected uint8 (N, {self.channels}, H, W), got {x.dtype} {tuple(x.shape)}")

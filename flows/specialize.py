@@ -1,0 +1,239 @@
+"""Flow `tofa-specialize`: a trained supernet -> one verified model per registered target.
+
+Shared work happens once: load the supernet and its data version, build (or reuse) the
+accuracy predictor, load every device's latency table (profiling `host-cpu` on demand).
+Then one task per target runs in parallel: on the Ray cluster through prefect-ray when Ray
+is in use, in local threads otherwise. A target that fails (after its retries) does not stop
+the others; the flow publishes what succeeded and then fails naming the targets that did not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.settings import dataset_name, latency_dir, state_dir, store_uri
+from tofa_core.costs import LatencyTable
+from tofa_core.data.store import DatasetStore
+from tofa_core.search.evolution import CostModel
+from tofa_core.search.predictor import build_predictor, load_predictor, save_predictor
+from tofa_core.search.targets import HOST_DEVICE, Target, load_targets, table_devices
+from tofa_core.specialize import Trained, load_trained, specialize
+from tofa_core.storage import NotFound, open_storage
+
+
+class SpecializationFailed(RuntimeError):
+    """Some targets failed; `summary` still lists every target's outcome."""
+
+    def __init__(self, summary: dict):
+        failed = summary["failed"]
+        super().__init__(
+            f"{len(failed)} of {len(summary['targets']) + len(failed)} targets failed: "
+            + "; ".join(f"{f['target']}: {f['error']}" for f in failed)
+        )
+        self.summary = summary
+
+
+def last_supernet(store: str, dataset: str) -> dict:
+    """The newest training record of `dataset` (written by tofa-train)."""
+    records = open_storage(store).child(f"supernets/{dataset}")
+    done = [o.key for o in records.list() if o.key.endswith(".json")]
+    if not done:
+        raise FileNotFoundError(
+            f"no trained supernet for data set {dataset!r} in {open_storage(store).uri()}; "
+            f"run `tofa train --data {dataset}` (or `tofa run`) first"
+        )
+    return json.loads(records.read_bytes(done[-1]))
+
+
+@task(name="load-supernet", cache_policy=NONE)
+def load_supernet(store: str, run_dir: str) -> Trained:
+    return load_trained(DatasetStore(open_storage(store)), open_storage(run_dir))
+
+
+@task(name="accuracy-predictor", cache_policy=NONE)
+def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str, seed: int = 0):
+    """Built once per trained supernet and kept beside it; later runs reuse it."""
+    logger = get_run_logger()
+    folder = open_storage(run_dir)
+    key = f"predictor/{score}-{samples}-{seed}.pt"
+    try:
+        state = torch.load(io.BytesIO(folder.read_bytes(key)), weights_only=True)
+        report = json.loads(folder.read_bytes(key.replace(".pt", ".json")))
+        logger.info("reusing predictor %s (Kendall tau %.3f)", folder.uri(key), report["kendall_tau"])
+        return load_predictor(state, trained.net.space), report
+    except NotFound:
+        pass
+    started = time.perf_counter()
+    model, report = build_predictor(trained.net, trained.data, samples=samples, score=score, seed=seed)
+    out = {
+        "score": score,
+        "samples": len(report.scored),
+        "train": report.train,
+        "held_out": report.held_out,
+        "kendall_tau": report.kendall_tau,
+        "seconds": round(time.perf_counter() - started, 2),
+        "scored": [{"arch": s.arch.to_dict(), "val": s.val, "agreement": s.agreement} for s in report.scored],
+    }
+    buffer = io.BytesIO()
+    torch.save(save_predictor(model), buffer)
+    folder.write_bytes(key, buffer.getvalue())
+    folder.write_bytes(key.replace(".pt", ".json"), json.dumps(out).encode())
+    logger.info(
+        "predictor from %d subnets in %.1f s, Kendall tau %.3f",
+        out["samples"],
+        out["seconds"],
+        out["kendall_tau"],
+    )
+    return model, out
+
+
+@task(name="latency-tables", cache_policy=NONE)
+def latency_tables(targets: list[Target], trained: Trained, tables_dir: str) -> dict[str, LatencyTable]:
+    """The table of every device a target names; this host's is measured when missing or short."""
+    from tofa_core.costs import blocks
+    from tofa_core.profiler import covering_archs, profile_latency
+
+    logger = get_run_logger()
+    files = table_devices(tables_dir)
+    space = trained.net.space
+    needed = {key for arch in covering_archs(space) for _, key in blocks(arch, space)}
+    tables = {}
+    for device in sorted({t.device for t in targets if t.device}):
+        if device == HOST_DEVICE:
+            path = files.get(HOST_DEVICE) or state_dir() / "latency" / f"{HOST_DEVICE}.json"
+            table = LatencyTable.load(path) if Path(path).exists() else None
+            if table is None or table.missing(needed):
+                logger.info(
+                    "measuring the %s latency table (once per search space; kept at %s)", device, path
+                )
+                table = profile_latency(space, HOST_DEVICE, known=table)
+                table.save(path)
+        else:
+            table = LatencyTable.load(files[device])
+            if missing := table.missing(needed):
+                logger.warning(
+                    "%s lacks %d block shapes of this space; targets on it may fail", device, len(missing)
+                )
+        tables[device] = table
+    return tables
+
+
+@task(name="specialize-target", cache_policy=NONE)
+def specialize_target(
+    target: Target, trained: Trained, predictor, tables: dict, store: str, prefix: str, score: str, seed: int
+) -> dict:
+    """Search, export and verify one target, then publish its files to the store."""
+    costs = CostModel(trained.net.space, tables.get(target.device))
+    about = {
+        "dataset": trained.state["dataset"],
+        "data_version": trained.state["data_version"],
+        "supernet": prefix,
+    }
+    with tempfile.TemporaryDirectory(prefix=f"tofa-{target.name}-") as tmp:
+        done = specialize(
+            trained.net,
+            target,
+            predictor,
+            trained.data,
+            costs,
+            tmp,
+            classes=list(trained.state["classes"]),
+            about=about,
+            score=score,
+            seed=seed,
+        )
+        out = open_storage(store).child(f"{prefix}/{target.name}")
+        files = {}
+        for name, path in done.exported.files.items():  # model.json last: it marks a complete export
+            if name != "model.json":
+                out.write_bytes(name, Path(path).read_bytes())
+                files[name] = out.uri(name)
+        out.write_bytes("model.json", Path(done.exported.files["model.json"]).read_bytes())
+        files["model.json"] = out.uri("model.json")
+    return {**done.summary(), "files": files}
+
+
+def task_runner(workers: int | None = None):
+    """prefect-ray's runner on the Ray cluster when RAY_ADDRESS is set, else local threads."""
+    if os.environ.get("RAY_ADDRESS"):
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=os.environ["RAY_ADDRESS"])
+    return ThreadPoolTaskRunner(max_workers=workers or os.cpu_count() or 2)
+
+
+@flow(name="tofa-specialize")
+def specialize_flow(
+    source: str = "digits",
+    dataset: str | None = None,
+    targets_file: str | None = None,
+    store: str | None = None,
+    run_id: str | None = None,
+    samples: int = 300,
+    score: str = "agreement",
+    seed: int = 0,
+) -> dict:
+    """Specialize the newest supernet of `dataset` (or run `run_id`) for every target in the file."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    dataset = dataset_name(source, dataset)
+    store = store_uri(store)
+    tables_dir = str(latency_dir())
+    targets = load_targets(targets_file or default_targets(), devices=table_devices(tables_dir))
+    record = last_supernet(store, dataset) if run_id is None else _record(store, dataset, run_id)
+    run_dir = record["run_dir"]
+    trained = load_supernet(store, run_dir)
+    predictor, report = accuracy_predictor(trained, run_dir, samples, score, seed)
+    tables = latency_tables(targets, trained, tables_dir)
+    prefix = f"exports/{dataset}/{record['run_id']}"
+    futures = [
+        specialize_target.with_options(retries=t.retries, task_run_name=f"specialize-{t.name}").submit(
+            t, trained, predictor, tables, store, prefix, score, seed
+        )
+        for t in targets
+    ]
+    done, failed = [], []
+    for target, future in zip(targets, futures):
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            done.append(future.result())
+        else:
+            error = state.result(raise_on_failure=False)
+            failed.append({"target": target.name, "error": str(error) or type(error).__name__})
+            logger.error("target %s failed: %s", target.name, error)
+    summary = {
+        "dataset": dataset,
+        "data_version": record["data_version"],
+        "supernet_run": record["run_id"],
+        "predictor": {k: v for k, v in report.items() if k != "scored"},
+        "targets": done,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    open_storage(store).child(prefix).write_bytes("summary.json", json.dumps(summary, indent=2).encode())
+    logger.info("specialized %d targets (%d failed) in %.1f s", len(done), len(failed), summary["seconds"])
+    if failed:
+        raise SpecializationFailed(summary)
+    return summary
+
+
+def default_targets() -> str:
+    return str(Path(__file__).resolve().parents[1] / "infra" / "targets" / "default.yaml")
+
+
+def _record(store: str, dataset: str, run_id: str) -> dict:
+    try:
+        return json.loads(open_storage(store).child(f"supernets/{dataset}").read_bytes(f"{run_id}.json"))
+    except NotFound:
+        raise FileNotFoundError(f"no supernet run {run_id!r} of data set {dataset!r} in {store}") from None

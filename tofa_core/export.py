@@ -1,0 +1,161 @@
+"""Export a chosen subnet (ONNX + TorchScript + model.json) and verify the files themselves.
+
+Verification measures the exported artefacts, not the search's own numbers: ONNX Runtime's
+outputs against PyTorch's on real images, MACs counted on the ONNX graph, parameters counted
+on the TorchScript model, latency timed with ONNX Runtime when the target's device is this
+machine, and test accuracy of the ONNX model. A failed check raises `VerificationError`
+naming the check; nothing is published for that export.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tofa_core import onnx_runtime
+from tofa_core.arch import Arch, SearchSpace
+from tofa_core.costs import count_macs, count_params
+from tofa_core.search.targets import HOST_DEVICE, Target
+from tofa_core.training.evaluate import EvalData
+
+MAX_ABS_DIFF = 1e-4
+FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+class VerificationError(RuntimeError):
+    """An exported model failed a check; `check` names which one."""
+
+    def __init__(self, check: str, message: str):
+        super().__init__(f"verification failed ({check}): {message}")
+        self.check = check
+
+
+def at_resolution(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize normalised images to a subnet's input side, exactly as the supernet does."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+
+
+@dataclass
+class Exported:
+    folder: Path
+    files: dict[str, Path]  # model.onnx, model.pt, model.json
+    about: dict  # the content of model.json
+
+
+def export_subnet(
+    model: nn.Module,
+    arch: Arch,
+    data: EvalData,
+    folder: str | Path,
+    *,
+    classes: list[str],
+    formats: tuple[str, ...] = ("onnx", "torchscript"),
+    about: dict | None = None,
+) -> Exported:
+    """Write `model` (a BN-recalibrated extracted subnet) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval().to(memory_format=torch.contiguous_format)  # the layout ONNX describes
+    example = at_resolution(data.calib[:1], arch.resolution)
+    files = {}
+    if "onnx" in formats:
+        files["model.onnx"] = folder / FILES["onnx"]
+        files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
+    if "torchscript" in formats:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in 2.13
+            scripted = torch.jit.script(model)
+        files["model.pt"] = folder / FILES["torchscript"]
+        scripted.save(str(files["model.pt"]))
+    description = {
+        "arch": arch.to_dict(),
+        "input": {
+            "name": "input",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": data.channels,
+            "resolution": arch.resolution,
+            "resize": "bilinear (align_corners=False) from the image to resolution x resolution",
+        },
+        "normalisation": {"scale": 1 / 255, "mean": data.mean, "std": data.std},
+        "output": {"name": "logits", "classes": list(classes)},
+        **(about or {}),
+    }
+    files["model.json"] = folder / "model.json"
+    files["model.json"].write_text(json.dumps(description, indent=2))
+    return Exported(folder, files, description)
+
+
+def verify(
+    exported: Exported,
+    model: nn.Module,
+    arch: Arch,
+    space: SearchSpace,
+    target: Target,
+    data: EvalData,
+    *,
+    latency_threads: int = 1,
+) -> dict:
+    """Check the exported files against PyTorch and the target's budget; return what was measured."""
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    x = at_resolution(data.test_x if len(data.test_y) else data.val_x, arch.resolution)
+    if len(x) == 0:
+        x = at_resolution(data.calib[:64], arch.resolution)
+    with torch.no_grad():
+        reference = model(x).numpy()
+    onnx_file = exported.files["model.onnx"]
+    sess = onnx_runtime.session(str(onnx_file))
+    logits = onnx_runtime.run(sess, x.numpy().astype(np.float32))
+    diff = float(np.abs(logits - reference).max()) if len(x) else 0.0
+    if not diff <= MAX_ABS_DIFF:
+        raise VerificationError(
+            "onnx-matches-pytorch", f"ONNX Runtime differs from PyTorch by {diff:.2e} > {MAX_ABS_DIFF}"
+        )
+    measured: dict = {"onnx_max_abs_diff": diff}
+    if "model.pt" in exported.files:
+        scripted = torch.jit.load(str(exported.files["model.pt"]))
+        with torch.no_grad():
+            ts_diff = float((scripted(x) - torch.from_numpy(reference)).abs().max()) if len(x) else 0.0
+        if not ts_diff <= MAX_ABS_DIFF:
+            raise VerificationError("torchscript-matches-pytorch", f"TorchScript differs by {ts_diff:.2e}")
+        measured["torchscript_max_abs_diff"] = ts_diff
+        params = sum(p.numel() for p in scripted.parameters())
+    else:
+        params = sum(p.numel() for p in model.parameters())
+    macs, onnx_params = onnx_runtime.onnx_costs(onnx_file.read_bytes())
+    measured |= {"macs": macs, "params": params, "onnx_params": onnx_params}
+    if macs != count_macs(arch, space) or params != count_params(arch, space):
+        raise VerificationError(
+            "costs-match-arch",
+            f"exported model has {macs:,} MACs / {params:,} params; its arch implies "
+            f"{count_macs(arch, space):,} / {count_params(arch, space):,}",
+        )
+    if target.max_macs is not None and macs > target.max_macs:
+        raise VerificationError("max_macs", f"exported model has {macs:,} MACs > {target.max_macs:,}")
+    if target.max_params is not None and max(params, onnx_params) > target.max_params:
+        raise VerificationError(
+            "max_params", f"exported model has {params:,} parameters > {target.max_params:,}"
+        )
+    if target.device == HOST_DEVICE:
+        one = at_resolution(data.calib[:1], arch.resolution).numpy()
+        latency = onnx_runtime.latency_ms(onnx_runtime.session(str(onnx_file), latency_threads), one)
+        measured["latency_ms"] = latency
+        if latency > target.max_latency_ms:
+            raise VerificationError(
+                "max_latency_ms", f"measured {latency:.4f} ms > {target.max_latency_ms:g} ms on this host"
+            )
+    if len(data.test_y):
+        measured["test_acc"] = float((logits.argmax(1) == data.test_y.numpy()).mean())
+    if len(data.val_y):
+        val = onnx_runtime.run(sess, at_resolution(data.val_x, arch.resolution).numpy())
+        measured["val_acc"] = float((val.argmax(1) == data.val_y.numpy()).mean())
+    return measured

@@ -1,0 +1,146 @@
+"""One target, end to end: search -> re-rank by real score -> export -> verify.
+
+The supernet, its evaluation images and the accuracy predictor are built once and shared by
+every target; this is the per-target work, seconds each, with no training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tofa_core.arch import Arch
+from tofa_core.data.loaders import DataSplits, load_splits
+from tofa_core.data.store import DatasetStore
+from tofa_core.export import Exported, VerificationError, export_subnet, verify
+from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
+from tofa_core.search.predictor import AccuracyPredictor, score_subnets
+from tofa_core.search.targets import Target
+from tofa_core.storage import Storage
+from tofa_core.supernet import Supernet
+from tofa_core.training.checkpoint import check_fits, load_checkpoint
+from tofa_core.training.config import TrainConfig
+from tofa_core.training.evaluate import EvalData, calibrated_subnet, eval_data
+from tofa_core.training.loop import space_for
+
+
+@dataclass
+class Specialized:
+    target: Target
+    arch: Arch
+    predicted: float  # the predictor's score
+    score: float  # the same score measured after BN recalibration
+    measured: dict  # what verification measured on the exported files
+    exported: Exported
+    search: dict
+    seconds: float
+    rejected: list[str] = field(default_factory=list)  # better candidates that failed verification
+
+    def summary(self) -> dict:
+        return {
+            "target": self.target.name,
+            "constraints": self.target.constraints(),
+            "device": self.target.device,
+            "arch": self.arch.to_dict(),
+            "predicted_score": round(self.predicted, 4),
+            "score": round(self.score, 4),
+            **self.measured,
+            "search": self.search,
+            "rejected": self.rejected,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def specialize(
+    net: Supernet,
+    target: Target,
+    predictor: AccuracyPredictor,
+    data: EvalData,
+    costs: CostModel,
+    folder: str | Path,
+    *,
+    classes: list[str],
+    about: dict | None = None,
+    score: str = "agreement",
+    evolution: EvolutionConfig = EvolutionConfig(),
+    seed: int = 0,
+) -> Specialized:
+    """Pick, export and verify `target`'s subnet into `folder` (model.onnx, model.pt, model.json)."""
+    started = time.perf_counter()
+    found = evolve(target, costs, predictor.predict, evolution, seed)
+    predicted = dict(found.candidates)
+    real = score_subnets(net, list(predicted), data)
+    ranked = sorted(real, key=lambda s: (s.score(score), s.agreement, s.val), reverse=True)
+    search = {
+        "evaluated": found.evaluated,
+        "candidates_per_s": round(found.per_second),
+        "seconds": round(found.seconds, 3),
+        "reranked": len(ranked),
+    }
+    rejected: list[str] = []
+    for cand in ranked:
+        model = calibrated_subnet(net, cand.arch, data.calib)
+        info = {
+            **(about or {}),
+            "target": {"name": target.name, **target.constraints(), "device": target.device},
+            "scores": {"predicted": predicted[cand.arch], score: cand.score(score)},
+        }
+        exported = export_subnet(
+            model, cand.arch, data, folder, classes=classes, formats=target.formats, about=info
+        )
+        try:
+            measured = verify(exported, model, cand.arch, net.space, target, data)
+        except VerificationError as err:
+            # A latency measured over budget on a noisy host: the next candidate may fit.
+            # Any other failure is a defect in export, not bad luck: stop.
+            if err.check != "max_latency_ms":
+                raise
+            rejected.append(f"{cand.arch.to_json()}: {err}")
+            continue
+        exported.about["verified"] = measured
+        exported.files["model.json"].write_text(json.dumps(exported.about, indent=2))
+        return Specialized(
+            target,
+            cand.arch,
+            predicted[cand.arch],
+            cand.score(score),
+            measured,
+            exported,
+            search,
+            time.perf_counter() - started,
+            rejected,
+        )
+    raise VerificationError(
+        "max_latency_ms",
+        f"target {target.name}: none of the {len(ranked)} best candidates met the latency budget when "
+        f"measured on this host ({'; '.join(rejected)})",
+    )
+
+
+@dataclass
+class Trained:
+    """A trained supernet with the data version it was trained on, ready for specialization."""
+
+    net: Supernet
+    config: TrainConfig
+    splits: DataSplits
+    data: EvalData
+    state: dict  # the checkpoint's record: dataset, data_version, classes, final scores
+
+
+def load_trained(store: DatasetStore, run_dir: Storage, key: str = "supernet.pt") -> Trained:
+    """Load `run_dir/key` and the exact data splits and evaluation images its training used."""
+    state = load_checkpoint(run_dir, key)
+    config = TrainConfig(**state["config"])
+    splits = load_splits(
+        store, state["dataset"], state["data_version"], val_fraction=config.val_fraction, seed=config.seed
+    )
+    space = space_for(config, splits)
+    check_fits(state, space, run_dir.uri(key))
+    net = Supernet(space)
+    net.load_state_dict(state["model"])
+    net.eval()
+    info = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng", "sampler")}
+    return Trained(net, config, splits, eval_data(splits, config), info)
