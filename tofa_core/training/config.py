@@ -14,9 +14,11 @@ class TrainConfig(BaseModel):
 
     # search space
     space: str = Field("tiny", description="search space preset")
-    resolutions: tuple[int, ...] | None = Field(None, description="default: 1x, 1.5x and 2x the image side")
+    resolutions: tuple[int, ...] | None = Field(
+        None, description="default: the image side only (upsampling adds cost, not information)"
+    )
     # schedule
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(20, ge=1)
     steps_per_epoch: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1, description="labelled images per step, over all workers")
     mu: int = Field(3, ge=0, description="unlabelled batch = mu x labelled batch")
@@ -24,14 +26,18 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     # the unified loss
-    k_random: int = Field(2, ge=0, description="random subnets per step besides the largest and smallest")
+    k_random: int = Field(1, ge=0, description="random subnets per step besides the largest and smallest")
     alpha: float = Field(1.0, ge=0, description="weight of the students' labelled cross-entropy")
     lambda_kd: float = Field(1.0, ge=0, description="weight of distillation from the largest subnet")
     lambda_u: float = Field(1.0, ge=0, description="weight of the pseudo-label term")
-    tau: float = Field(0.95, ge=0, le=1, description="confidence threshold for pseudo-labels")
+    tau: float = Field(0.8, ge=0, le=1, description="confidence threshold for pseudo-labels")
+    warmup: float = Field(
+        0.25, ge=0, le=1, description="lambda_u and lambda_kd ramp up linearly over this share of the steps"
+    )
     # data
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    augment: AugmentConfig = AugmentConfig(hflip=False)
+    # no flips (a mirrored digit is another or no class), no cutout: it erases a quarter of an 8 px digit
+    augment: AugmentConfig = AugmentConfig(hflip=False, cutout=0.0)
     calib_images: int = Field(512, ge=1, description="training images for BN recalibration of a subnet")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads per worker")

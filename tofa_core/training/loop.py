@@ -57,7 +57,7 @@ class TrainResult:
 
 def space_for(cfg: TrainConfig, splits: DataSplits) -> SearchSpace:
     side = splits.size
-    resolutions = cfg.resolutions or tuple(sorted({side, int(side * 1.5 + 0.5), 2 * side}))
+    resolutions = cfg.resolutions or (side,)
     return SearchSpace.preset(
         cfg.space, num_classes=len(splits.classes), in_channels=splits.channels, resolutions=resolutions
     )
@@ -219,7 +219,7 @@ def train_supernet(
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         images = 0
-        for _ in range(cfg.steps_per_epoch):
+        for i in range(cfg.steps_per_epoch):
             x, y = next(labelled)
             xw = aug.weak(x, aug_gen)
             uw = us = None
@@ -229,7 +229,9 @@ def train_supernet(
                 images += len(u)
             images += len(x)
             optimizer.zero_grad(set_to_none=True)
-            logs = train_step(net, sandwich(space, sampler, cfg.k_random), xw, y, uw, us, cfg)
+            step = epoch * cfg.steps_per_epoch + i + 1
+            ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
+            logs = train_step(net, sandwich(space, sampler, cfg.k_random), xw, y, uw, us, cfg, ramp)
             allreduce_gradients(net, world)
             optimizer.step()
             scheduler.step()

@@ -1,10 +1,12 @@
 """The unified semi-supervised loss (TOFA), one function per role.
 
-Teacher (largest subnet):  CE(f_max(weak x), y) + lambda_u * mean_u 1[max p_max(weak u) >= tau]
+Teacher (largest subnet):  CE(f_max(weak x), y) + r * lambda_u * mean_u 1[max p_max(weak u) >= tau]
                                * CE(f_max(strong u), argmax p_max(weak u))
 Student (any other):       alpha * CE(f_a(weak x), y)
-                           + lambda_kd * KL(sg(p_max) || p_a) on weak x, weak u and strong u
-                           + lambda_u * the same masked pseudo-label term, with the teacher's pseudo-labels
+                           + r * lambda_kd * KL(sg(p_max) || p_a) on weak x, weak u and strong u
+                           + r * lambda_u * the same masked pseudo-label term (teacher's pseudo-labels)
+r (`ramp`, from the loop) grows linearly from 0 to 1 over the first `warmup` share of training:
+an untrained teacher's near-uniform outputs and guesses would only pull the students back.
 With lambda_u = lambda_kd = 0 (and alpha = 1) this is plain supervised sandwich training.
 """
 
@@ -37,7 +39,9 @@ def _masked_ce(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
     return (F.cross_entropy(logits, targets.pseudo, reduction="none") * targets.mask).mean()
 
 
-def teacher_loss(logits, y, n_u: int, cfg: TrainConfig) -> tuple[torch.Tensor, Targets, dict[str, float]]:
+def teacher_loss(
+    logits, y, n_u: int, cfg: TrainConfig, ramp: float = 1.0
+) -> tuple[torch.Tensor, Targets, dict[str, float]]:
     lx, lw, ls = _split(logits, len(y), n_u)
     with torch.no_grad():
         probs = logits.softmax(dim=1)
@@ -46,7 +50,7 @@ def teacher_loss(logits, y, n_u: int, cfg: TrainConfig) -> tuple[torch.Tensor, T
     targets = Targets(probs, pseudo, mask)
     ce = F.cross_entropy(lx, y)
     pl = _masked_ce(ls, targets)
-    loss = ce + cfg.lambda_u * pl
+    loss = ce + ramp * cfg.lambda_u * pl
     logs = {"teacher/ce": ce.item(), "teacher/pseudo": pl.item()}
     if n_u:
         logs["mask_rate"] = mask.mean().item()
@@ -54,7 +58,7 @@ def teacher_loss(logits, y, n_u: int, cfg: TrainConfig) -> tuple[torch.Tensor, T
 
 
 def student_loss(
-    logits, y, n_u: int, targets: Targets, cfg: TrainConfig
+    logits, y, n_u: int, targets: Targets, cfg: TrainConfig, ramp: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     lx, _, ls = _split(logits, len(y), n_u)
     ce = F.cross_entropy(lx, y)
@@ -62,10 +66,10 @@ def student_loss(
     logs = {"student/ce": ce.item()}
     if cfg.lambda_kd > 0:
         kd = F.kl_div(logits.log_softmax(dim=1), targets.probs, reduction="batchmean")
-        loss = loss + cfg.lambda_kd * kd
+        loss = loss + ramp * cfg.lambda_kd * kd
         logs["student/kd"] = kd.item()
     if cfg.lambda_u > 0 and n_u:
         pl = _masked_ce(ls, targets)
-        loss = loss + cfg.lambda_u * pl
+        loss = loss + ramp * cfg.lambda_u * pl
         logs["student/pseudo"] = pl.item()
     return loss, logs

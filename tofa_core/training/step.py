@@ -25,20 +25,22 @@ def train_step(
     u_weak: torch.Tensor | None,
     u_strong: torch.Tensor | None,
     cfg: TrainConfig,
+    ramp: float = 1.0,
 ) -> dict[str, float]:
     """Forward and backward every subnet of `archs` on one batch; gradients accumulate in `net`.
 
+    `ramp` in [0, 1] scales the unlabelled and distillation terms (their warm-up).
     The optimizer step (and, across workers, the gradient all-reduce) is the caller's.
     """
     use_u = cfg.semi_supervised and u_weak is not None and len(u_weak) > 0
     n_u = len(u_weak) if use_u else 0
     inputs = torch.cat([x, u_weak, u_strong]) if use_u else x
-    loss, targets, logs = teacher_loss(net(inputs, archs[0]), y, n_u, cfg)
+    loss, targets, logs = teacher_loss(net(inputs, archs[0]), y, n_u, cfg, ramp)
     loss.backward()
     logs["teacher/loss"] = loss.item()
     student_logs: dict[str, float] = {}
     for arch in archs[1:]:
-        loss, one = student_loss(net(inputs, arch), y, n_u, targets, cfg)
+        loss, one = student_loss(net(inputs, arch), y, n_u, targets, cfg, ramp)
         loss.backward()
         one["student/loss"] = loss.item()
         for key, value in one.items():
