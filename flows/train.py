@@ -81,6 +81,15 @@ def start_ray():
     return ray
 
 
+def cpus_per_worker(node_cpus: list[int], workers: int) -> int:
+    """The most CPUs each worker can have with all `workers` placed on these nodes: a worker
+    lives on one node, so the cluster's total over the worker count can ask for too many."""
+    for cpus in range(max(node_cpus, default=1), 1, -1):
+        if sum(n // cpus for n in node_cpus) >= workers:
+            return cpus
+    return 1
+
+
 @task(name="train-supernet", cache_policy=NONE)
 def run_trainer(
     cfg: TrainConfig, store: str, dataset: str, version: str, run_id: str, workers: int, warm
@@ -92,8 +101,8 @@ def run_trainer(
 
     start_ray()
     use_gpu = torch.cuda.is_available()
-    cpus = int(ray.available_resources().get("CPU", 1))
-    threads = cfg.threads or max(1, cpus // workers)
+    nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    threads = cfg.threads or cpus_per_worker(nodes, workers)
     run_dir = open_storage(store).child(f"runs/{run_id}").root
     storage_path, fs = _ray_storage(store)
     trainer = TorchTrainer(

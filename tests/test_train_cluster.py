@@ -240,3 +240,13 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_s3(two_nodes, s3_serve
     assert {a["Address"]["NodeID"] for a in workers[-2:]} == {head, new.node_id}
 
     assert_nothing_local(two_nodes, tmp_path, run_id)
+
+
+@pytest.mark.parametrize(
+    "nodes, workers, expected",
+    [([2], 2, 1), ([16], 2, 8), ([1, 3], 2, 1), ([4, 4], 2, 4), ([8, 2], 2, 4), ([8, 2], 3, 2), ([], 1, 1)],
+)
+def test_cpus_per_worker_fits_workers_on_whole_nodes(nodes, workers, expected):
+    from flows.train import cpus_per_worker
+
+    assert cpus_per_worker(nodes, workers) == expected
