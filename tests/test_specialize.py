@@ -1,0 +1,196 @@
+"""Specialization on a really trained (small) supernet: predictor, search, export, verification,
+and the Prefect fan-out where one failing target does not stop the others.
+
+Every budget is checked on the exported files themselves (ONNX graph MACs, TorchScript
+parameters, ONNX Runtime outputs), never on the search's own numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tofa_core import onnx_runtime
+from tofa_core.arch import Arch
+from tofa_core.costs import LatencyTable, arch_blocks, count_macs, count_params
+from tofa_core.data.ingest import IngestConfig, ingest
+from tofa_core.data.store import DatasetStore
+from tofa_core.export import VerificationError, at_resolution
+from tofa_core.profiler import covering_archs
+from tofa_core.search.evolution import CostModel, EvolutionConfig
+from tofa_core.search.predictor import build_predictor, load_predictor, save_predictor
+from tofa_core.search.targets import Target
+from tofa_core.specialize import load_trained, specialize
+from tofa_core.storage import open_storage
+from tofa_core.training.config import TrainConfig
+from tofa_core.training.loop import train_supernet
+
+FAST = EvolutionConfig(population=40, generations=8, top=3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """digits (10% labels), a supernet trained for 80 steps at 8 px: enough to rank subnets."""
+    root = tmp_path_factory.mktemp("specialize")
+    store = DatasetStore(open_storage(root / "store"))
+    ingest("digits", "digits", store, IngestConfig())
+    cfg = TrainConfig(
+        epochs=5, steps_per_epoch=16, k_random=1, mu=2, lr=0.1, tau=0.8, resolutions=(8,), calib_images=256
+    )
+    run_dir = open_storage(root / "store").child("runs/test-run")
+    result = train_supernet(cfg, store, "digits", run_dir)
+    record = {"run_id": "test-run", "run_dir": run_dir.root, "data_version": result.data_version}
+    open_storage(root / "store").child("supernets/digits").write_bytes(
+        "test-run.json", json.dumps(record).encode()
+    )
+    return root, load_trained(store, run_dir)
+
+
+@pytest.fixture(scope="module")
+def predictor(trained):
+    _, t = trained
+    return build_predictor(t.net, t.data, samples=100, held_out=0.3, seed=0)
+
+
+def synthetic_table(space, device: str, ms_per_mmac: float = 0.2) -> LatencyTable:
+    """A table with every block shape, latency proportional to MACs (searches need no profiling)."""
+    entries = {
+        b.key: 0.005 + b.macs * ms_per_mmac * 1e-6
+        for a in covering_archs(space)
+        for b in arch_blocks(a, space)
+    }
+    return LatencyTable(device, entries, 0.01)
+
+
+def test_predictor_ranks_held_out_subnets(trained, predictor):
+    _, t = trained
+    model, report = predictor
+    assert report.score == "agreement" and len(report.scored) == 102  # 100 samples + largest + smallest
+    assert report.held_out == 30
+    # A barely trained toy supernet (80 steps) and 30 held-out subnets: ranking is far from
+    # perfect (about 0.35-0.5 seen), but well above chance (0).
+    assert report.kendall_tau > 0.2, report.kendall_tau
+    # the largest subnet agrees with itself
+    by_arch = {s.arch: s for s in report.scored}
+    assert by_arch[t.net.space.max_arch()].agreement == pytest.approx(1.0)
+    # weights-only round trip predicts the same
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(save_predictor(model), buffer)
+    again = load_predictor(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), t.net.space)
+    archs = [s.arch for s in report.scored[:10]]
+    np.testing.assert_allclose(again.predict(archs), model.predict(archs), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [{"max_macs": 250_000}, {"max_params": 90_000}, {"max_macs": 600_000, "max_params": 200_000}],
+)
+def test_exports_fit_their_budget_when_measured(trained, predictor, tmp_path, budget):
+    _, t = trained
+    target = Target(name="t", **budget)
+    done = specialize(
+        t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path, classes=t.splits.classes,
+        evolution=FAST,
+    )  # fmt: skip
+    files = done.exported.files
+    assert {p.name for p in files.values()} == {"model.onnx", "model.pt", "model.json"}
+    onnx_file = files["model.onnx"].read_bytes()
+    macs, _ = onnx_runtime.onnx_costs(onnx_file)
+    params = sum(p.numel() for p in torch.jit.load(str(files["model.pt"])).parameters())
+    assert macs == count_macs(done.arch, t.net.space) == done.measured["macs"]
+    assert params == count_params(done.arch, t.net.space)
+    assert macs <= budget.get("max_macs", macs) and params <= budget.get("max_params", params)
+    # ONNX Runtime agrees with the supernet's own forward pass on real test images
+    from tofa_core.training.evaluate import calibrated_subnet
+
+    x = at_resolution(t.data.test_x[:64], done.arch.resolution)
+    reference = calibrated_subnet(t.net, done.arch, t.data.calib).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        expected = reference(x).numpy()
+    got = onnx_runtime.run(onnx_runtime.session(onnx_file), x.numpy())
+    assert np.abs(got - expected).max() <= 1e-4
+    about = json.loads(files["model.json"].read_text())
+    assert about["arch"] == done.arch.to_dict()
+    assert about["input"]["resolution"] == done.arch.resolution and about["input"]["channels"] == 1
+    assert about["output"]["classes"] == t.splits.classes
+    assert about["verified"]["test_acc"] == done.measured["test_acc"] > 0.3  # well above chance (0.1)
+
+
+def test_host_latency_is_measured_on_the_export(trained, predictor, tmp_path):
+    _, t = trained
+    target = Target(name="here", max_latency_ms=50.0, device="host-cpu")
+    costs = CostModel(t.net.space, synthetic_table(t.net.space, "host-cpu"))
+    done = specialize(
+        t.net, target, predictor[0], t.data, costs, tmp_path, classes=t.splits.classes, evolution=FAST
+    )
+    assert 0 < done.measured["latency_ms"] <= 50.0
+
+
+def test_unmeetable_measured_latency_fails_verification_not_silently(trained, predictor, tmp_path):
+    _, t = trained
+    # The table claims everything is instant; the real model cannot run in a microsecond.
+    table = LatencyTable("host-cpu", {k: 0.0 for k in synthetic_table(t.net.space, "x").entries}, 0.0)
+    target = Target(name="liar", max_latency_ms=0.001, device="host-cpu")
+    with pytest.raises(VerificationError) as err:
+        specialize(
+            t.net, target, predictor[0], t.data, CostModel(t.net.space, table), tmp_path,
+            classes=t.splits.classes, evolution=FAST,
+        )  # fmt: skip
+    assert err.value.check == "max_latency_ms" and "none of the 3 best candidates" in str(err.value)
+
+
+def test_flow_fans_out_and_a_failing_target_does_not_stop_the_others(
+    trained, tmp_path, monkeypatch, prefect_server
+):
+    from flows.specialize import SpecializationFailed, specialize_flow
+
+    root, t = trained
+    tables = tmp_path / "latency"
+    tables.mkdir()
+    synthetic_table(t.net.space, "board").save(tables / "board.json")
+    monkeypatch.setenv("TOFA_LATENCY_DIR", str(tables))
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(
+        "- {name: small, max_macs: 300000}\n"
+        "- {name: slim, max_params: 120000}\n"
+        "- {name: board, max_latency_ms: 0.15, device: board}\n"
+        "- {name: impossible, max_params: 1000, retries: 0}\n"
+    )
+    with pytest.raises(SpecializationFailed) as err:
+        specialize_flow(source="digits", targets_file=str(targets), store=str(root / "store"), samples=20)
+    summary = err.value.summary
+    assert [d["target"] for d in summary["targets"]] == ["small", "slim", "board"]
+    assert [f["target"] for f in summary["failed"]] == ["impossible"]
+    assert "Smallest achievable" in summary["failed"][0]["error"]
+    exports = open_storage(root / "store").child("exports/digits/test-run")
+    for done in summary["targets"]:
+        assert exports.exists(f"{done['target']}/model.onnx") and exports.exists(
+            f"{done['target']}/model.json"
+        )
+        assert done["files"]["model.onnx"] == exports.uri(f"{done['target']}/model.onnx")
+    assert not exports.exists("impossible/model.json")
+    assert json.loads(exports.read_bytes("summary.json"))["failed"] == summary["failed"]
+    board = next(d for d in summary["targets"] if d["target"] == "board")
+    board_table = LatencyTable.load(tables / "board.json")
+    assert board_table.latency_ms(Arch.from_dict(board["arch"]), t.net.space) <= 0.15
+    # the predictor was built once and is reused by the next run
+    assert open_storage(root / "store").child("runs/test-run").exists("predictor/agreement-20-0.pt")
+
+
+def test_random_archs_cost_the_same_in_onnx(trained):
+    _, t = trained
+    rng = random.Random(5)
+    for _ in range(3):
+        arch = t.net.space.sample(rng)
+        model = t.net.extract(arch).eval()
+        macs, onnx_params = onnx_runtime.onnx_costs(
+            onnx_runtime.onnx_bytes(model, torch.zeros(1, 1, arch.resolution, arch.resolution))
+        )
+        assert macs == count_macs(arch, t.net.space)
+        assert onnx_params < count_params(arch, t.net.space)  # BN folded: one bias instead of two vectors
