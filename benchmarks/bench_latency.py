@@ -60,7 +60,7 @@ def main() -> None:
     rows = []
     for _ in range(args.archs):
         arch = space.sample(rng)
-        measured = measure_arch_latency(net, arch, repeats=100)
+        measured = measure_arch_latency(net, arch)
         predicted = table.latency_ms(arch, space)
         rows.append((arch, measured, predicted, (predicted - measured) / measured))
     errors = [abs(r[3]) for r in rows]

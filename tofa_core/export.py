@@ -147,7 +147,7 @@ def verify(
         )
     if target.device == HOST_DEVICE:
         one = at_resolution(data.calib[:1], arch.resolution).numpy()
-        latency = onnx_runtime.latency_ms(onnx_runtime.session(str(onnx_file), latency_threads), one)
+        latency = onnx_runtime.model_latency_ms(str(onnx_file), one, latency_threads)
         measured["latency_ms"] = latency
         if latency > target.max_latency_ms:
             raise VerificationError(

@@ -3,7 +3,8 @@
 Run it once on the device (`tofa profile-latency --device NAME`); the JSON it writes lets a
 search on any machine predict that device's latency as a sum of table entries. Each block is
 exported on its own with random weights (run time does not depend on the values), run at
-batch 1 after warm-up, and its median time minus one call's fixed overhead is its entry.
+batch 1 after warm-up in several fresh sessions, and the median of their medians minus one
+call's fixed overhead is its entry.
 A whole network's latency is then an offset plus a scale times the sum of its entries, both
 fitted on a dozen whole subnets timed end to end (see `fit_whole_networks`).
 """
@@ -83,7 +84,7 @@ def profile_latency(
     device: str,
     *,
     threads: int = 1,
-    warmup: int = 10,
+    sessions: int = 5,
     repeats: int = 30,
     known: LatencyTable | None = None,
     fit_archs: int = 12,
@@ -102,23 +103,25 @@ def profile_latency(
                 seen.add(key)
                 todo.append((key, module, shape))
     overhead_shape = (1, space.in_channels, min(space.resolutions), min(space.resolutions))
-    overhead_sess = onnx_runtime.session(onnx_runtime.trivial_model(overhead_shape), threads)
     overhead_x = np.zeros(overhead_shape, np.float32)
-    overhead = onnx_runtime.latency_ms(overhead_sess, overhead_x, warmup, repeats)
+    overhead = onnx_runtime.model_latency_ms(
+        onnx_runtime.trivial_model(overhead_shape), overhead_x, threads, sessions, repeats
+    )
     started = time.perf_counter()
     for i, (key, module, shape) in enumerate(todo):
         x = torch.randn(shape)
-        sess = onnx_runtime.session(onnx_runtime.onnx_bytes(module, x, dynamic_batch=False), threads)
-        measured = onnx_runtime.latency_ms(sess, x.numpy(), warmup, repeats)
+        model = onnx_runtime.onnx_bytes(module, x, dynamic_batch=False)
+        measured = onnx_runtime.model_latency_ms(model, x.numpy(), threads, sessions, repeats)
         entries[key] = max(measured - overhead, 0.0)
         if progress is not None:
             progress(i + 1, len(todo))
     log.info("profiled %d blocks in %.1f s", len(todo), time.perf_counter() - started)
     table = LatencyTable(device, entries, overhead)
-    fit = fit_whole_networks(table, net, space, threads=threads, archs=fit_archs, repeats=repeats)
+    fit = fit_whole_networks(table, net, space, threads=threads, archs=fit_archs)
     meta = {
         "threads": threads,
         "repeats": repeats,
+        "sessions": sessions,
         "host": platform.node(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
@@ -133,14 +136,14 @@ def profile_latency(
 
 
 def fit_whole_networks(
-    table: LatencyTable, net: Supernet, space: SearchSpace, *, threads: int, archs: int, repeats: int
+    table: LatencyTable, net: Supernet, space: SearchSpace, *, threads: int, archs: int
 ) -> dict:
     """Fit overhead and scale (least squares) so that table sums match whole subnets timed
     end to end; blocks timed alone miss what a whole network's run shares or adds."""
     rng = random.Random(12345)
     picks = [space.min_arch(), space.max_arch(), *(space.sample(rng) for _ in range(max(archs - 2, 0)))]
     sums = np.array([table.block_sum(a, space) for a in picks])
-    measured = np.array([measure_arch_latency(net, a, threads, repeats) for a in picks])
+    measured = np.array([measure_arch_latency(net, a, threads) for a in picks])
     fit = {"overhead_ms": table.overhead_ms, "scale": 1.0, "archs": len(picks)}
     if len(picks) >= 3 and np.ptp(sums) > 0:
         scale, offset = np.polyfit(sums, measured, 1)
@@ -155,5 +158,5 @@ def measure_arch_latency(net: Supernet, arch: Arch, threads: int = 1, repeats: i
     """End-to-end ONNX Runtime latency of one extracted subnet at batch 1 (to check a table)."""
     static = net.extract(arch).eval()
     x = torch.randn(1, net.space.in_channels, arch.resolution, arch.resolution)
-    sess = onnx_runtime.session(onnx_runtime.onnx_bytes(static, x, dynamic_batch=False), threads)
-    return onnx_runtime.latency_ms(sess, x.numpy(), repeats=repeats)
+    model = onnx_runtime.onnx_bytes(static, x, dynamic_batch=False)
+    return onnx_runtime.model_latency_ms(model, x.numpy(), threads, repeats=repeats)
