@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: setup
-	$(VENV)/bin/tofa ingest digits --dataset digits
-	$(VENV)/bin/tofa sample tiny --count 8
+	$(VENV)/bin/tofa train --data digits --workers 2
+	$(VENV)/bin/tofa specialize --data digits --summary-out .tofa/specialize-summary.json
 
 test: setup
 	$(VENV)/bin/ruff check .

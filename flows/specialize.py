@@ -3,8 +3,10 @@
 Shared work happens once: load the supernet and its data version, build (or reuse) the
 accuracy predictor, load every device's latency table (profiling `host-cpu` on demand).
 Then one task per target runs in parallel: on the Ray cluster through prefect-ray when Ray
-is in use, in local threads otherwise. A target that fails (after its retries) does not stop
-the others; the flow publishes what succeeded and then fails naming the targets that did not.
+is in use, in local threads otherwise; targets whose latency budget is measured on this host
+(`host-cpu`) run afterwards in this process, one at a time, so nothing else skews the timing.
+A target that fails (after its retries) does not stop the others; the flow publishes what
+succeeded and then fails naming the targets that did not.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.settings import dataset_name, latency_dir, state_dir, store_uri
-from tofa_core.costs import LatencyTable
+from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
-from tofa_core.search.evolution import CostModel
+from tofa_core.export import VerificationError
+from tofa_core.search.evolution import CostModel, InfeasibleTarget
 from tofa_core.search.predictor import build_predictor, load_predictor, save_predictor
-from tofa_core.search.targets import HOST_DEVICE, Target, load_targets, table_devices
+from tofa_core.search.targets import HOST_DEVICE, Target, TargetError, load_targets, table_devices
 from tofa_core.specialize import Trained, load_trained, specialize
 from tofa_core.storage import NotFound, open_storage
+from tofa_core.training.checkpoint import CheckpointError
 
 
 class SpecializationFailed(RuntimeError):
@@ -152,15 +156,34 @@ def specialize_target(
             score=score,
             seed=seed,
         )
-        out = open_storage(store).child(f"{prefix}/{target.name}")
-        files = {}
-        for name, path in done.exported.files.items():  # model.json last: it marks a complete export
-            if name != "model.json":
-                out.write_bytes(name, Path(path).read_bytes())
-                files[name] = out.uri(name)
-        out.write_bytes("model.json", Path(done.exported.files["model.json"]).read_bytes())
-        files["model.json"] = out.uri("model.json")
+        files = publish(done.exported.files, open_storage(store).child(f"{prefix}/{target.name}"))
     return {**done.summary(), "files": files}
+
+
+def publish(files: dict[str, Path], out) -> dict[str, str]:
+    """Replace a target's folder in the store; `model.json` goes first out and last in, so a
+    folder with a model.json always holds one complete, verified export."""
+    if out.exists("model.json"):
+        out.delete("model.json")
+    for stale in ("model.onnx", "model.pt"):
+        if stale not in files and out.exists(stale):
+            out.delete(stale)
+    uris = {}
+    for name in sorted(files, key=lambda n: n == "model.json"):
+        out.write_bytes(name, Path(files[name]).read_bytes())
+        uris[name] = out.uri(name)
+    return uris
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry what the world can break (storage, a noisy latency measurement), not a target
+    that cannot be met or an export that does not match."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, (InfeasibleTarget, TargetError, LatencyTableError, CheckpointError)):
+        return False
+    if isinstance(error, VerificationError):
+        return error.check == "max_latency_ms"
+    return True
 
 
 def task_runner(workers: int | None = None):
@@ -196,18 +219,26 @@ def specialize_flow(
     predictor, report = accuracy_predictor(trained, run_dir, samples, score, seed)
     tables = latency_tables(targets, trained, tables_dir)
     prefix = f"exports/{dataset}/{record['run_id']}"
-    futures = [
-        specialize_target.with_options(retries=t.retries, task_run_name=f"specialize-{t.name}").submit(
-            t, trained, predictor, tables, store, prefix, score, seed
-        )
-        for t in targets
-    ]
-    done, failed = [], []
-    for target, future in zip(targets, futures):
+
+    def run(target: Target):
+        options = {"retries": target.retries, "task_run_name": f"specialize-{target.name}"}
+        return specialize_target.with_options(**options, retry_condition_fn=_worth_retrying)
+
+    args = (trained, predictor, tables, store, prefix, score, seed)
+    # Targets whose latency is measured on this host run here, one at a time, after the
+    # others: timed beside parallel work (or on another Ray node) the figure would be wrong.
+    here = [t for t in targets if t.device == HOST_DEVICE]
+    states = {t.name: run(t).submit(t, *args) for t in targets if t not in here}
+    for future in states.values():
         future.wait()
-        state = future.state
+    states = {name: future.state for name, future in states.items()}
+    for target in here:
+        states[target.name] = run(target)(target, *args, return_state=True)
+    done, failed = [], []
+    for target in targets:
+        state = states[target.name]
         if state.is_completed():
-            done.append(future.result())
+            done.append(state.result())
         else:
             error = state.result(raise_on_failure=False)
             failed.append({"target": target.name, "error": str(error) or type(error).__name__})

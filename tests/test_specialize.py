@@ -154,27 +154,33 @@ def test_flow_fans_out_and_a_failing_target_does_not_stop_the_others(
     tables = tmp_path / "latency"
     tables.mkdir()
     synthetic_table(t.net.space, "board").save(tables / "board.json")
+    # This host's table claims every subnet runs in no time: search believes it, the
+    # measurement on the exported model does not, and nothing of `liar` is published.
+    zero = synthetic_table(t.net.space, "host-cpu")
+    LatencyTable("host-cpu", dict.fromkeys(zero.entries, 0.0), 0.0).save(tables / "host-cpu.json")
     monkeypatch.setenv("TOFA_LATENCY_DIR", str(tables))
     targets = tmp_path / "targets.yaml"
     targets.write_text(
         "- {name: small, max_macs: 300000}\n"
         "- {name: slim, max_params: 120000}\n"
         "- {name: board, max_latency_ms: 0.15, device: board}\n"
-        "- {name: impossible, max_params: 1000, retries: 0}\n"
+        "- {name: impossible, max_params: 1000}\n"
+        "- {name: liar, max_latency_ms: 0.001, device: host-cpu, retries: 0}\n"
     )
     with pytest.raises(SpecializationFailed) as err:
         specialize_flow(source="digits", targets_file=str(targets), store=str(root / "store"), samples=20)
     summary = err.value.summary
     assert [d["target"] for d in summary["targets"]] == ["small", "slim", "board"]
-    assert [f["target"] for f in summary["failed"]] == ["impossible"]
+    assert [f["target"] for f in summary["failed"]] == ["impossible", "liar"]
     assert "Smallest achievable" in summary["failed"][0]["error"]
+    assert "max_latency_ms" in summary["failed"][1]["error"] and "measured" in summary["failed"][1]["error"]
     exports = open_storage(root / "store").child("exports/digits/test-run")
     for done in summary["targets"]:
         assert exports.exists(f"{done['target']}/model.onnx") and exports.exists(
             f"{done['target']}/model.json"
         )
         assert done["files"]["model.onnx"] == exports.uri(f"{done['target']}/model.onnx")
-    assert not exports.exists("impossible/model.json")
+    assert not exports.list("impossible") and not exports.list("liar")
     assert json.loads(exports.read_bytes("summary.json"))["failed"] == summary["failed"]
     board = next(d for d in summary["targets"] if d["target"] == "board")
     board_table = LatencyTable.load(tables / "board.json")

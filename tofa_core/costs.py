@@ -187,6 +187,23 @@ class LatencyModel(Protocol):
     def latency_ms(self, arch: Arch, space: SearchSpace) -> float: ...
 
 
+def profile_command(device: str, space: SearchSpace) -> str:
+    """The `tofa profile-latency` command line that covers every block of `space`."""
+    resolutions = ",".join(str(r) for r in space.resolutions)
+    return (
+        f"tofa profile-latency --device {device} --space {space.name} --num-classes {space.num_classes} "
+        f"--in-channels {space.in_channels} --resolutions {resolutions}"
+    )
+
+
+def folded_params(arch: Arch, space: SearchSpace) -> int:
+    """Parameters once BatchNorm is folded into the convolutions (what an ONNX export holds):
+    each conv's BN weight and bias (2 per channel) become one conv bias per channel."""
+    return count_params(arch, space) - sum(
+        s.cout for s in layers(arch, space) if s.kind in ("conv", "dwconv")
+    )
+
+
 class LatencyTableError(ValueError):
     """A latency table is unreadable or lacks a block an architecture needs."""
 
@@ -232,8 +249,7 @@ class LatencyTable:
             if entry is None:
                 raise LatencyTableError(
                     f"latency table {self.device!r} has no entry for block {name} of {arch.to_json()} "
-                    f"(key {key}); re-run `tofa profile-latency --device {self.device}` for this "
-                    "search space and data"
+                    f"(key {key}); on that device, run `{profile_command(self.device, space)}`"
                 )
             total += entry
         return total
@@ -245,6 +261,7 @@ class LatencyTable:
         data = {
             "device": self.device,
             "overhead_ms": self.overhead_ms,
+            "scale": self.scale,
             "meta": self.meta,
             "entries": self.entries,
         }

@@ -21,7 +21,7 @@ from torch import nn
 
 from tofa_core import onnx_runtime
 from tofa_core.arch import Arch, SearchSpace
-from tofa_core.costs import count_macs, count_params
+from tofa_core.costs import count_macs, count_params, folded_params
 from tofa_core.search.targets import HOST_DEVICE, Target
 from tofa_core.training.evaluate import EvalData
 
@@ -71,7 +71,7 @@ def export_subnet(
         files["model.onnx"] = folder / FILES["onnx"]
         files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
     if "torchscript" in formats:
-        with warnings.catch_warnings(), torch.no_grad():
+        with onnx_runtime.EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in 2.13
             scripted = torch.jit.script(model)
         files["model.pt"] = folder / FILES["torchscript"]
@@ -133,11 +133,12 @@ def verify(
         params = sum(p.numel() for p in model.parameters())
     macs, onnx_params = onnx_runtime.onnx_costs(onnx_file.read_bytes())
     measured |= {"macs": macs, "params": params, "onnx_params": onnx_params}
-    if macs != count_macs(arch, space) or params != count_params(arch, space):
+    expected = (count_macs(arch, space), count_params(arch, space), folded_params(arch, space))
+    if (macs, params, onnx_params) != expected:
         raise VerificationError(
             "costs-match-arch",
-            f"exported model has {macs:,} MACs / {params:,} params; its arch implies "
-            f"{count_macs(arch, space):,} / {count_params(arch, space):,}",
+            f"exported model has {macs:,} MACs / {params:,} params ({onnx_params:,} in ONNX); its arch "
+            f"implies {expected[0]:,} / {expected[1]:,} ({expected[2]:,})",
         )
     if target.max_macs is not None and macs > target.max_macs:
         raise VerificationError("max_macs", f"exported model has {macs:,} MACs > {target.max_macs:,}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import statistics
+import threading
 import time
 import warnings
 
@@ -20,6 +21,13 @@ from torch import nn
 
 OPSET = 17
 
+# torch's TorchScript-based ONNX exporter and torch.jit.script keep process-wide state (an
+# "exporting now" flag, the script compiler's caches): two threads exporting at once fail.
+# Specialization runs targets in threads, so exports take turns; search and scoring do not.
+EXPORT_LOCK = threading.Lock()
+# Latency is timed one model at a time: another timing in parallel would be measured too.
+TIMING_LOCK = threading.Lock()
+
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> bytes:
     """The module (eval mode) as an ONNX model with input `input` and output `logits`.
@@ -29,7 +37,7 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = T
     """
     module = module.eval()
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notes
         torch.onnx.export(
             module,
@@ -81,7 +89,10 @@ def model_latency_ms(
     same model measures 0.22 or 0.34 ms from one session to the next on a small VM, while runs
     within one session agree; so sessions are the unit to repeat, and the median is kept.
     """
-    return statistics.median(latency_ms(session(model, threads), x, repeats=repeats) for _ in range(sessions))
+    with TIMING_LOCK:
+        return statistics.median(
+            latency_ms(session(model, threads), x, repeats=repeats) for _ in range(sessions)
+        )
 
 
 def trivial_model(shape: tuple[int, ...]) -> bytes:

@@ -91,8 +91,9 @@ def profile_latency(
     progress: Callable[[int, int], None] | None = None,
 ) -> LatencyTable:
     """Measure every block of `space` on this machine; entries already in `known` are kept."""
-    torch.manual_seed(0)
-    net = Supernet(space, channels_last=False)
+    with torch.random.fork_rng():  # random weights (latency does not depend on them), caller's RNG untouched
+        torch.manual_seed(0)
+        net = Supernet(space, channels_last=False)
     entries = dict(known.entries) if known else {}
     todo: list[tuple[str, nn.Module, tuple]] = []
     seen = set(entries)

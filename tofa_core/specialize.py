@@ -96,6 +96,8 @@ def specialize(
             # A latency measured over budget on a noisy host: the next candidate may fit.
             # Any other failure is a defect in export, not bad luck: stop.
             if err.check != "max_latency_ms":
+                for path in exported.files.values():
+                    path.unlink(missing_ok=True)
                 raise
             rejected.append(f"{cand.arch.to_json()}: {err}")
             continue
@@ -112,6 +114,8 @@ def specialize(
             time.perf_counter() - started,
             rejected,
         )
+    for path in exported.files.values():  # nothing of a failed target stays in `folder`
+        path.unlink(missing_ok=True)
     raise VerificationError(
         "max_latency_ms",
         f"target {target.name}: none of the {len(ranked)} best candidates met the latency budget when "

@@ -58,7 +58,9 @@ def check_feasible(target: Target, costs: CostModel) -> None:
     smallest = costs.space.min_arch()
     broken = costs.violations(smallest, target)
     if broken:
-        achievable = ", ".join(f"{k} {v:,.4g}" for k, v in costs.costs(smallest).items())
+        achievable = ", ".join(
+            f"{k} {v:.4f}" if k == "latency_ms" else f"{k} {v:,}" for k, v in costs.costs(smallest).items()
+        )
         raise InfeasibleTarget(
             f"target {target.name}: no subnet fits ({target.describe()}); the smallest subnet already has "
             f"{'; '.join(broken)}. Smallest achievable: {achievable}. Relax the budget or use a "
