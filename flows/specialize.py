@@ -187,11 +187,14 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 
 def task_runner(workers: int | None = None):
-    """prefect-ray's runner on the Ray cluster when RAY_ADDRESS is set, else local threads."""
-    if os.environ.get("RAY_ADDRESS"):
+    """prefect-ray's runner when Ray is in use (RAY_ADDRESS set, or this process already
+    connected, e.g. after training), else local threads."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         from prefect_ray import RayTaskRunner
 
-        return RayTaskRunner(address=os.environ["RAY_ADDRESS"])
+        return RayTaskRunner(address=os.environ.get("RAY_ADDRESS") or None)
     return ThreadPoolTaskRunner(max_workers=workers or os.cpu_count() or 2)
 
 

@@ -200,3 +200,29 @@ def test_random_archs_cost_the_same_in_onnx(trained):
         )
         assert macs == count_macs(arch, t.net.space)
         assert onnx_params < count_params(arch, t.net.space)  # BN folded: one bias instead of two vectors
+
+
+def test_flow_fans_out_on_ray_through_prefect_ray(trained, tmp_path, monkeypatch, prefect_server):
+    """With Ray in use, each target is a Ray task (prefect-ray's RayTaskRunner)."""
+    import ray
+
+    from flows.specialize import specialize_flow, task_runner
+    from flows.train import start_ray
+
+    root, _ = trained
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert type(task_runner()).__name__ == "ThreadPoolTaskRunner"
+    start_ray()  # a local Ray on 127.0.0.1, as training leaves it
+    try:
+        runner = task_runner()
+        assert type(runner).__name__ == "RayTaskRunner"
+        targets = tmp_path / "targets.yaml"
+        targets.write_text("- {name: ray-a, max_macs: 300000}\n- {name: ray-b, max_params: 150000}\n")
+        summary = specialize_flow.with_options(task_runner=runner)(
+            source="digits", targets_file=str(targets), store=str(root / "store"), samples=20
+        )
+        assert [d["target"] for d in summary["targets"]] == ["ray-a", "ray-b"] and not summary["failed"]
+        exports = open_storage(root / "store").child("exports/digits/test-run")
+        assert exports.exists("ray-a/model.onnx") and exports.exists("ray-b/model.json")
+    finally:
+        ray.shutdown()
