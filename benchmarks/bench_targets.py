@@ -84,7 +84,7 @@ def main() -> None:
             for t in targets:
                 specialize(
                     trained.net, t, model, trained.data, costs, f"{tmp}/exports/{n}/{t.name}",
-                    classes=trained.splits.classes,
+                    classes=trained.splits.classes, reference=trained.reference,
                 )  # fmt: skip
             spent = time.perf_counter() - start
             rows[n] = spent

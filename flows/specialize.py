@@ -155,6 +155,7 @@ def specialize_target(
             about=about,
             score=score,
             seed=seed,
+            reference=trained.reference,
         )
         files = publish(done.exported.files, open_storage(store).child(f"{prefix}/{target.name}"))
     return {**done.summary(), "files": files}

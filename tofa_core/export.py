@@ -71,9 +71,11 @@ def export_subnet(
         files["model.onnx"] = folder / FILES["onnx"]
         files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
     if "torchscript" in formats:
+        # Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the
+        # subnet's own resolution (any batch size); model.json says how to resize to it.
         with onnx_runtime.EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in 2.13
-            scripted = torch.jit.script(model)
+            warnings.simplefilter("ignore")  # TorchScript is deprecated in 2.13; tracer notes
+            scripted = torch.jit.trace(model, example, check_trace=False)
         files["model.pt"] = folder / FILES["torchscript"]
         scripted.save(str(files["model.pt"]))
     description = {

@@ -11,12 +11,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tofa_core.arch import Arch
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import Exported, VerificationError, export_subnet, verify
 from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
-from tofa_core.search.predictor import AccuracyPredictor, score_subnets
+from tofa_core.search.predictor import AccuracyPredictor, score_subnets, teacher_labels
 from tofa_core.search.targets import Target
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet
@@ -66,12 +68,16 @@ def specialize(
     score: str = "agreement",
     evolution: EvolutionConfig = EvolutionConfig(),
     seed: int = 0,
+    reference: torch.Tensor | None = None,
 ) -> Specialized:
-    """Pick, export and verify `target`'s subnet into `folder` (model.onnx, model.pt, model.json)."""
+    """Pick, export and verify `target`'s subnet into `folder` (model.onnx, model.pt, model.json).
+
+    `reference`: the largest subnet's predictions on the unlabelled pool (`teacher_labels`),
+    computed once for all targets; computed here when not given."""
     started = time.perf_counter()
     found = evolve(target, costs, predictor.predict, evolution, seed)
     predicted = dict(found.candidates)
-    real = score_subnets(net, list(predicted), data)
+    real = score_subnets(net, list(predicted), data, reference=reference)
     ranked = sorted(real, key=lambda s: (s.score(score), s.agreement, s.val), reverse=True)
     search = {
         "evaluated": found.evaluated,
@@ -132,6 +138,7 @@ class Trained:
     splits: DataSplits
     data: EvalData
     state: dict  # the checkpoint's record: dataset, data_version, classes, final scores
+    reference: torch.Tensor  # the largest subnet's predictions on data.pool (agreement scores)
 
 
 def load_trained(store: DatasetStore, run_dir: Storage, key: str = "supernet.pt") -> Trained:
@@ -147,4 +154,5 @@ def load_trained(store: DatasetStore, run_dir: Storage, key: str = "supernet.pt"
     net.load_state_dict(state["model"])
     net.eval()
     info = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng", "sampler")}
-    return Trained(net, config, splits, eval_data(splits, config), info)
+    data = eval_data(splits, config)
+    return Trained(net, config, splits, data, info, teacher_labels(net, data))

@@ -149,7 +149,7 @@ class EvolutionConfig:
     parent_ratio: float = 0.25
     mutation_ratio: float = 0.5
     mutate_prob: float = 0.1
-    top: int = 5  # distinct best candidates returned for re-ranking
+    top: int = 3  # distinct best candidates returned for re-ranking
 
 
 def evolve(

@@ -70,12 +70,22 @@ class Scored:
 
 
 @torch.no_grad()
+def teacher_labels(net: Supernet, data: EvalData) -> torch.Tensor:
+    """What the largest subnet predicts on the unlabelled pool (the agreement reference)."""
+    return fuse_bn(calibrated_subnet(net, net.space.max_arch(), data.calib))(data.pool).argmax(1)
+
+
+@torch.no_grad()
 def score_subnets(
-    net: Supernet, archs: Sequence[Arch], data: EvalData, progress: Callable[[int, int], None] | None = None
+    net: Supernet,
+    archs: Sequence[Arch],
+    data: EvalData,
+    progress: Callable[[int, int], None] | None = None,
+    reference: torch.Tensor | None = None,
 ) -> list[Scored]:
     """Recalibrate and score every arch on the same images (both scores at once)."""
-    teacher = fuse_bn(calibrated_subnet(net, net.space.max_arch(), data.calib))
-    reference = teacher(data.pool).argmax(1)
+    if reference is None:
+        reference = teacher_labels(net, data)
     out = []
     for i, arch in enumerate(archs):
         model = fuse_bn(calibrated_subnet(net, arch, data.calib))
