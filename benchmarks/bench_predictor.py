@@ -18,16 +18,12 @@ import tempfile
 import time
 
 import torch
+from _trained import default_supernet
 from scipy.stats import kendalltau
 
-from tofa_core.data.ingest import IngestConfig, ingest
-from tofa_core.data.store import DatasetStore
 from tofa_core.search.predictor import AccuracyPredictor, score_subnets
 from tofa_core.specialize import load_trained
-from tofa_core.storage import open_storage
-from tofa_core.training.config import TrainConfig
 from tofa_core.training.evaluate import calibrated_subnet, fuse_bn
-from tofa_core.training.loop import train_supernet
 
 
 def tau(a, b) -> float:
@@ -42,16 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.store or f"{tmp}/store"
-        store = DatasetStore(open_storage(root))
-        run = args.run
-        if run is None:
-            ingest("digits", "digits", store, IngestConfig())
-            run = "bench"
-            start = time.perf_counter()
-            train_supernet(TrainConfig(), store, "digits", open_storage(root).child(f"runs/{run}"))
-            print(f"trained the default supernet in {time.perf_counter() - start:.0f} s")
-        trained = load_trained(store, open_storage(root).child(f"runs/{run}"))
+        store, run_dir = default_supernet(args.store, args.run, tmp)
+        trained = load_trained(store, run_dir)
         net, data = trained.net, trained.data
         rng = random.Random(7)
         archs = list(dict.fromkeys(net.space.sample(rng) for _ in range(args.samples)))

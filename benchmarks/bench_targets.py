@@ -20,17 +20,13 @@ import tempfile
 import time
 
 import torch
+from _trained import default_supernet
 
 from tofa_core.costs import count_macs, count_params
-from tofa_core.data.ingest import IngestConfig, ingest
-from tofa_core.data.store import DatasetStore
 from tofa_core.search.evolution import CostModel
 from tofa_core.search.predictor import build_predictor
 from tofa_core.search.targets import Target
 from tofa_core.specialize import load_trained, specialize
-from tofa_core.storage import open_storage
-from tofa_core.training.config import TrainConfig
-from tofa_core.training.loop import train_supernet
 
 
 def generated_targets(space, n: int, seed: int = 0) -> list[Target]:
@@ -63,14 +59,7 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.store or f"{tmp}/store"
-        store = DatasetStore(open_storage(root))
-        run = args.run
-        if run is None:
-            ingest("digits", "digits", store, IngestConfig())
-            run = "bench"
-            train_supernet(TrainConfig(), store, "digits", open_storage(root).child(f"runs/{run}"))
-        run_dir = open_storage(root).child(f"runs/{run}")
+        store, run_dir = default_supernet(args.store, args.run, tmp)
         train_s = json.loads(run_dir.read_bytes("result.json"))["seconds"]
         start = time.perf_counter()
         trained = load_trained(store, run_dir)

@@ -22,17 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-QUICK = """
-train:
-  epochs: {epochs}
-  steps_per_epoch: {steps}
-  batch_size: 8
-  mu: 1
-  k_random: 1
-  resolutions: [8]
-  calib_images: 64
-"""
+from quick_config import config
 
 SOFT_LIMIT_S = 300  # a test fails with every thread's stack after this long ...
 HARD_LIMIT_S = 340  # ... and the process exits (stacks dumped) if even that cannot interrupt it
@@ -103,12 +93,6 @@ def two_nodes(deadline, tmp_path, monkeypatch, s3_server, prefect_server):
         if cluster is not None:
             cluster.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def config(tmp_path: Path, epochs: int, steps: int) -> str:
-    path = tmp_path / f"quick-{epochs}-{steps}.yaml"
-    path.write_text(QUICK.format(epochs=epochs, steps=steps))
-    return str(path)
 
 
 def bucket_keys(client, bucket: str, prefix: str = "") -> dict[str, str]:

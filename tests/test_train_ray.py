@@ -10,19 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from quick_config import config
 
 from tofa_core.storage import open_storage
-
-QUICK = """
-train:
-  epochs: {epochs}
-  steps_per_epoch: {steps}
-  batch_size: 8
-  mu: 1
-  k_random: 1
-  resolutions: [8]
-  calib_images: 64
-"""
 
 
 @pytest.fixture
@@ -34,12 +24,6 @@ def workspace(tmp_path, monkeypatch, prefect_server):
     import ray
 
     ray.shutdown()
-
-
-def config(tmp_path, epochs: int, steps: int):
-    path = tmp_path / f"quick-{epochs}-{steps}.yaml"
-    path.write_text(QUICK.format(epochs=epochs, steps=steps))
-    return str(path)
 
 
 def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(workspace):
