@@ -430,7 +430,10 @@ def targets_table(rows: list[dict], title: str) -> Table:
     for col in ("target", "budget", "MACs", "params", "latency ms", "val acc", "test acc", "seconds"):
         table.add_column(col, justify="left" if col in ("target", "budget") else "right")
     for r in rows:
-        budget = ", ".join(f"{k.removeprefix('max_')} {v:,.4g}" for k, v in r["constraints"].items())
+        budget = ", ".join(
+            f"{v:g} ms" if k == "max_latency_ms" else f"{k.removeprefix('max_')} {v:,}"
+            for k, v in r["constraints"].items()
+        )
         latency = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
         pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
         table.add_row(
