@@ -70,13 +70,12 @@ def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str,
     logger = get_run_logger()
     folder = open_storage(run_dir)
     key = f"predictor/{score}-{samples}-{seed}.pt"
-    try:
+    # The report is written after the weights: with it present, both are complete.
+    if folder.exists(key.replace(".pt", ".json")):
         state = torch.load(io.BytesIO(folder.read_bytes(key)), weights_only=True)
         report = json.loads(folder.read_bytes(key.replace(".pt", ".json")))
         logger.info("reusing predictor %s (Kendall tau %.3f)", folder.uri(key), report["kendall_tau"])
         return load_predictor(state, trained.net.space), report
-    except NotFound:
-        pass
     started = time.perf_counter()
     model, report = build_predictor(trained.net, trained.data, samples=samples, score=score, seed=seed)
     out = {
