@@ -425,10 +425,92 @@ def specialize(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def run(
+    data: str = typer.Option(
+        "digits", "--data", help="digits, a folder, a .parquet/.csv table, or an s3:// prefix."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
+    targets: Path | None = typer.Option(
+        None, "--targets", help="Targets YAML [default: infra/targets/default.yaml]."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers."),
+    store: str | None = typer.Option(
+        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
+    ),
+    samples: int = typer.Option(
+        300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor."
+    ),
+    force: bool = typer.Option(False, "--force", help="Run every stage even when nothing is new."),
+    summary_out: Path | None = typer.Option(None, "--summary-out", help="Write the JSON summary here."),
+) -> None:
+    """The whole pipeline: ingest -> train (warm start) -> specialize every target -> register in MLflow."""
+    from flows.pipeline import retrain_flow
+    from flows.services import ServiceUnavailable, check_services
+    from flows.settings import store_uri
+    from flows.specialize import SpecializationFailed
+    from tofa_core.costs import LatencyTableError
+    from tofa_core.data.sources import SourceError
+    from tofa_core.search.evolution import InfeasibleTarget
+    from tofa_core.search.targets import TargetError
+    from tofa_core.storage import StorageError
+    from tofa_core.training.checkpoint import CheckpointError
+
+    try:
+        check_services(store_uri(store))  # seconds, before anything starts
+    except ServiceUnavailable as err:
+        fail(str(err))
+    failed = None
+    try:
+        summary = retrain_flow(
+            source=data, dataset=dataset, targets_file=str(targets) if targets else None,
+            config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
+            samples=samples, force=force,
+        )  # fmt: skip
+    except SpecializationFailed as err:
+        failed = err
+        summary = None
+    except (
+        ServiceUnavailable,
+        SourceError,
+        TargetError,
+        InfeasibleTarget,
+        LatencyTableError,
+        CheckpointError,
+        StorageError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
+        fail(str(err))
+    if failed is not None:
+        Console(stderr=True).print(f"[bold red]failed:[/] {failed}", highlight=False)
+        raise typer.Exit(code=1)
+    if summary_out:
+        summary_out.write_text(json.dumps(summary, indent=2))
+    if summary["noop"]:
+        console.print(
+            f"nothing new for {summary['dataset']} {summary['data_version']}: same data, config and targets "
+            f"as pipeline run {summary['pipeline_run']}; no work done (--force runs it anyway)",
+            highlight=False,
+        )
+    console.print(targets_table(summary["targets"], f"{summary['dataset']} {summary['data_version']}"))
+    console.print(
+        f"MLflow: {summary['mlflow']['tracking_uri']} (parent run {summary['mlflow']['parent_run_id']}); "
+        f"took {summary['timings']['total']:.0f} s",
+        highlight=False,
+    )
+
+
 def targets_table(rows: list[dict], title: str) -> Table:
     table = Table(title=f"specialized subnets: {title}")
-    for col in ("target", "budget", "MACs", "params", "latency ms", "val acc", "test acc", "seconds"):
-        table.add_column(col, justify="left" if col in ("target", "budget") else "right")
+    registered = any("registered_model" in r for r in rows)
+    columns = ("target", "budget", "MACs", "params", "latency ms", "val acc", "test acc", "seconds")
+    for col in columns + (("version", "alias") if registered else ()):
+        table.add_column(col, justify="left" if col in ("target", "budget", "alias") else "right")
     for r in rows:
         budget = ", ".join(
             f"{v:g} ms" if k == "max_latency_ms" else f"{k.removeprefix('max_')} {v:,}"
@@ -436,10 +518,14 @@ def targets_table(rows: list[dict], title: str) -> Table:
         )
         latency = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
         pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
-        table.add_row(
+        cells = [
             r["target"], budget, f"{r['macs']:,}", f"{r['params']:,}", latency,
             pct(r.get("val_acc")), pct(r.get("test_acc")), f"{r['seconds']:.1f}",
-        )  # fmt: skip
+        ]  # fmt: skip
+        if registered:
+            reg = r["registered_model"]
+            cells += [f"v{reg['version']}", reg["alias"]]
+        table.add_row(*cells)
     return table
 
 

@@ -64,12 +64,17 @@ def load_supernet(store: str, run_dir: str) -> Trained:
     return load_trained(DatasetStore(open_storage(store)), open_storage(run_dir))
 
 
+def predictor_key(score: str, samples: int, seed: int) -> str:
+    """Where a supernet's predictor lives in its run folder (its report: .json beside it)."""
+    return f"predictor/{score}-{samples}-{seed}.pt"
+
+
 @task(name="accuracy-predictor", cache_policy=NONE)
 def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str, seed: int = 0):
     """Built once per trained supernet and kept beside it; later runs reuse it."""
     logger = get_run_logger()
     folder = open_storage(run_dir)
-    key = f"predictor/{score}-{samples}-{seed}.pt"
+    key = predictor_key(score, samples, seed)
     # The report is written after the weights: with it present, both are complete.
     if folder.exists(key.replace(".pt", ".json")):
         state = torch.load(io.BytesIO(folder.read_bytes(key)), weights_only=True)
@@ -85,6 +90,7 @@ def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str,
         "held_out": report.held_out,
         "kendall_tau": report.kendall_tau,
         "seconds": round(time.perf_counter() - started, 2),
+        "held_out_pairs": report.held_out_pairs,
         "scored": [{"arch": s.arch.to_dict(), "val": s.val, "agreement": s.agreement} for s in report.scored],
     }
     buffer = io.BytesIO()
@@ -249,8 +255,10 @@ def specialize_flow(
     summary = {
         "dataset": dataset,
         "data_version": record["data_version"],
+        "splits": trained.splits.sizes(),
         "supernet_run": record["run_id"],
-        "predictor": {k: v for k, v in report.items() if k != "scored"},
+        "supernet_dir": run_dir,
+        "predictor": {k: v for k, v in report.items() if k not in ("scored", "held_out_pairs")},
         "targets": done,
         "failed": failed,
         "seconds": round(time.perf_counter() - started, 2),

@@ -7,10 +7,16 @@ default is a SQLite file under .tofa/ with artifacts beside it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from mlflow.exceptions import MlflowException
 
 from tofa_core.training.config import TrainConfig
 
@@ -51,21 +57,23 @@ def _flat(prefix: str, data: dict) -> dict[str, str]:
     return out
 
 
-def log_training(summary: dict, cfg: TrainConfig, history: list[dict]) -> str:
-    """One MLflow run for a training: config as params, per-epoch metrics, final accuracies."""
+def log_training(summary: dict, cfg: TrainConfig, history: list[dict], parent_run: str | None = None) -> str:
+    """One MLflow run for a training (nested under `parent_run` when a pipeline ran it): config
+    as params, per-epoch metrics, final accuracies."""
     from mlflow.entities import Metric, Param
 
     client = _client()
+    tags = {
+        "tofa.kind": "train",
+        "tofa.dataset": summary["dataset"],
+        "tofa.data_version": summary["data_version"],
+        "tofa.run_dir": summary["run_dir"],
+        "tofa.supernet": summary["supernet"],
+    }
+    if parent_run:
+        tags["mlflow.parentRunId"] = parent_run
     run = client.create_run(
-        experiment_id(client, summary["dataset"]),
-        run_name=f"train-{summary['run_id']}",
-        tags={
-            "tofa.kind": "train",
-            "tofa.dataset": summary["dataset"],
-            "tofa.data_version": summary["data_version"],
-            "tofa.run_dir": summary["run_dir"],
-            "tofa.supernet": summary["supernet"],
-        },
+        experiment_id(client, summary["dataset"]), run_name=f"train-{summary['run_id']}", tags=tags
     )
     now = int(time.time() * 1000)
     params = [Param(k, v) for k, v in _flat("", cfg.model_dump(mode="json")).items()]
@@ -109,3 +117,181 @@ def log_sweep(summary: dict) -> str:
     client.log_batch(run.info.run_id, metrics=metrics, params=params)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+# ---------------------------------------------------------------- pipeline runs and the registry
+
+
+def model_name(dataset: str, target: str) -> str:
+    """The registered model of one target: a new version per retraining."""
+    return f"tofa-{dataset}-{target}"
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran (a tag on the pipeline run), when it runs from a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def start_pipeline(dataset: str, name: str, params: dict, tags: dict) -> str:
+    """The parent run of one pipeline run; training and target runs nest under it."""
+    from mlflow.entities import Param
+
+    client = _client()
+    run = client.create_run(
+        experiment_id(client, dataset), run_name=name, tags={"tofa.kind": "pipeline", **tags}
+    )
+    flat = [Param(k, v) for k, v in _flat("", params).items()]
+    for start in range(0, len(flat), 100):
+        client.log_batch(run.info.run_id, params=flat[start : start + 100])
+    return run.info.run_id
+
+
+def finish_run(run_id: str, ok: bool, metrics: dict | None = None) -> None:
+    from mlflow.entities import Metric
+
+    client = _client()
+    now = int(time.time() * 1000)
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
+    _client().log_artifacts(run_id, str(folder), artifact_path)
+
+
+def register_target(
+    parent_run: str,
+    dataset: str,
+    row: dict,
+    folder: Path,
+    example,
+    evaluate: Callable[[Path, dict], float],
+    evaluation: str,
+) -> dict:
+    """Log one specialized target as a nested run, register it as a new model version, and
+    decide its alias.
+
+    `folder` holds the target's model.onnx, model.pt and model.json; `example` is one real
+    preprocessed input (the logged input example); `evaluate(onnx_file, about)` scores an
+    exported model on the evaluation named `evaluation`. The new version becomes `champion`
+    only when it scores at least as well as the current champion, both scored here by the
+    same `evaluate`; otherwise it is the `challenger` and the reason is recorded.
+    """
+    import mlflow.onnx
+    import onnx
+    from mlflow.entities import Metric, Param
+    from mlflow.models import infer_signature
+
+    from tofa_core import onnx_runtime
+
+    client = _client()
+    target = row["target"]
+    about = json.loads((folder / "model.json").read_text())
+    run = client.create_run(
+        experiment_id(client, dataset),
+        run_name=f"target-{target}",
+        tags={
+            "mlflow.parentRunId": parent_run,
+            "tofa.kind": "target",
+            "tofa.target": target,
+            "tofa.dataset": dataset,
+            "tofa.data_version": about.get("data_version", ""),
+            "tofa.supernet": about.get("supernet", ""),
+        },
+    )
+    run_id = run.info.run_id
+    params = {f"budget.{k}": v for k, v in row["constraints"].items()}
+    params |= {"device": row.get("device") or "-", "arch": json.dumps(row["arch"])}
+    params |= {f"arch.{k}": v for k, v in row["arch"].items()}
+    now = int(time.time() * 1000)
+    metrics = {k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))}
+    client.log_batch(
+        run_id,
+        params=[Param(k, str(v)[:500]) for k, v in params.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    )
+    logits = onnx_runtime.run(onnx_runtime.session(str(folder / "model.onnx")), example)
+    with tempfile.TemporaryDirectory(prefix=f"tofa-mlflow-{target}-") as tmp:
+        model_dir = Path(tmp) / "model"
+        mlflow.onnx.save_model(
+            onnx.load(str(folder / "model.onnx")),
+            str(model_dir),
+            signature=infer_signature(example, logits),
+            input_example=example,
+            pip_requirements=["onnxruntime", "numpy"],  # explicit: inferring them takes seconds
+        )
+        for extra in ("model.pt", "model.json"):
+            if (folder / extra).exists():
+                shutil.copy2(folder / extra, model_dir / extra)
+        client.log_artifacts(run_id, str(model_dir), "model")
+    name = model_name(dataset, target)
+    try:
+        client.create_registered_model(
+            name, description=f"TOFA subnet for target {target!r} on data set {dataset!r}"
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, f"runs:/{run_id}/model", run_id=run_id, tags={"tofa.target": target}
+    ).version
+    decision = _promote(client, name, version, folder, about, evaluate, evaluation)
+    for key, value in decision.items():
+        client.set_model_version_tag(name, version, f"tofa.{key}", str(value))
+    client.set_tag(run_id, "tofa.alias", decision["alias"])
+    client.set_tag(run_id, "tofa.reason", decision["reason"])
+    client.log_batch(run_id, metrics=[Metric("eval_acc", decision["eval_acc"], now, 0)])
+    client.set_terminated(run_id)
+    return {
+        "model": name,
+        "version": int(version),
+        "uri": f"models:/{name}/{version}",
+        "mlflow_run_id": run_id,
+        **decision,
+    }
+
+
+METRIC_KEYS = ("test_acc", "val_acc", "macs", "params", "latency_ms", "predicted_score", "score", "seconds")
+
+
+def _promote(client, name: str, version: str, folder: Path, about: dict, evaluate, evaluation: str) -> dict:
+    """Move `champion` to `version` unless the current champion scores better on the same evaluation."""
+    new_acc = evaluate(folder / "model.onnx", about)
+    current = client.get_registered_model(name).aliases.get("champion")
+    out = {"eval_acc": new_acc, "evaluation": evaluation, "champion_version": current, "champion_acc": None}
+    if current is None:
+        client.set_registered_model_alias(name, "champion", version)
+        return {**out, "alias": "champion", "reason": f"first version; {evaluation} accuracy {new_acc:.4f}"}
+    with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
+        local = Path(client.download_artifacts(client.get_model_version(name, current).run_id, "model", tmp))
+        champion_acc = evaluate(local / "model.onnx", json.loads((local / "model.json").read_text()))
+    out["champion_acc"] = champion_acc
+    if new_acc >= champion_acc:
+        client.set_registered_model_alias(name, "champion", version)
+        if client.get_registered_model(name).aliases.get("challenger") is not None:
+            client.delete_registered_model_alias(name, "challenger")
+        reason = f"{evaluation} accuracy {new_acc:.4f} >= champion v{current}'s {champion_acc:.4f}"
+        return {**out, "alias": "champion", "reason": reason}
+    client.set_registered_model_alias(name, "challenger", version)
+    reason = (
+        f"kept as challenger: {evaluation} accuracy {new_acc:.4f} < champion v{current}'s "
+        f"{champion_acc:.4f}; champion stays v{current}"
+    )
+    return {**out, "alias": "challenger", "reason": reason}
+
+
+def log_dict(run_id: str, data: dict, name: str) -> None:
+    _client().log_dict(run_id, data, name)

@@ -9,9 +9,12 @@ RAY_ADDRESS when set, else starts a local instance.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import threading
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
@@ -21,7 +24,7 @@ from flows.ingest import ingest_flow
 from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
 from tofa_core.data.store import DatasetStore
-from tofa_core.storage import S3Storage, open_storage
+from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
 from tofa_core.training.config import TrainConfig
 
 
@@ -125,13 +128,53 @@ def run_trainer(
             failure_config=FailureConfig(max_failures=3),
         ),
     )
-    trainer.fit()  # raises when the workers fail for good (after FailureConfig's restarts)
+    with _progress(open_storage(run_dir), cfg.epochs):
+        trainer.fit()  # raises when the workers fail for good (after FailureConfig's restarts)
     record = json.loads(open_storage(run_dir).read_bytes("result.json"))
     return {
         "run_dir": run_dir,
         "final": {**record["final"], "seconds": record["seconds"]},
         "history": record["history"],
     }
+
+
+@contextmanager
+def _progress(run_dir, epochs: int, every: float = 2.0):
+    """Log each finished epoch while training runs: rank 0 writes progress.json per epoch."""
+    logger = get_run_logger()
+    stop = threading.Event()
+
+    def watch():
+        shown = 0
+        while True:
+            stopping = stop.wait(every)
+            try:
+                history = json.loads(run_dir.read_bytes("progress.json"))
+            except (NotFound, StorageError, ValueError):  # not written yet, or mid-replace
+                history = []
+            for row in history[shown:]:
+                logger.info(
+                    "epoch %d/%d: val acc largest %.3f, smallest %.3f, %.0f images/s",
+                    row["epoch"], epochs, row.get("val_acc/max", float("nan")),
+                    row.get("val_acc/min", float("nan")), row.get("images_per_s", 0.0),
+                )  # fmt: skip
+            shown = max(shown, len(history))
+            if stopping:
+                return
+
+    thread = threading.Thread(target=watch, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Identifies a training setup: same data version + same hash = the same supernet to expect."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @flow(name="tofa-train")
@@ -143,12 +186,19 @@ def train_flow(
     epochs: int | None = None,
     workers: int = 2,
     warm_start: str | None = None,
+    version: str | None = None,
+    parent_run: str | None = None,
 ) -> dict:
-    """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray."""
+    """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray.
+
+    `version`: train on this stored data version (the caller ingested it); `parent_run`: the
+    MLflow run (a pipeline's) this training is nested under."""
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
-    data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
+    if version is None:
+        version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
+    data = {"version": version}
     overrides = {"epochs": epochs} if epochs else {}
     cfg = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig(**overrides)
     warm = _resolve_warm_start(warm_start, store, dataset)
@@ -166,8 +216,9 @@ def train_flow(
         **final,
         "epochs": cfg.epochs,
         "warm_start": (f"{warm[1]}/{warm[2]}" if warm[2] else warm[1]) if warm else None,
+        "config_hash": config_hash(cfg),
     }
-    summary["mlflow_run_id"] = log_training(summary, cfg, out["history"])
+    summary["mlflow_run_id"] = log_training(summary, cfg, out["history"], parent_run=parent_run)
     open_storage(store).child(f"supernets/{dataset}").write_bytes(f"{run_id}.json", _json(summary))
     logger.info("trained: %s", summary)
     return summary

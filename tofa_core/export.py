@@ -162,3 +162,28 @@ def verify(
         val = onnx_runtime.run(sess, at_resolution(data.val_x, arch.resolution).numpy())
         measured["val_acc"] = float((val.argmax(1) == data.val_y.numpy()).mean())
     return measured
+
+
+def preprocess(images: torch.Tensor, about: dict) -> np.ndarray:
+    """uint8 images (N, C, H, W) -> the float input an exported model takes, as its model.json
+    says: scale, normalise with its mean/std, resize to its resolution."""
+    norm = about["normalisation"]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    x = (images.float() * float(norm["scale"]) - mean) / std
+    return at_resolution(x, int(about["input"]["resolution"])).numpy().astype(np.float32)
+
+
+def export_accuracy(
+    onnx_file: str | Path, about: dict, images: torch.Tensor, labels, classes: list[str]
+) -> float:
+    """Accuracy of an exported ONNX model on labelled images whose label indices refer to
+    `classes`. Outputs map to classes by name (model.json), so a model exported from another
+    data version is judged on the same images, right or wrong, as the current one."""
+    if len(images) == 0:
+        raise ValueError("no labelled images to evaluate an exported model on")
+    names = about["output"]["classes"]
+    truth = np.array([classes[int(i)] for i in labels])
+    sess = onnx_runtime.session(str(onnx_file))
+    predicted = np.asarray(names)[onnx_runtime.run(sess, preprocess(images, about)).argmax(1)]
+    return float((predicted == truth).mean())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -171,6 +171,7 @@ class PredictorReport:
     held_out: int
     kendall_tau: float  # predicted vs measured score on held-out subnets
     scored: list[Scored]
+    held_out_pairs: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured)
 
 
 def build_predictor(
@@ -201,17 +202,19 @@ def build_predictor(
     n_test = int(len(order) * held_out)
     n_test = n_test if n_test >= 5 else 0  # fewer held-out subnets say nothing about ranking
     test, train = order[:n_test], order[n_test:]
-    tau = float("nan")
+    tau, pairs = float("nan"), []
     if n_test:
         model = AccuracyPredictor(space).fit(
             [scored[i].arch for i in train], [scored[i].score(score) for i in train]
         )
         predicted = model.predict([scored[i].arch for i in test])
-        tau = float(kendalltau(predicted, [scored[i].score(score) for i in test]).statistic)
+        measured = [scored[i].score(score) for i in test]
+        tau = float(kendalltau(predicted, measured).statistic)
+        pairs = [(float(p), float(m)) for p, m in zip(predicted, measured, strict=True)]
     model = AccuracyPredictor(space).fit(
         [s.arch for s in scored], [s.score(score) for s in scored], seed=seed
     )
-    return model, PredictorReport(score, len(train), n_test, tau, scored)
+    return model, PredictorReport(score, len(train), n_test, tau, scored, pairs)
 
 
 def save_predictor(model: AccuracyPredictor) -> dict:

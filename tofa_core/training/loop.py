@@ -263,6 +263,8 @@ def train_supernet(
                     "history": history,
                 },
             )
+            # Small and readable without torch: a launcher polls it to show progress.
+            run_dir.write_bytes("progress.json", json.dumps(history).encode())
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
         if report is not None:
             report(metrics)

@@ -1,0 +1,357 @@
+"""Flow `tofa-retrain`: new-data gate -> ingest -> train (warm start) -> specialize -> report.
+
+What a scheduled retraining runs. Every stage reuses what an earlier run already made:
+ingesting unchanged data is a no-op; a pipeline whose data version, training config, targets
+and search settings all match the last completed run ends there (the gate) and says so; a
+supernet already trained on this data version with this config (say, by a run that failed
+later) is reused rather than retrained. The report stage logs one MLflow parent run with the
+training and one run per target nested under it, registers each target's model as a new
+version, and moves its `champion` alias only when the new model scores at least as well as
+the current champion on the same images. A stage that fails leaves every earlier result and
+every champion as it was; running the flow again picks up from what exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from flows import plots, tracking
+from flows.ingest import ingest_flow
+from flows.services import check_services
+from flows.settings import dataset_name, latency_dir, store_uri
+from flows.specialize import (
+    SpecializationFailed,
+    default_targets,
+    load_supernet,
+    predictor_key,
+    specialize_flow,
+    task_runner,
+)
+from flows.train import config_hash, new_run_id, train_flow
+from tofa_core.arch import Arch
+from tofa_core.costs import count_macs
+from tofa_core.export import export_accuracy, preprocess
+from tofa_core.search.targets import load_targets, table_devices
+from tofa_core.specialize import Trained
+from tofa_core.storage import open_storage
+from tofa_core.training.config import TrainConfig
+from tofa_core.training.evaluate import accuracy, calibrated_subnet, fuse_bn
+
+PARETO_SUBNETS = 80  # sampled subnets whose test accuracy the Pareto plot shows
+
+
+def pipeline_key(version: str, cfg: TrainConfig, targets_text: str, samples: int, score: str) -> str:
+    """Everything a pipeline's result depends on; an equal key means nothing new to do."""
+    parts = [
+        version,
+        config_hash(cfg),
+        hashlib.sha256(targets_text.encode()).hexdigest(),
+        str(samples),
+        score,
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _records(store: str, dataset: str, folder: str) -> list[dict]:
+    """The JSON records under `folder/<dataset>/`, oldest first (their names sort by time)."""
+    where = open_storage(store).child(f"{folder}/{dataset}")
+    return [json.loads(where.read_bytes(o.key)) for o in where.list() if o.key.endswith(".json")]
+
+
+@task(name="new-data-gate", cache_policy=NONE, retries=2, retry_delay_seconds=2)
+def last_completed(store: str, dataset: str, key: str) -> dict | None:
+    """The newest completed pipeline run with this key, if any."""
+    done = [r for r in _records(store, dataset, "pipelines") if r.get("status") == "completed"]
+    return done[-1] if done and done[-1]["key"] == key else None
+
+
+@task(name="reusable-supernet", cache_policy=NONE, retries=2, retry_delay_seconds=2)
+def reusable_supernet(store: str, dataset: str, version: str, cfg: TrainConfig) -> dict | None:
+    """A supernet already trained on this data version with this config."""
+    wanted = config_hash(cfg)
+    same = [r for r in _records(store, dataset, "supernets") if r["data_version"] == version]
+    same = [r for r in same if r.get("config_hash") == wanted]
+    return same[-1] if same else None
+
+
+def _evaluation(trained: Trained):
+    """The images every model of this run is judged on, champions included: the test split
+    (the validation split when the data set has no test split)."""
+    splits = trained.splits
+    part, name = (splits.test, "test") if len(splits.test) else (splits.val, "validation")
+    label = f"{name} split of {splits.version} ({len(part)} images)"
+    return part.images, part.labels, list(splits.classes), label
+
+
+@task(name="register-models", cache_policy=NONE)
+def register_models(parent: str, dataset: str, rows: list[dict], trained: Trained) -> dict[str, dict]:
+    """Each target: a nested MLflow run, a new registered model version, its alias decision."""
+    logger = get_run_logger()
+    images, labels, classes, evaluation = _evaluation(trained)
+
+    def evaluate(onnx_file: Path, about: dict) -> float:
+        return export_accuracy(onnx_file, about, images, labels, classes)
+
+    out = {}
+    for row in rows:
+        with tempfile.TemporaryDirectory(prefix=f"tofa-{row['target']}-") as tmp:
+            folder = Path(tmp)
+            for name, uri in row["files"].items():
+                where, _, key = uri.rpartition("/")
+                (folder / name).write_bytes(open_storage(where).read_bytes(key))
+            example = preprocess(images[:1], json.loads((folder / "model.json").read_text()))
+            done = tracking.register_target(parent, dataset, row, folder, example, evaluate, evaluation)
+        logger.info(
+            "%s: %s version %d is %s (%s)",
+            row["target"],
+            done["model"],
+            done["version"],
+            done["alias"],
+            done["reason"],
+        )
+        out[row["target"]] = done
+    return out
+
+
+@task(name="plots", cache_policy=NONE)
+def draw_plots(parent: str, trained: Trained, spec: dict, history: list[dict], predictor: dict) -> list[str]:
+    """Pareto front, training curves and the predictor's held-out scatter, logged under plots/."""
+    net, data = trained.net, trained.data
+    scored = [s["arch"] for s in predictor["scored"]]
+    rng = random.Random(0)
+    picked = scored[:2] + rng.sample(scored[2:], min(PARETO_SUBNETS, len(scored) - 2))
+    subnets = []
+    for raw in picked:
+        arch = Arch.from_dict(raw)
+        model = fuse_bn(calibrated_subnet(net, arch, data.calib))
+        subnets.append(
+            {"macs": count_macs(arch, net.space), "test_acc": accuracy(model, data.test_x, data.test_y)}
+        )
+    chosen = [
+        {
+            "target": r["target"],
+            "macs": r["macs"],
+            "test_acc": r["test_acc"],
+            "max_macs": r["constraints"].get("max_macs"),
+        }
+        for r in spec["targets"]
+        if r.get("test_acc") is not None
+    ]
+    title = f"{spec['dataset']} {spec['data_version']}, supernet {spec['supernet_run']}"
+    with tempfile.TemporaryDirectory(prefix="tofa-plots-") as tmp:
+        folder = Path(tmp)
+        plots.pareto(subnets, chosen, folder / "pareto.png", f"Subnets and chosen targets: {title}")
+        plots.training_curves(history, folder / "training_curves.png", f"Training: {title}")
+        if predictor.get("held_out_pairs"):
+            plots.predictor_scatter(
+                predictor["held_out_pairs"],
+                folder / "predictor.png",
+                f"Accuracy predictor, {len(predictor['held_out_pairs'])} held-out subnets\n"
+                f"Kendall tau {predictor['kendall_tau']:.3f}",
+                predictor["score"],
+            )
+        names = sorted(p.name for p in folder.iterdir())
+        tracking.log_artifacts(parent, folder, "plots")
+    return [f"plots/{name}" for name in names]
+
+
+@flow(name="tofa-retrain")
+def retrain_flow(
+    source: str = "digits",
+    dataset: str | None = None,
+    targets_file: str | None = None,
+    config_file: str | None = None,
+    epochs: int | None = None,
+    workers: int = 2,
+    store: str | None = None,
+    samples: int = 300,
+    score: str = "agreement",
+    force: bool = False,
+) -> dict:
+    """Retrain on SOURCE when anything is new, then specialize and register every target."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    dataset = dataset_name(source, dataset)
+    store = store_uri(store)
+    check_services(store, prefect=False)  # the API answered: this flow is running
+    targets_file = targets_file or default_targets()
+    targets_text = Path(targets_file).read_text()
+    load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails before training
+    overrides = {"epochs": epochs} if epochs else {}
+    cfg = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig(**overrides)
+
+    logger.info("stage 1/4: ingest %s as %s", source, dataset)
+    data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
+    timings["ingest"] = time.perf_counter() - started
+    key = pipeline_key(data["version"], cfg, targets_text, samples, score)
+    if not force and (last := last_completed(store, dataset, key)) is not None:
+        logger.info(
+            "nothing new: data version %s, training config and targets as in pipeline run %s; no work done",
+            data["version"],
+            last["pipeline_run"],
+        )
+        return {**last, "noop": True, "timings": {"total": round(time.perf_counter() - started, 2)}}
+
+    pipeline_run = new_run_id()
+    params = {
+        "source": source,
+        "data_version": data["version"],
+        "targets_file": targets_file,
+        "targets_sha256": hashlib.sha256(targets_text.encode()).hexdigest(),
+        "workers": workers,
+        "samples": samples,
+        "score": score,
+        "train": cfg.model_dump(mode="json"),
+    }
+    tags = {"tofa.dataset": dataset, "tofa.data_version": data["version"], "tofa.pipeline_run": pipeline_run}
+    if commit := tracking.git_commit():
+        tags["tofa.git_commit"] = commit
+    parent = tracking.start_pipeline(dataset, f"pipeline-{pipeline_run}", params, tags)
+    record = {
+        "pipeline_run": pipeline_run,
+        "status": "running",
+        "key": key,
+        "dataset": dataset,
+        "data_version": data["version"],
+        "data_created": data["created"],
+        "mlflow": {"tracking_uri": tracking.tracking_uri(), "parent_run_id": parent},
+    }
+    records = open_storage(store).child(f"pipelines/{dataset}")
+    ok = False
+    try:
+        mark = time.perf_counter()
+        trained_record = reusable_supernet(store, dataset, data["version"], cfg)
+        reused = trained_record is not None
+        if reused:
+            logger.info(
+                "stage 2/4: reusing supernet %s (same data version and config)", trained_record["run_id"]
+            )
+        else:
+            logger.info(
+                "stage 2/4: train on %s with %d workers (warm start from the last supernet)",
+                data["version"],
+                workers,
+            )
+            trained_record = train_flow(
+                source=source, dataset=dataset, store=store, config_file=config_file, epochs=epochs,
+                workers=workers, warm_start="last", version=data["version"], parent_run=parent,
+            )  # fmt: skip
+        timings["train"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        logger.info("stage 3/4: specialize for every target in %s", targets_file)
+        failed_stage = None
+        try:
+            spec = specialize_flow.with_options(task_runner=task_runner())(
+                source=source, dataset=dataset, targets_file=targets_file, store=store,
+                run_id=trained_record["run_id"], samples=samples, score=score,
+            )  # fmt: skip
+        except SpecializationFailed as err:  # register what succeeded, then fail
+            spec, failed_stage = err.summary, err
+        timings["specialize"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        logger.info("stage 4/4: register %d models in MLflow and draw the plots", len(spec["targets"]))
+        trained = load_supernet(store, trained_record["run_dir"])
+        registered = register_models(parent, dataset, spec["targets"], trained)
+        run_dir = open_storage(trained_record["run_dir"])
+        predictor = json.loads(run_dir.read_bytes(predictor_key(score, samples, 0).replace(".pt", ".json")))
+        history = json.loads(run_dir.read_bytes("result.json"))["history"]
+        plot_files = draw_plots(parent, trained, spec, history, predictor)
+        timings["report"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - started
+
+        record |= {
+            "splits": spec["splits"],
+            "supernet_run": trained_record["run_id"],
+            "supernet": trained_record["supernet"],
+            "training_seconds": trained_record.get("seconds"),
+            "supernet_reused": reused,
+            "predictor": spec["predictor"],
+            "targets": [_target_row(row, registered[row["target"]]) for row in spec["targets"]],
+            "failed": spec["failed"],
+            "plots": plot_files,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "status": "failed" if failed_stage else "completed",
+        }
+        records.write_bytes(f"{pipeline_run}.json", json.dumps(record, indent=2).encode())
+        tracking.log_dict(parent, record, "summary.json")
+        _artifact(record)
+        if failed_stage is not None:
+            raise failed_stage
+        ok = True
+    finally:
+        if not ok and record["status"] == "running":  # a stage raised: say so in the store too
+            records.write_bytes(
+                f"{pipeline_run}.json", json.dumps({**record, "status": "failed"}, indent=2).encode()
+            )
+        metrics = {f"seconds/{k}": v for k, v in timings.items()}
+        tracking.finish_run(parent, ok, metrics)
+    logger.info("pipeline %s done in %.0f s", pipeline_run, timings["total"])
+    return {**record, "noop": False}
+
+
+def _target_row(row: dict, registration: dict) -> dict:
+    keep = (
+        "target",
+        "constraints",
+        "device",
+        "arch",
+        "macs",
+        "params",
+        "latency_ms",
+        "val_acc",
+        "test_acc",
+        "files",
+        "seconds",
+    )
+    out = {k: row.get(k) for k in keep}
+    out["registered_model"] = {
+        k: registration[k]
+        for k in (
+            "model",
+            "version",
+            "uri",
+            "alias",
+            "reason",
+            "eval_acc",
+            "champion_version",
+            "champion_acc",
+        )
+    }
+    return out
+
+
+def _artifact(record: dict) -> None:
+    """The run's summary as a Markdown table on the Prefect flow run."""
+    lines = [
+        f"# {record['dataset']} {record['data_version']}: supernet {record['supernet_run']}",
+        "",
+        "| target | budget | MACs | params | latency ms | val acc | test acc | model | alias |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in record["targets"]:
+        budget = ", ".join(f"{k.removeprefix('max_')} {v:,}" for k, v in r["constraints"].items())
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        reg = r["registered_model"]
+        lines.append(
+            f"| {r['target']} | {budget} | {r['macs']:,} | {r['params']:,} "
+            f"| {fmt(r.get('latency_ms'), '.3f')} "
+            f"| {fmt(r.get('val_acc'), '.3f')} | {fmt(r.get('test_acc'), '.3f')} "
+            f"| {reg['model']} v{reg['version']} | {reg['alias']} |"
+        )
+    for f in record["failed"]:
+        lines.append(f"\nfailed: **{f['target']}**: {f['error']}")
+    key = re.sub(r"[^a-z0-9-]+", "-", f"tofa-{record['dataset']}-summary".lower())
+    create_markdown_artifact("\n".join(lines), key=key, description="TOFA pipeline summary")
