@@ -18,6 +18,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from flows.settings import state_dir
+
 from tofa_core.training.config import TrainConfig
 
 
@@ -25,8 +27,8 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    Path(".tofa").mkdir(exist_ok=True)
-    return f"sqlite:///{Path('.tofa/mlflow.db').resolve()}"
+    state_dir().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
 def _client():
@@ -40,9 +42,10 @@ def experiment_id(client, dataset: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (Path(".tofa") / "mlartifacts").resolve().as_uri()
+    artifacts = None  # a tracking server decides (e.g. its --artifacts-destination)
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):  # a local database: artifacts in a folder beside it
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 
 

@@ -1,0 +1,225 @@
+"""The pipeline flow `tofa-retrain` end to end on embedded services (local Ray, a Prefect test
+server, MLflow in a SQLite file), checked the way a user's tool would see it: through
+MlflowClient and the files it serves, and with ONNX Runtime on images decoded here.
+
+One module-scoped sequence on a folder source: a first run registers every target as
+`champion`; the same run again is a no-op; after new images arrive, a run creates new
+versions and moves `champion` only where the new model scored at least as well.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from quick_config import config as quick_config
+from sklearn.datasets import load_digits
+
+TARGETS = "- {name: small, max_macs: 200000}\n- {name: lean, max_params: 150000}\n"
+
+
+def write_digits(root: Path, indices, split: str) -> None:
+    digits = load_digits()
+    for i in indices:
+        folder = root / split / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+
+
+def onnx_accuracy(model_dir: Path, test_root: Path) -> float:
+    """Decode the test PNGs here and run the downloaded ONNX file as model.json says."""
+    about = json.loads((model_dir / "model.json").read_text())
+    classes = about["output"]["classes"]
+    files = sorted(test_root.glob("*/*.png"))
+    images = np.stack([np.asarray(Image.open(f), dtype=np.float32)[None] for f in files])
+    norm = about["normalisation"]
+    x = (images * norm["scale"] - np.array(norm["mean"]).reshape(1, -1, 1, 1)) / np.array(
+        norm["std"]
+    ).reshape(1, -1, 1, 1)
+    side = about["input"]["resolution"]
+    x = F.interpolate(
+        torch.from_numpy(x.astype(np.float32)), size=(side, side), mode="bilinear", align_corners=False
+    )
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    predicted = [classes[i] for i in logits.argmax(1)]
+    return float(np.mean([p == f.parent.name for p, f in zip(predicted, files, strict=True)]))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, prefect_server):
+    """A folder source (400 train, 150 test digits), a store, a SQLite MLflow, quick training."""
+    root = tmp_path_factory.mktemp("pipeline")
+    source = root / "shapes"
+    write_digits(source, range(400), "train")
+    write_digits(source, range(1500, 1650), "test")
+    targets = root / "targets.yaml"
+    targets.write_text(TARGETS)
+    env = {
+        "TOFA_STORE": str(root / "store"),
+        "TOFA_HOME": str(root / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield {"root": root, "source": source, "targets": targets, "config": quick_config(root, 3, 6)}
+    import ray
+
+    ray.shutdown()
+
+
+def run(world, **kwargs) -> dict:
+    from flows.pipeline import retrain_flow
+
+    args = {
+        "source": str(world["source"]),
+        "targets_file": str(world["targets"]),
+        "config_file": world["config"],
+        "workers": 1,
+        "samples": 24,
+    }
+    return retrain_flow(**(args | kwargs))
+
+
+@pytest.fixture(scope="module")
+def first(world):
+    return run(world)
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def test_first_run_registers_every_target_as_champion(world, first):
+    c = client()
+    assert first["status"] == "completed" and not first["noop"] and not first["failed"]
+    assert first["dataset"] == "shapes" and first["splits"]["test"] == 150
+    exp = c.get_experiment_by_name("tofa-shapes")
+    runs = {r.info.run_id: r for r in c.search_runs([exp.experiment_id])}
+    parent = runs[first["mlflow"]["parent_run_id"]]
+    assert parent.data.tags["tofa.kind"] == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.data.params["data_version"] == first["data_version"]
+    assert len(parent.data.tags.get("tofa.git_commit", "")) == 40
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    kinds = sorted(r.data.tags["tofa.kind"] for r in children)
+    assert kinds == ["target", "target", "train"]
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert artifacts == {"plots/pareto.png", "plots/training_curves.png", "plots/predictor.png"}
+    for path in artifacts:  # real PNGs, not empty files
+        local = Path(c.download_artifacts(parent.info.run_id, path, str(world["root"] / "dl")))
+        assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and local.stat().st_size > 10_000
+
+    for row in first["targets"]:
+        reg = row["registered_model"]
+        name = f"tofa-shapes-{row['target']}"
+        assert reg["model"] == name and reg["version"] == 1 and reg["alias"] == "champion"
+        model = c.get_registered_model(name)
+        assert model.aliases == {"champion": 1}
+        version = c.get_model_version(name, "1")
+        target_run = runs[version.run_id]
+        assert target_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        metrics = target_run.data.metrics
+        assert metrics["macs"] == row["macs"] and metrics["params"] == row["params"]
+        assert metrics["test_acc"] == pytest.approx(row["test_acc"])
+        # What a user downloads by alias: the ONNX flavour with signature and example, the
+        # TorchScript file and model.json; run here on images decoded independently.
+        from mlflow.artifacts import download_artifacts
+
+        local = Path(download_artifacts(f"models:/{name}@champion", dst_path=str(world["root"] / name)))
+        assert {"MLmodel", "model.onnx", "model.pt", "model.json", "input_example.json"} <= {
+            p.name for p in local.iterdir()
+        }
+        assert "signature" in (local / "MLmodel").read_text()
+        assert onnx_accuracy(local, world["source"] / "test") == pytest.approx(metrics["test_acc"], abs=1e-9)
+
+
+def test_same_data_and_config_is_a_noop(world, first):
+    c = client()
+    exp = c.get_experiment_by_name("tofa-shapes")
+    before = len(c.search_runs([exp.experiment_id]))
+    again = run(world)
+    assert again["noop"] and again["pipeline_run"] == first["pipeline_run"]
+    assert again["timings"]["total"] < 60
+    assert len(c.search_runs([exp.experiment_id])) == before  # nothing logged
+    assert c.get_registered_model("tofa-shapes-small").aliases == {"champion": 1}
+
+
+def test_new_data_makes_new_versions_and_champion_moves_only_when_better(world, first):
+    write_digits(world["source"], range(400, 520), "train")  # new images arrive
+    second = run(world)
+    assert not second["noop"] and second["data_version"] != first["data_version"]
+    assert second["data_created"] and not second["supernet_reused"]
+    c = client()
+    train_runs = c.search_runs(
+        [c.get_experiment_by_name("tofa-shapes").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{second['mlflow']['parent_run_id']}' "
+        "and tags.`tofa.kind` = 'train'",
+    )
+    assert len(train_runs) == 1  # warm-started from the first supernet
+    record = json.loads(
+        (
+            Path(world["root"]) / "store" / "supernets" / "shapes" / f"{second['supernet_run']}.json"
+        ).read_text()
+    )
+    assert record["warm_start"].endswith(f"{first['supernet_run']}/supernet.pt")
+    for row in second["targets"]:
+        reg = row["registered_model"]
+        name = reg["model"]
+        assert reg["version"] == 2 and reg["champion_version"] == 1
+        aliases = c.get_registered_model(name).aliases
+        if reg["eval_acc"] >= reg["champion_acc"]:
+            assert reg["alias"] == "champion" and aliases == {"champion": 2}
+        else:
+            assert reg["alias"] == "challenger" and aliases == {"champion": 1, "challenger": 2}
+            assert "kept as challenger" in reg["reason"]
+        tags = c.get_model_version(name, "2").tags
+        assert tags["tofa.alias"] == reg["alias"] and tags["tofa.reason"] == reg["reason"]
+
+
+def test_a_worse_model_stays_challenger(world, first):
+    """The same ONNX file under class names the data does not have: a real exported model that
+    scores 0 on the same images. It is registered, and champion does not move."""
+    from flows import tracking
+    from flows.pipeline import _evaluation, load_supernet
+    from tofa_core.export import export_accuracy, preprocess
+    from tofa_core.storage import open_storage
+
+    c = client()
+    row = next(r for r in first["targets"] if r["target"] == "small")
+    folder = world["root"] / "worse"
+    folder.mkdir()
+    for name, uri in row["files"].items():
+        where, _, key = uri.rpartition("/")
+        (folder / name).write_bytes(open_storage(where).read_bytes(key))
+    about = json.loads((folder / "model.json").read_text())
+    about["output"]["classes"] = [f"not-{name}" for name in about["output"]["classes"]]
+    (folder / "model.json").write_text(json.dumps(about))
+    trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
+        (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
+    )["run_dir"])  # fmt: skip
+    images, labels, classes, evaluation = _evaluation(trained)
+    champion_before = c.get_registered_model("tofa-shapes-small").aliases["champion"]
+    done = tracking.register_target(
+        first["mlflow"]["parent_run_id"],
+        "shapes",
+        row,
+        folder,
+        preprocess(images[:1], about),
+        lambda f, a: export_accuracy(f, a, images, labels, classes),
+        evaluation,
+    )
+    assert done["eval_acc"] == 0.0 and done["champion_acc"] > 0.0
+    assert done["alias"] == "challenger" and "kept as challenger" in done["reason"]
+    aliases = c.get_registered_model("tofa-shapes-small").aliases
+    assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
