@@ -19,7 +19,6 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from flows.settings import state_dir
-
 from tofa_core.training.config import TrainConfig
 
 
@@ -274,6 +273,7 @@ def _promote(client, name: str, version: str, folder: Path, about: dict, evaluat
     """Move `champion` to `version` unless the current champion scores better on the same evaluation."""
     new_acc = evaluate(folder / "model.onnx", about)
     current = client.get_registered_model(name).aliases.get("champion")
+    current = None if current is None else int(current)  # a str over REST, an int from SQLite
     out = {"eval_acc": new_acc, "evaluation": evaluation, "champion_version": current, "champion_acc": None}
     if current is None:
         client.set_registered_model_alias(name, "champion", version)

@@ -22,14 +22,11 @@ The server is started in its own session and stopped by its own process group id
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,58 +34,9 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from flows.stack import GRPC_OFFSET, find_weed, free_port_pairs, weed_command
+
 REGION = "us-east-1"
-
-
-def find_weed() -> str | None:
-    """Path of the `weed` binary: next to this interpreter (the venv's bin/), else on PATH."""
-    here = Path(sys.executable).parent / "weed"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    return shutil.which("weed")
-
-
-GRPC_OFFSET = 10000  # weed's convention: gRPC port = HTTP port + 10000
-
-
-def _try_bind(port: int) -> socket.socket | None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        sock.close()
-        return None
-    return sock
-
-
-def _free_port_pairs(n: int) -> list[int]:
-    """n distinct HTTP ports p on 127.0.0.1 such that p and p + 10000 are both free.
-
-    Some weed components ignore the explicit `-*.port.grpc` flags and dial HTTP port + 10000
-    (the mini admin's built-in worker does), so each gRPC port must sit at that offset.
-    All sockets are held open until every pair is found, so the pairs differ.
-    """
-    rng = random.SystemRandom()
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        for _ in range(2000):
-            if len(ports) == n:
-                return ports
-            port = rng.randint(20000, 65535 - GRPC_OFFSET)
-            http = _try_bind(port)
-            if http is None:
-                continue
-            grpc = _try_bind(port + GRPC_OFFSET)
-            if grpc is None:
-                http.close()
-                continue
-            held += [http, grpc]
-            ports.append(port)
-        raise RuntimeError(f"could not find {n} free port pairs (p, p+{GRPC_OFFSET}) on 127.0.0.1")
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def _tail(path: Path, n_bytes: int = 4000) -> str:
@@ -138,39 +86,11 @@ class S3Server:
         data_dir = self.dir / "data"
         data_dir.mkdir()
         self.log_path = self.dir / "weed.log"
-        s3, master, volume, filer, admin = _free_port_pairs(5)
-        self._grpc_ports = [p + GRPC_OFFSET for p in (s3, master, volume, filer, admin)]
+        s3, *internal = free_port_pairs(5)
+        self._grpc_ports = [p + GRPC_OFFSET for p in (s3, *internal)]
         self.port = s3
         self.endpoint = f"http://127.0.0.1:{s3}"
-        cmd = [
-            self.weed,
-            "mini",
-            f"-dir={data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            "-webdav=false",
-            "-admin.ui=false",
-            f"-s3.port={s3}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            # Every other listener on a free port too: the defaults (9333, 9340, 8888, 23646, each
-            # with gRPC on port+10000) would clash between parallel runs.
-            f"-s3.port.grpc={s3 + GRPC_OFFSET}",
-            f"-master.port={master}",
-            f"-master.port.grpc={master + GRPC_OFFSET}",
-            f"-volume.port={volume}",
-            f"-volume.port.grpc={volume + GRPC_OFFSET}",
-            f"-filer.port={filer}",
-            f"-filer.port.grpc={filer + GRPC_OFFSET}",
-            f"-admin.port={admin}",
-            f"-admin.port.grpc={admin + GRPC_OFFSET}",
-            # Local unix sockets default to /tmp/seaweedfs-*-<port>.sock and are not always removed.
-            f"-filer.localSocket={self.dir / 'filer.sock'}",
-            f"-s3.localSocket={self.dir / 's3.sock'}",
-            # Real S3 answers NoSuchBucket on a put to a missing bucket; weed creates it by default.
-            "-s3.autoCreateBucket=false",
-        ]
+        cmd = weed_command(self.weed, data_dir, self.dir, s3, internal)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         env["AWS_ACCESS_KEY_ID"] = self.access_key
         env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
