@@ -9,7 +9,7 @@ LOCK_DIR ?= /tmp/tofa-lock
 # Prefect's usage analytics stay off: runs here have no network, and users' runs are theirs.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test bench lint format lock clean
+.PHONY: setup run stack-up stack-down test bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: setup
-	$(VENV)/bin/tofa train --data digits --workers 2
-	$(VENV)/bin/tofa specialize --data digits --summary-out .tofa/specialize-summary.json
+	$(VENV)/bin/tofa run --summary-out .tofa/run-summary.json
+
+# The local service stack (S3, MLflow, Prefect server + worker); `source .tofa/stack/env` after up.
+stack-up: setup
+	$(VENV)/bin/tofa stack up
+
+stack-down: setup
+	$(VENV)/bin/tofa stack down
 
 test: setup
 	$(VENV)/bin/ruff check .

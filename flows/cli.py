@@ -505,6 +505,69 @@ def run(
     )
 
 
+@app.command()
+def baseline(
+    data: str = typer.Option(
+        "digits", "--data", help="Source to train on (ingested first; a no-op if stored)."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
+    arch: str | None = typer.Option(None, "--arch", help="One Arch as JSON text or a .json file."),
+    from_summary: Path | None = typer.Option(
+        None, "--from-summary", help="A `tofa run`/`tofa specialize` summary: each target's chosen arch."
+    ),
+    target: list[str] | None = typer.Option(
+        None, "--target", help="With --from-summary: only these targets (repeatable) [default: all]."
+    ),
+    store: str | None = typer.Option(
+        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML config; its 'train:' section applies (use the supernet's)."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers per training."),
+    seed: int | None = typer.Option(None, "--seed", help="Override train.seed."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Write the results here."),
+) -> None:
+    """The per-target baseline: train an architecture alone (same data, loss, schedule, evaluation)."""
+    from flows.baseline import baseline_flow
+    from tofa_core.arch import Arch
+    from tofa_core.data.sources import SourceError
+    from tofa_core.storage import StorageError
+
+    if (arch is None) == (from_summary is None):
+        fail("give exactly one of --arch (one architecture) or --from-summary (each target's)")
+    if arch is not None:
+        text = Path(arch).read_text() if arch.endswith(".json") and Path(arch).exists() else arch
+        try:
+            archs = {"arch": Arch.from_json(text).to_dict()}
+        except (ValueError, TypeError) as err:
+            fail(f"--arch is not a valid Arch: {err}")
+    else:
+        try:
+            rows = json.loads(from_summary.read_text())["targets"]
+        except (OSError, ValueError, KeyError) as err:
+            fail(f"{from_summary} is not a `tofa run` or `tofa specialize` summary: {err}")
+        archs = {r["target"]: r["arch"] for r in rows if not target or r["target"] in target}
+        if missing := set(target or ()) - set(archs):
+            fail(f"{from_summary} has no target(s) {sorted(missing)}; it has {[r['target'] for r in rows]}")
+    try:
+        results = baseline_flow(
+            archs=archs, source=data, dataset=dataset, store=store,
+            config_file=str(config) if config else None, epochs=epochs, workers=workers, seed=seed,
+        )  # fmt: skip
+    except (SourceError, StorageError, ValueError) as err:
+        fail(str(err))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+    table = Table(title=f"baselines: each architecture trained alone on {results[0]['dataset']}")
+    for col in ("label", "test acc", "seconds", "run"):
+        table.add_column(col, justify="left" if col in ("label", "run") else "right")
+    for r in results:
+        table.add_row(r["label"], f"{r['test_acc']:.1%}", f"{r['seconds']:.0f}", r["run_id"])
+    console.print(table)
+
+
 stack_app = typer.Typer(
     help="The local service stack: S3 (SeaweedFS), MLflow server, Prefect server and worker.",
     no_args_is_help=True,

@@ -37,14 +37,23 @@ def pareto(subnets: list[dict], chosen: list[dict], path: Path, title: str) -> P
         [s["macs"] for s in front], [s["test_acc"] for s in front], where="post", c="0.3", lw=1, label="front"
     )
     colors = plt.get_cmap("tab10")
-    for i, c in enumerate(sorted(chosen, key=lambda c: c["macs"])):
+    merged: dict[tuple, dict] = {}  # targets that chose the same subnet share one mark
+    for c in sorted(chosen, key=lambda c: c["macs"]):
+        key = (c["macs"], c["test_acc"])
+        if key in merged:
+            merged[key]["target"] += f", {c['target']}"
+        else:
+            merged[key] = dict(c)
+    budgets = {c["target"]: c.get("max_macs") for c in chosen}
+    for i, c in enumerate(merged.values()):
         color = colors(i % 10)
         ax.scatter([c["macs"]], [c["test_acc"]], s=80, marker="*", color=color, edgecolors="k", zorder=3)
         ax.annotate(
             c["target"], (c["macs"], c["test_acc"]), textcoords="offset points", xytext=(5, 5), fontsize=8
         )
-        if c.get("max_macs"):
-            ax.axvline(c["max_macs"], color=color, ls="--", lw=0.8, alpha=0.8)
+        for name in c["target"].split(", "):
+            if budgets[name]:
+                ax.axvline(budgets[name], color=color, ls="--", lw=0.8, alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("MACs (log scale); dashed: a target's MAC budget")
     ax.set_ylabel("test accuracy")

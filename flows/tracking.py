@@ -59,14 +59,16 @@ def _flat(prefix: str, data: dict) -> dict[str, str]:
     return out
 
 
-def log_training(summary: dict, cfg: TrainConfig, history: list[dict], parent_run: str | None = None) -> str:
+def log_training(
+    summary: dict, cfg: TrainConfig, history: list[dict], parent_run: str | None = None, kind: str = "train"
+) -> str:
     """One MLflow run for a training (nested under `parent_run` when a pipeline ran it): config
     as params, per-epoch metrics, final accuracies."""
     from mlflow.entities import Metric, Param
 
     client = _client()
     tags = {
-        "tofa.kind": "train",
+        "tofa.kind": kind,
         "tofa.dataset": summary["dataset"],
         "tofa.data_version": summary["data_version"],
         "tofa.run_dir": summary["run_dir"],
@@ -74,8 +76,10 @@ def log_training(summary: dict, cfg: TrainConfig, history: list[dict], parent_ru
     }
     if parent_run:
         tags["mlflow.parentRunId"] = parent_run
+    if "arch" in summary:
+        tags["tofa.arch"] = json.dumps(summary["arch"])
     run = client.create_run(
-        experiment_id(client, summary["dataset"]), run_name=f"train-{summary['run_id']}", tags=tags
+        experiment_id(client, summary["dataset"]), run_name=f"{kind}-{summary['run_id']}", tags=tags
     )
     now = int(time.time() * 1000)
     params = [Param(k, v) for k, v in _flat("", cfg.model_dump(mode="json")).items()]
@@ -87,7 +91,7 @@ def log_training(summary: dict, cfg: TrainConfig, history: list[dict], parent_ru
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if numeric and ("/" in key or key in ("lr", "images_per_s", "mask_rate")):
                 metrics.append(Metric(key, float(value), now, step))
-    for key in ("test_acc/max", "test_acc/min", "seconds"):
+    for key in ("test_acc/max", "test_acc/min", "test_acc/arch", "seconds"):
         if isinstance(summary.get(key), (int, float)):
             metrics.append(Metric(key, float(summary[key]), now, cfg.epochs))
     for start in range(0, len(params), 100):

@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 from flows.ingest import ingest_flow
 from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
+from tofa_core.arch import Arch
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
 from tofa_core.training.config import TrainConfig
@@ -53,6 +54,7 @@ def _worker(config: dict) -> None:
         version=config.get("version"),
         warm=warm,
         report=lambda metrics: ray.train.report(metrics),
+        fixed=Arch.from_dict(config["fixed"]) if config.get("fixed") else None,
     )
     ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
 
@@ -95,8 +97,16 @@ def cpus_per_worker(node_cpus: list[int], workers: int) -> int:
 
 @task(name="train-supernet", cache_policy=NONE)
 def run_trainer(
-    cfg: TrainConfig, store: str, dataset: str, version: str, run_id: str, workers: int, warm
+    cfg: TrainConfig,
+    store: str,
+    dataset: str,
+    version: str,
+    run_id: str,
+    workers: int,
+    warm,
+    fixed: dict | None = None,
 ) -> dict:
+    """Train on Ray Train workers; `fixed`: one architecture alone (the baseline), else the supernet."""
     import ray
     import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -117,6 +127,7 @@ def run_trainer(
             "version": version,
             "run_dir": run_dir,
             "warm": warm,
+            "fixed": fixed,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}

@@ -223,3 +223,25 @@ def test_a_worse_model_stays_challenger(world, first):
     assert done["alias"] == "challenger" and "kept as challenger" in done["reason"]
     aliases = c.get_registered_model("tofa-shapes-small").aliases
     assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
+
+
+def test_a_failing_target_fails_the_run_and_leaves_champions_alone(world, first):
+    """One target no subnet can meet: the others are still registered, the run fails naming
+    it, the MLflow parent run is FAILED, and an unaffected target's champion does not move.
+    A failed run never counts as done: the gate compares against the last completed run."""
+    from flows.specialize import SpecializationFailed
+
+    c = client()
+    lean_before = c.get_registered_model("tofa-shapes-lean").aliases
+    targets = world["root"] / "failing.yaml"
+    targets.write_text("- {name: small, max_macs: 200000}\n- {name: impossible, max_params: 10}\n")
+    with pytest.raises(SpecializationFailed, match="impossible"):
+        run(world, targets_file=str(targets))
+    records = sorted((world["root"] / "store" / "pipelines" / "shapes").glob("*.json"))
+    failed = json.loads(records[-1].read_text())
+    assert failed["status"] == "failed" and failed["supernet_reused"]
+    assert [f["target"] for f in failed["failed"]] == ["impossible"]
+    assert [t["target"] for t in failed["targets"]] == ["small"]
+    assert c.get_run(failed["mlflow"]["parent_run_id"]).info.status == "FAILED"
+    assert c.get_registered_model("tofa-shapes-lean").aliases == lean_before
+    assert run(world)["noop"]  # the original targets: the last completed run still stands

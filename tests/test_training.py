@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 
 import pytest
@@ -254,3 +255,26 @@ def test_bn_recalibration_restores_a_subnets_statistics():
         stem_out = static.stem.conv(images)
     torch.testing.assert_close(bn.running_mean, stem_out.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
     assert bn.momentum == 0.1  # restored after the cumulative pass
+
+
+def test_a_fixed_arch_trains_alone_with_the_teacher_loss(digits_store, tmp_path):
+    """The per-target baseline: only the one subnet learns (FixMatch terms, no students), and
+    it is the one evaluated. A block the arch does not use keeps its initial weights."""
+    space = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,))
+    arch = space.min_arch()  # depth 1 per stage: blocks 2 and 3 of every stage unused
+    torch.manual_seed(QUICK.seed)
+    initial = Supernet(space).state_dict()
+    result = train_supernet(QUICK, digits_store, "digits", open_storage(tmp_path), fixed=arch)
+    row = result.history[-1]
+    assert {"val_acc/arch", "teacher/ce", "teacher/pseudo"} <= row.keys()
+    assert not any(k.startswith("student/") for k in row) and "val_acc/max" not in row
+    assert set(result.final) == {"test_acc/arch"}
+    state = load_checkpoint(open_storage(tmp_path), "supernet.pt")
+    assert state["fixed_arch"] == arch.to_dict()
+    trained = state["model"]
+    unused = [k for k in initial if re.match(r"stages\.\d+\.[12]\.", k)]
+    used = [k for k in initial if k.startswith("stem") and k.endswith("weight")]
+    assert unused and used
+    for key in unused:
+        torch.testing.assert_close(trained[key], initial[key], atol=0, rtol=0)
+    assert any(not torch.equal(trained[k], initial[k]) for k in used)

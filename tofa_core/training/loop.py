@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tofa_core.arch import SearchSpace
+from tofa_core.arch import Arch, SearchSpace
 from tofa_core.data.augment import Augmenter
 from tofa_core.data.loaders import BatchStream, DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
@@ -137,8 +137,14 @@ def train_supernet(
     version: str | None = None,
     warm: tuple[str | Storage, str | None] | None = None,
     report: Callable[[dict], None] | None = None,
+    fixed: Arch | None = None,
 ) -> TrainResult:
-    """Train one supernet on `dataset` (latest version unless given); checkpoints under `run_dir`."""
+    """Train one supernet on `dataset` (latest version unless given); checkpoints under `run_dir`.
+
+    `fixed`: train only this one subnet, by the teacher's loss alone (labelled cross-entropy +
+    masked pseudo-labels, FixMatch-style): the per-target baseline, "one network trained
+    alone", with the same data, schedule, augmentation and evaluation as the supernet. Metrics
+    are then reported for `arch` instead of `max`/`min`."""
     rank, world = _world()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -147,6 +153,9 @@ def train_supernet(
     started = time.perf_counter()
     splits = load_splits(store, dataset, version, val_fraction=cfg.val_fraction, seed=cfg.seed)
     space = space_for(cfg, splits)
+    if fixed is not None:
+        space.validate(fixed)
+    judged = (("arch", fixed),) if fixed else (("max", space.max_arch()), ("min", space.min_arch()))
     torch.manual_seed(cfg.seed)
     net = Supernet(space)
     per_rank = cfg.batch_size // world
@@ -181,6 +190,7 @@ def train_supernet(
         "data_version": splits.version,
         "dataset": dataset,
         "config": cfg.model_dump(mode="json"),
+        **({"fixed_arch": fixed.to_dict()} if fixed else {}),
     }
     history: list[dict] = []
     start_epoch = 0
@@ -231,7 +241,8 @@ def train_supernet(
             optimizer.zero_grad(set_to_none=True)
             step = epoch * cfg.steps_per_epoch + i + 1
             ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
-            logs = train_step(net, sandwich(space, sampler, cfg.k_random), xw, y, uw, us, cfg, ramp)
+            archs = [fixed] if fixed else sandwich(space, sampler, cfg.k_random)
+            logs = train_step(net, archs, xw, y, uw, us, cfg, ramp)
             allreduce_gradients(net, world)
             optimizer.step()
             scheduler.step()
@@ -240,7 +251,7 @@ def train_supernet(
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **sums}
         metrics["images_per_s"] = images * world / seconds
-        for name, arch in (("max", space.max_arch()), ("min", space.min_arch())):
+        for name, arch in judged:
             metrics[f"val_acc/{name}"] = accuracy(calibrated_subnet(net, arch, calib), val_x, val_y)
         history.append(metrics)
         rng = [_rng_state(streams, aug_gen)]
@@ -272,7 +283,7 @@ def train_supernet(
     test_x, test_y = aug.normalize(splits.test.images), splits.test.labels
     final = {
         f"test_acc/{name}": accuracy(calibrated_subnet(net, arch, calib), test_x, test_y)
-        for name, arch in (("max", space.max_arch()), ("min", space.min_arch()))
+        for name, arch in judged
     }
     supernet_key = None
     if rank == 0:
