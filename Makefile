@@ -9,7 +9,7 @@ LOCK_DIR ?= /tmp/tofa-lock
 # Prefect's usage analytics stay off: runs here have no network, and users' runs are theirs.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run stack-up stack-down test bench lint format lock clean
+.PHONY: setup run stack-up stack-down test bench bench-full lint format lock clean
 
 setup: $(STAMP)
 
@@ -34,11 +34,17 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# `make bench`: the results scripts in quick mode (minutes; what CI can afford).
+# `make bench-full`: every benchmark in full mode (hours on 2 cores: README's figures).
 bench: setup
+	TOFA_BENCH_QUICK=1 $(PY) benchmarks/bench_results.py
+	TOFA_BENCH_QUICK=1 $(PY) benchmarks/bench_semisup.py
+
+bench-full: setup
 	@set -e; for f in benchmarks/bench_*.py; do \
-		[ -e "$$f" ] || { echo "no benchmarks/bench_*.py found"; continue; }; \
 		echo "== $$f"; $(PY) "$$f"; \
 	done
+	$(PY) benchmarks/bench_results.py --datasets mnist5k --seeds 1 --config benchmarks/configs/mnist5k.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -146,6 +146,7 @@ def test_two_node_cluster_trains_with_everything_in_s3(two_nodes, s3_server, s3_
         "checkpoints/epoch-0002.pt",
         "supernet.pt",
         "result.json",
+        "progress.json",
     }
     record = json.loads(client.get_object(Bucket=s3_bucket, Key=run + "result.json")["Body"].read())
     assert [h["epoch"] for h in record["history"]] == [1, 2]
@@ -209,7 +210,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_s3(two_nodes, s3_serve
     run_id = summary["run_id"]
     run = f"store/runs/{run_id}/"
     keys = bucket_keys(client, s3_bucket, run)
-    assert set(keys) == {run + k for k in ("supernet.pt", "result.json")} | {
+    assert set(keys) == {run + k for k in ("supernet.pt", "result.json", "progress.json")} | {
         f"{run}checkpoints/epoch-{e:04d}.pt" for e in (1, 2, 3, 4)
     }
     # Resumed, not retrained: the first epoch's checkpoint was never written again.
