@@ -50,9 +50,20 @@ def _space(preset: str, num_classes: int, in_channels: int, resolutions: str | N
 PresetArg = typer.Argument("tiny", help="Search space preset: tiny or ofa-mbv3.")
 ClassesOpt = typer.Option(10, "--num-classes", min=1, help="Classifier outputs.")
 ChannelsOpt = typer.Option(
-    None, "--in-channels", min=1, help="Input channels [default: 1 for tiny, 3 for ofa-mbv3]."
+    None, "--in-channels", min=1, help="Input channels \\[default: 1 for tiny, 3 for ofa-mbv3]."
 )
 ResOpt = typer.Option(None, "--resolutions", help="Override the input resolutions, e.g. 16,24,32.")
+
+
+# Options several commands share (one definition, one help text).
+DatasetOpt = typer.Option(None, "--dataset", help="Data set name \\[default: from the source].")
+StoreOpt = typer.Option(None, "--store", help="Store root \\[default: $TOFA_STORE or .tofa/store].")
+ConfigOpt = typer.Option(None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.")
+EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override train.epochs.")
+WorkersOpt = typer.Option(2, "--workers", min=1, help="Ray Train workers.")
+TargetsOpt = typer.Option(None, "--targets", help="Targets YAML \\[default: infra/targets/default.yaml].")
+SamplesOpt = typer.Option(300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor.")
+SummaryOpt = typer.Option(None, "--summary-out", help="Write the JSON summary here.")
 
 
 def _channels(preset: str, in_channels: int | None) -> int:
@@ -188,9 +199,7 @@ def ingest(
         help="digits, a folder (train/<class>/*, test/, unlabeled/), a .parquet/.csv table, or s3://...",
     ),
     dataset: str = typer.Option("digits", "--dataset", help="Data set name in the store."),
-    store: str | None = typer.Option(
-        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
-    ),
+    store: str | None = StoreOpt,
     config: Path | None = typer.Option(
         None, "--config", help="YAML config file; its 'ingest:' section applies."
     ),
@@ -215,15 +224,11 @@ def train(
     data: str = typer.Option(
         "digits", "--data", help="Source to train on (ingested first; a no-op if stored)."
     ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
-    store: str | None = typer.Option(
-        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
-    ),
-    config: Path | None = typer.Option(
-        None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply."
-    ),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
-    workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers."),
+    dataset: str | None = DatasetOpt,
+    store: str | None = StoreOpt,
+    config: Path | None = ConfigOpt,
+    epochs: int | None = EpochsOpt,
+    workers: int = WorkersOpt,
     warm_start: str | None = typer.Option(
         None,
         "--warm-start",
@@ -271,10 +276,8 @@ def tune(
     data: str = typer.Option(
         "digits", "--data", help="Source to tune on (ingested first; a no-op if stored)."
     ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
-    store: str | None = typer.Option(
-        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
-    ),
+    dataset: str | None = DatasetOpt,
+    store: str | None = StoreOpt,
     config: Path | None = typer.Option(
         None, "--config", help="YAML config; its 'train:' section is the base."
     ),
@@ -334,7 +337,9 @@ def profile_latency(
     ),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
     repeats: int = typer.Option(30, "--repeats", min=3, help="Timed runs per block (median)."),
-    out: Path | None = typer.Option(None, "--out", help="Output JSON [default: infra/latency/DEVICE.json]."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output JSON \\[default: infra/latency/DEVICE.json]."
+    ),
 ) -> None:
     """Measure a latency table on THIS machine: every block shape of the space, with ONNX Runtime."""
     from rich.progress import Progress
@@ -373,21 +378,15 @@ def specialize(
     data: str = typer.Option(
         "digits", "--data", help="Source the supernet was trained on (names the data set)."
     ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
-    targets: Path | None = typer.Option(
-        None, "--targets", help="Targets YAML [default: infra/targets/default.yaml]."
-    ),
-    store: str | None = typer.Option(
-        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
-    ),
+    dataset: str | None = DatasetOpt,
+    targets: Path | None = TargetsOpt,
+    store: str | None = StoreOpt,
     run: str | None = typer.Option(
-        None, "--run", help="Supernet run id [default: the newest of the data set]."
+        None, "--run", help="Supernet run id \\[default: the newest of the data set]."
     ),
-    samples: int = typer.Option(
-        300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor."
-    ),
+    samples: int = SamplesOpt,
     score: str = typer.Option("agreement", "--score", help="Predictor score: agreement or val."),
-    summary_out: Path | None = typer.Option(None, "--summary-out", help="Write the JSON summary here."),
+    summary_out: Path | None = SummaryOpt,
 ) -> None:
     """Select, export (ONNX + TorchScript) and verify one subnet per target; no retraining."""
     from flows.specialize import SpecializationFailed, specialize_flow, task_runner
@@ -430,23 +429,15 @@ def run(
     data: str = typer.Option(
         "digits", "--data", help="digits, a folder, a .parquet/.csv table, or an s3:// prefix."
     ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
-    targets: Path | None = typer.Option(
-        None, "--targets", help="Targets YAML [default: infra/targets/default.yaml]."
-    ),
-    config: Path | None = typer.Option(
-        None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply."
-    ),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
-    workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers."),
-    store: str | None = typer.Option(
-        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
-    ),
-    samples: int = typer.Option(
-        300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor."
-    ),
+    dataset: str | None = DatasetOpt,
+    targets: Path | None = TargetsOpt,
+    config: Path | None = ConfigOpt,
+    epochs: int | None = EpochsOpt,
+    workers: int = WorkersOpt,
+    store: str | None = StoreOpt,
+    samples: int = SamplesOpt,
     force: bool = typer.Option(False, "--force", help="Run every stage even when nothing is new."),
-    summary_out: Path | None = typer.Option(None, "--summary-out", help="Write the JSON summary here."),
+    summary_out: Path | None = SummaryOpt,
 ) -> None:
     """The whole pipeline: ingest -> train (warm start) -> specialize every target -> register in MLflow."""
     from flows.pipeline import retrain_flow
@@ -510,21 +501,19 @@ def baseline(
     data: str = typer.Option(
         "digits", "--data", help="Source to train on (ingested first; a no-op if stored)."
     ),
-    dataset: str | None = typer.Option(None, "--dataset", help="Data set name [default: from the source]."),
+    dataset: str | None = DatasetOpt,
     arch: str | None = typer.Option(None, "--arch", help="One Arch as JSON text or a .json file."),
     from_summary: Path | None = typer.Option(
         None, "--from-summary", help="A `tofa run`/`tofa specialize` summary: each target's chosen arch."
     ),
     target: list[str] | None = typer.Option(
-        None, "--target", help="With --from-summary: only these targets (repeatable) [default: all]."
+        None, "--target", help="With --from-summary: only these targets (repeatable) \\[default: all]."
     ),
-    store: str | None = typer.Option(
-        None, "--store", help="Store root [default: $TOFA_STORE or .tofa/store]."
-    ),
+    store: str | None = StoreOpt,
     config: Path | None = typer.Option(
         None, "--config", help="YAML config; its 'train:' section applies (use the supernet's)."
     ),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    epochs: int | None = EpochsOpt,
     workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers per training."),
     seed: int | None = typer.Option(None, "--seed", help="Override train.seed."),
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the results here."),

@@ -207,7 +207,7 @@ def test_costs_malformed_input(text, fragment):
 # ----------------------------------------------------------------- help and console script
 
 
-@pytest.mark.parametrize("command", [[], ["space"], ["sample"], ["costs"]])
+@pytest.mark.parametrize("command", [[], ["space"], ["sample"], ["costs"], ["run"], ["baseline"], ["stack"]])
 def test_help(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -241,3 +241,42 @@ def test_non_positive_resolution_is_a_clean_error():
     result = runner.invoke(app, ["sample", "tiny", "--resolutions", "0", "--count", "1"])
     assert result.exit_code == 2
     assert "resolutions must be positive" in " ".join(result.output.split())
+
+
+# ----------------------------------------------------------------- baseline, run, stack
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ((), "exactly one of --arch"),
+        (("--arch", "{}", "--from-summary", "x.json"), "exactly one of --arch"),
+        (("--arch", "{not json"), "--arch is not a valid Arch"),
+        (("--from-summary", "missing.json"), "is not a `tofa run` or `tofa specialize` summary"),
+    ],
+)
+def test_baseline_bad_input_is_a_clean_error(args, fragment):
+    result = invoke("baseline", *args)
+    assert result.exit_code == 2, result.output
+    assert fragment in _flat(result.output)
+
+
+def test_baseline_unknown_target_in_summary(tmp_path):
+    summary = tmp_path / "run.json"
+    summary.write_text(json.dumps({"targets": [{"target": "mcu-m0", "arch": TINY.min_arch().to_dict()}]}))
+    result = invoke("baseline", "--from-summary", str(summary), "--target", "nope")
+    assert result.exit_code == 2 and "no target(s) ['nope']" in _flat(result.output)
+
+
+def test_stack_env_without_a_stack(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOFA_HOME", str(tmp_path))
+    result = invoke("stack", "env")
+    assert result.exit_code == 2 and "run `tofa stack up` first" in _flat(result.output)
+    result = invoke("stack", "status")
+    assert result.exit_code == 1 and _flat(result.output).count("stopped") == 4
+
+
+def test_help_shows_bracketed_defaults():
+    """Rich markup would swallow "[default: ...]" in help texts unless escaped."""
+    out = _flat(invoke("run", "--help").output)
+    assert "Data set name [default: from the" in out and "Store root [default: $TOFA_STORE" in out
