@@ -109,3 +109,26 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace):
     record = json.loads(open_storage(summary["run_dir"]).read_bytes("result.json"))
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
     assert killed not in train_workers()
+
+
+def test_baseline_trains_one_arch_alone_on_ray_and_stays_out_of_the_supernets(workspace):
+    """`tofa baseline`'s flow: a real Ray Train run of one architecture, its record under
+    baselines/ (never supernets/, which specialization reads), an MLflow run of kind baseline."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.baseline import baseline_flow
+    from flows.tracking import tracking_uri
+    from tofa_core.arch import SearchSpace
+
+    arch = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,)).min_arch()
+    [result] = baseline_flow(archs={"small": arch.to_dict()}, config_file=config(workspace, 1, 2))
+    assert result["label"] == "small" and result["arch"] == arch.to_dict() and 0 <= result["test_acc"] <= 1
+    store = open_storage(workspace / ".tofa" / "store")
+    assert store.exists(f"baselines/digits/{result['run_id']}.json")
+    assert not store.child("supernets/digits").list()
+    state_keys = [o.key for o in open_storage(result["run_dir"]).list()]
+    assert "supernet.pt" in state_keys and "result.json" in state_keys
+    run = MlflowClient(tracking_uri=tracking_uri()).get_run(result["mlflow_run_id"])
+    assert run.data.tags["tofa.kind"] == "baseline"
+    assert json.loads(run.data.tags["tofa.arch"]) == arch.to_dict()
+    assert run.data.metrics["test_acc/arch"] == pytest.approx(result["test_acc"])
