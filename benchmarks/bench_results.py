@@ -44,8 +44,9 @@ from flows.settings import state_dir  # noqa: E402
 from tofa_core.arch import Arch  # noqa: E402
 from tofa_core.costs import LatencyTable, blocks, count_macs  # noqa: E402
 from tofa_core.data.store import DatasetStore  # noqa: E402
+from tofa_core.export import VerificationError  # noqa: E402
 from tofa_core.profiler import covering_archs, profile_latency  # noqa: E402
-from tofa_core.search.evolution import CostModel  # noqa: E402
+from tofa_core.search.evolution import CostModel, InfeasibleTarget  # noqa: E402
 from tofa_core.search.predictor import build_predictor  # noqa: E402
 from tofa_core.search.targets import HOST_DEVICE, load_targets  # noqa: E402
 from tofa_core.specialize import load_trained, specialize  # noqa: E402
@@ -95,13 +96,20 @@ def run_seed(dataset: str, seed: int, cfg: TrainConfig, targets, tmp: Path, pare
     with Clock() as pred:
         predictor, report = build_predictor(net, data, samples=300 if pareto else 40, seed=seed)
     table, table_s = host_table(net.space) if any(t.device == HOST_DEVICE for t in targets) else (None, 0.0)
-    rows = []
+    rows, failed = [], []
     for target in targets:
-        with Clock() as one, tempfile.TemporaryDirectory() as out:
-            done = specialize(
-                net, target, predictor, data, CostModel(net.space, table if target.device else None), out,
-                classes=list(trained.state["classes"]), seed=seed, reference=trained.reference,
-            )  # fmt: skip
+        try:
+            with Clock() as one, tempfile.TemporaryDirectory() as out:
+                done = specialize(
+                    net, target, predictor, data, CostModel(net.space, table if target.device else None), out,
+                    classes=list(trained.state["classes"]), seed=seed, reference=trained.reference,
+                )  # fmt: skip
+        except (InfeasibleTarget, VerificationError) as err:  # as in the pipeline: reported, not fatal
+            failed.append({"target": target.name, "error": str(err)[:300]})
+            print(
+                json.dumps({"dataset": dataset, "seed": seed, "failed": target.name, "error": str(err)[:300]})
+            )
+            continue
         rows.append(
             {
                 "target": target.name,
@@ -147,6 +155,7 @@ def run_seed(dataset: str, seed: int, cfg: TrainConfig, targets, tmp: Path, pare
         "table_wall": table_s,
         "supernet_test_acc": {k: trained.state["final"][k] for k in ("test_acc/max", "test_acc/min")},
         "targets": rows,
+        "failed": failed,
         "pareto": subnets,
         "budgets": {t.name: t.max_macs for t in targets},
     }
@@ -158,6 +167,7 @@ def summarize(runs: list[dict]) -> dict:
     for dataset in sorted({r["dataset"] for r in runs}):
         mine = [r for r in runs if r["dataset"] == dataset]
         names = [t["target"] for t in mine[0]["targets"]]
+        names = [n for n in names if all(any(t["target"] == n for t in r["targets"]) for r in mine)]
         per_target = []
         for name in names:
             rows = [t for r in mine for t in r["targets"] if t["target"] == name]
@@ -191,6 +201,7 @@ def summarize(runs: list[dict]) -> dict:
         out[dataset] = {
             "seeds": len(mine),
             "targets_measured": len(names),
+            "failed": sorted({f["target"] for r in mine for f in r["failed"]}),
             "per_target": per_target,
             "mean_gap": statistics.mean(p["gap"] for p in per_target),
             "supernet_max_min": [
@@ -279,6 +290,8 @@ def main() -> None:
                 f"{p['baseline'][0]:.3f} ± {p['baseline'][1]:.3f}  {100 * p['gap']:+6.1f}"
             )
         print(f"mean gap (TOFA - alone): {100 * s['mean_gap']:+.2f} points")
+        if s["failed"]:
+            print(f"targets that failed in some seed (left out): {', '.join(s['failed'])}")
         print(f"seconds: {json.dumps({k: round(v, 1) for k, v in s['seconds'].items()})}")
         for n, c in s["cost"].items():
             print(
