@@ -233,6 +233,13 @@ def test_digits_labelled_fraction_changes_split(store):
     assert sizes == {"test": 360, "train": 287, "unlabeled": 1150}
 
 
+def test_digits_all_labelled(store):
+    """labelled_fraction 1.0: every non-test image labelled, none unlabelled."""
+    m = ingest("digits", "digits", store, IngestConfig(labelled_fraction=1.0)).manifest
+    sizes = {split: sum(c.values()) for split, c in m.counts.items()}
+    assert sizes["test"] == 360 and sizes["train"] == 1437 and sizes.get("unlabeled", 0) == 0
+
+
 def test_many_new_images_decode_in_worker_processes(tmp_path, store, caplog):
     src = make_folder(tmp_path / "src", {"a": 300, "b": 300})
     start = time.perf_counter()

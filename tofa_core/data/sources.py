@@ -76,9 +76,12 @@ def _list_digits(labelled_fraction: float, test_fraction: float, seed: int) -> L
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     index = np.arange(len(images))
     rest, test = train_test_split(index, test_size=test_fraction, stratify=digits.target, random_state=seed)
-    labelled, _ = train_test_split(
-        rest, train_size=labelled_fraction, stratify=digits.target[rest], random_state=seed
-    )
+    if labelled_fraction >= 1.0:  # every training image labelled (sklearn refuses train_size=1.0)
+        labelled = rest
+    else:
+        labelled, _ = train_test_split(
+            rest, train_size=labelled_fraction, stratify=digits.target[rest], random_state=seed
+        )
     split = np.full(len(images), "unlabeled", dtype=object)
     split[test] = "test"
     split[labelled] = "train"
