@@ -15,6 +15,7 @@ under the same folder between `down` and `up`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -175,19 +176,15 @@ def _stop(entry: dict, timeout: float = 20.0) -> None:
     while time.monotonic() < deadline and _start_time(pid) == entry["started"]:
         _reap(pid)
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
         os.killpg(pid, signal.SIGKILL)  # the leader's leftovers too (uvicorn workers, flow runs)
-    except ProcessLookupError:
-        pass
     _reap(pid)
 
 
 def _reap(pid: int) -> None:
     """Collect our own child's exit status, so it does not linger as a zombie (same start time)."""
-    try:
+    with contextlib.suppress(ChildProcessError):  # started by another `tofa` process: not ours to reap
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 # ---------------------------------------------------------------- the stack
