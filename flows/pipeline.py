@@ -93,7 +93,9 @@ def _evaluation(trained: Trained):
     return part.images, part.labels, list(splits.classes), label
 
 
-@task(name="register-models", cache_policy=NONE)
+# Retried: a tracking server can drop a request; targets registered before the failure are
+# returned as they were (tracking.register_target is idempotent per pipeline run and target).
+@task(name="register-models", cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def register_models(parent: str, dataset: str, rows: list[dict], trained: Trained) -> dict[str, dict]:
     """Each target: a nested MLflow run, a new registered model version, its alias decision."""
     logger = get_run_logger()

@@ -7,6 +7,7 @@ default is a SQLite file under .tofa/ with artifacts beside it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -205,6 +206,11 @@ def register_target(
 
     client = _client()
     target = row["target"]
+    files = hashlib.sha256((folder / "model.onnx").read_bytes() + (folder / "model.json").read_bytes())
+    fingerprint = files.hexdigest()[:32]
+    done = _registered_before(client, parent_run, dataset, target, fingerprint)
+    if done is not None:  # a retry after these files were registered: the same answer, no new version
+        return done
     about = json.loads((folder / "model.json").read_text())
     run = client.create_run(
         experiment_id(client, dataset),
@@ -216,6 +222,7 @@ def register_target(
             "tofa.dataset": dataset,
             "tofa.data_version": about.get("data_version", ""),
             "tofa.supernet": about.get("supernet", ""),
+            FILES_TAG: fingerprint,
         },
     )
     run_id = run.info.run_id
@@ -260,14 +267,37 @@ def register_target(
     client.set_tag(run_id, "tofa.alias", decision["alias"])
     client.set_tag(run_id, "tofa.reason", decision["reason"])
     client.log_batch(run_id, metrics=[Metric("eval_acc", decision["eval_acc"], now, 0)])
-    client.set_terminated(run_id)
-    return {
+    result = {
         "model": name,
         "version": int(version),
         "uri": f"models:/{name}/{version}",
         "mlflow_run_id": run_id,
         **decision,
     }
+    client.set_tag(run_id, RESULT_TAG, json.dumps(result))  # last: marks the target as registered
+    client.set_terminated(run_id)
+    return result
+
+
+RESULT_TAG, FILES_TAG = "tofa.registered", "tofa.files_sha256"
+
+
+def _registered_before(client, parent_run: str, dataset: str, target: str, fingerprint: str) -> dict | None:
+    """What an earlier attempt under the same pipeline run registered for `target` from the same
+    files, if it got to the end; an attempt that stopped half-way is marked FAILED (its run,
+    and a model version it may have created without an alias, stay for inspection)."""
+    runs = client.search_runs(
+        [experiment_id(client, dataset)],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run}' and tags.`tofa.target` = '{target}' "
+        f"and tags.`{FILES_TAG}` = '{fingerprint}'",
+    )
+    for run in runs:
+        if RESULT_TAG in run.data.tags:
+            return json.loads(run.data.tags[RESULT_TAG])
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+    return None
 
 
 METRIC_KEYS = ("test_acc", "val_acc", "macs", "params", "latency_ms", "predicted_score", "score", "seconds")

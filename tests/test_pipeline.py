@@ -225,6 +225,54 @@ def test_a_worse_model_stays_challenger(world, first):
     assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
 
 
+def test_registering_is_idempotent_so_the_task_can_retry(world, first):
+    """`register-models` is retried on failure: a target whose files were already registered
+    under the pipeline run is answered from that registration (no new version, no new run),
+    and an attempt that died half-way (a RUNNING target run) is marked FAILED."""
+    from flows import tracking
+    from flows.pipeline import _evaluation, load_supernet
+    from tofa_core.export import export_accuracy, preprocess
+    from tofa_core.storage import open_storage
+
+    c = client()
+    exp = c.get_experiment_by_name("tofa-shapes").experiment_id
+    row = next(r for r in first["targets"] if r["target"] == "lean")
+    folder = world["root"] / "again"
+    folder.mkdir()
+    for name, uri in row["files"].items():
+        where, _, key = uri.rpartition("/")
+        (folder / name).write_bytes(open_storage(where).read_bytes(key))
+    about = json.loads((folder / "model.json").read_text())
+    trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
+        (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
+    )["run_dir"])  # fmt: skip
+    images, labels, classes, evaluation = _evaluation(trained)
+
+    def register(parent: str) -> dict:
+        return tracking.register_target(
+            parent, "shapes", row, folder, preprocess(images[:1], about),
+            lambda f, a: export_accuracy(f, a, images, labels, classes), evaluation,
+        )  # fmt: skip
+
+    versions = len(c.search_model_versions("name = 'tofa-shapes-lean'"))
+    runs = len(c.search_runs([exp]))
+    again = register(first["mlflow"]["parent_run_id"])
+    assert {k: again[k] for k in row["registered_model"]} == row["registered_model"]
+    assert len(c.search_model_versions("name = 'tofa-shapes-lean'")) == versions
+    assert len(c.search_runs([exp])) == runs
+
+    parent = c.create_run(exp, run_name="retry-test").info.run_id
+    fingerprint = c.get_run(again["mlflow_run_id"]).data.tags["tofa.files_sha256"]
+    dead = c.create_run(exp, tags={
+        "mlflow.parentRunId": parent, "tofa.target": "lean", "tofa.files_sha256": fingerprint,
+    }).info.run_id  # fmt: skip
+    done = register(parent)
+    assert done["version"] == versions + 1
+    assert c.get_run(dead).info.status == "FAILED"
+    assert register(parent) == done  # the retry
+    assert len(c.search_model_versions("name = 'tofa-shapes-lean'")) == versions + 1
+
+
 def test_a_failing_target_fails_the_run_and_leaves_champions_alone(world, first):
     """One target no subnet can meet: the others are still registered, the run fails naming
     it, the MLflow parent run is FAILED, and an unaffected target's champion does not move.
