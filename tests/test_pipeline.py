@@ -187,62 +187,24 @@ def test_new_data_makes_new_versions_and_champion_moves_only_when_better(world, 
         assert tags["tofa.alias"] == reg["alias"] and tags["tofa.reason"] == reg["reason"]
 
 
-def test_a_worse_model_stays_challenger(world, first):
-    """The same ONNX file under class names the data does not have: a real exported model that
-    scores 0 on the same images. It is registered, and champion does not move."""
+def registration_kit(world, first, target: str, folder_name: str, rename_classes: bool = False):
+    """A first-run target's exported files copied into a folder (class names replaced by unknown
+    ones when asked), and a function registering them under a parent run as the pipeline does."""
     from flows import tracking
     from flows.pipeline import _evaluation, load_supernet
     from tofa_core.export import export_accuracy, preprocess
     from tofa_core.storage import open_storage
 
-    c = client()
-    row = next(r for r in first["targets"] if r["target"] == "small")
-    folder = world["root"] / "worse"
+    row = next(r for r in first["targets"] if r["target"] == target)
+    folder = world["root"] / folder_name
     folder.mkdir()
     for name, uri in row["files"].items():
         where, _, key = uri.rpartition("/")
         (folder / name).write_bytes(open_storage(where).read_bytes(key))
     about = json.loads((folder / "model.json").read_text())
-    about["output"]["classes"] = [f"not-{name}" for name in about["output"]["classes"]]
-    (folder / "model.json").write_text(json.dumps(about))
-    trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
-        (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
-    )["run_dir"])  # fmt: skip
-    images, labels, classes, evaluation = _evaluation(trained)
-    champion_before = c.get_registered_model("tofa-shapes-small").aliases["champion"]
-    done = tracking.register_target(
-        first["mlflow"]["parent_run_id"],
-        "shapes",
-        row,
-        folder,
-        preprocess(images[:1], about),
-        lambda f, a: export_accuracy(f, a, images, labels, classes),
-        evaluation,
-    )
-    assert done["eval_acc"] == 0.0 and done["champion_acc"] > 0.0
-    assert done["alias"] == "challenger" and "kept as challenger" in done["reason"]
-    aliases = c.get_registered_model("tofa-shapes-small").aliases
-    assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
-
-
-def test_registering_is_idempotent_so_the_task_can_retry(world, first):
-    """`register-models` is retried on failure: a target whose files were already registered
-    under the pipeline run is answered from that registration (no new version, no new run),
-    and an attempt that died half-way (a RUNNING target run) is marked FAILED."""
-    from flows import tracking
-    from flows.pipeline import _evaluation, load_supernet
-    from tofa_core.export import export_accuracy, preprocess
-    from tofa_core.storage import open_storage
-
-    c = client()
-    exp = c.get_experiment_by_name("tofa-shapes").experiment_id
-    row = next(r for r in first["targets"] if r["target"] == "lean")
-    folder = world["root"] / "again"
-    folder.mkdir()
-    for name, uri in row["files"].items():
-        where, _, key = uri.rpartition("/")
-        (folder / name).write_bytes(open_storage(where).read_bytes(key))
-    about = json.loads((folder / "model.json").read_text())
+    if rename_classes:
+        about["output"]["classes"] = [f"not-{name}" for name in about["output"]["classes"]]
+        (folder / "model.json").write_text(json.dumps(about))
     trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
         (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
     )["run_dir"])  # fmt: skip
@@ -253,6 +215,30 @@ def test_registering_is_idempotent_so_the_task_can_retry(world, first):
             parent, "shapes", row, folder, preprocess(images[:1], about),
             lambda f, a: export_accuracy(f, a, images, labels, classes), evaluation,
         )  # fmt: skip
+
+    return row, register
+
+
+def test_a_worse_model_stays_challenger(world, first):
+    """The same ONNX file under class names the data does not have: a real exported model that
+    scores 0 on the same images. It is registered, and champion does not move."""
+    c = client()
+    _, register = registration_kit(world, first, "small", "worse", rename_classes=True)
+    champion_before = c.get_registered_model("tofa-shapes-small").aliases["champion"]
+    done = register(first["mlflow"]["parent_run_id"])
+    assert done["eval_acc"] == 0.0 and done["champion_acc"] > 0.0
+    assert done["alias"] == "challenger" and "kept as challenger" in done["reason"]
+    aliases = c.get_registered_model("tofa-shapes-small").aliases
+    assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
+
+
+def test_registering_is_idempotent_so_the_task_can_retry(world, first):
+    """`register-models` is retried on failure: a target whose files were already registered
+    under the pipeline run is answered from that registration (no new version, no new run),
+    and an attempt that died half-way (a RUNNING target run) is marked FAILED."""
+    c = client()
+    exp = c.get_experiment_by_name("tofa-shapes").experiment_id
+    row, register = registration_kit(world, first, "lean", "again")
 
     versions = len(c.search_model_versions("name = 'tofa-shapes-lean'"))
     runs = len(c.search_runs([exp]))
