@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -625,26 +626,36 @@ def stack_env() -> None:
     print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
 
 
+def _short(n: int) -> str:
+    """1396512 -> 1.40M, 71354 -> 71k: the table has to fit an 80-column terminal."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
 def targets_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=f"specialized subnets: {title}")
+    table = Table(
+        title=f"specialized subnets: {title}", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
+    )
     registered = any("registered_model" in r for r in rows)
-    columns = ("target", "budget", "MACs", "params", "latency ms", "val acc", "test acc", "seconds")
-    for col in columns + (("version", "alias") if registered else ()):
-        table.add_column(col, justify="left" if col in ("target", "budget", "alias") else "right")
+    table.add_column("target", no_wrap=True)
+    table.add_column("budget", min_width=10)
+    for col in ("MACs", "params", "lat ms", "val/test", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    if registered:
+        table.add_column("model", no_wrap=True)
     for r in rows:
-        budget = ", ".join(
-            f"{v:g} ms" if k == "max_latency_ms" else f"{k.removeprefix('max_')} {v:,}"
+        budget = " ".join(
+            f"{v:g}ms" if k == "max_latency_ms" else f"{_short(v)} {k.removeprefix('max_')}"
             for k, v in r["constraints"].items()
         )
         latency = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
-        pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
+        pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
         cells = [
-            r["target"], budget, f"{r['macs']:,}", f"{r['params']:,}", latency,
-            pct(r.get("val_acc")), pct(r.get("test_acc")), f"{r['seconds']:.1f}",
+            r["target"], budget, _short(r["macs"]), _short(r["params"]), latency,
+            f"{pct(r.get('val_acc'))}/{pct(r.get('test_acc'))}", f"{r['seconds']:.1f}",
         ]  # fmt: skip
         if registered:
             reg = r["registered_model"]
-            cells += [f"v{reg['version']}", reg["alias"]]
+            cells.append(f"v{reg['version']} {reg['alias']}")
         table.add_row(*cells)
     return table
 

@@ -280,3 +280,25 @@ def test_help_shows_bracketed_defaults():
     """Rich markup would swallow "[default: ...]" in help texts unless escaped."""
     out = _flat(invoke("run", "--help").output)
     assert "Data set name [default: from the" in out and "Store root [default: $TOFA_STORE" in out
+
+
+def test_targets_table_fits_80_columns():
+    from rich.console import Console
+
+    from flows.cli import targets_table
+
+    rows = [
+        {"target": "host-cpu-fast", "constraints": {"max_latency_ms": 0.3, "max_macs": 700_000},
+         "macs": 698_928, "params": 302_322, "latency_ms": 0.2912, "val_acc": 0.93, "test_acc": 0.9027,
+         "seconds": 2.2, "registered_model": {"version": 12, "alias": "champion"}},
+        {"target": "mcu-m0", "constraints": {"max_macs": 150_000, "max_params": 80_000},
+         "macs": 1_396_512, "params": 71_354, "latency_ms": None, "val_acc": None, "test_acc": 0.9083,
+         "seconds": 1.5, "registered_model": {"version": 1, "alias": "challenger"}},
+    ]  # fmt: skip
+    console = Console(width=80, record=True)
+    console.print(targets_table(rows, "digits v-1"))
+    text = console.export_text()
+    assert "…" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    for cell in ("host-cpu-fast", "mcu-m0", "v12 champion", "v1 challenger", "0.291", "93.0/90.3", "-/90.8"):
+        assert cell in text
+    assert "699k" in text and "1.40M" in text and "71k" in text and "0.3ms" in text
