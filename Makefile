@@ -45,6 +45,7 @@ bench-full: setup
 		echo "== $$f"; $(PY) "$$f"; \
 	done
 	$(PY) benchmarks/bench_results.py --datasets mnist5k --seeds 1 --config benchmarks/configs/mnist5k.yaml
+	$(PY) benchmarks/bench_results.py --datasets digits --seeds 3 --config benchmarks/configs/long.yaml --out docs/results/long
 
 lint: setup
 	$(VENV)/bin/ruff check .
