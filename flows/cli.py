@@ -48,10 +48,13 @@ def _space(preset: str, num_classes: int, in_channels: int, resolutions: str | N
         fail(str(err))
 
 
-PresetArg = typer.Argument("tiny", help="Search space preset: tiny or ofa-mbv3.")
+PresetArg = typer.Argument("tiny", help="Search space preset: tiny, tiny-fused or ofa-mbv3.")
 ClassesOpt = typer.Option(10, "--num-classes", min=1, help="Classifier outputs.")
 ChannelsOpt = typer.Option(
-    None, "--in-channels", min=1, help="Input channels \\[default: 1 for tiny, 3 for ofa-mbv3]."
+    None,
+    "--in-channels",
+    min=1,
+    help="Input channels \\[default: 1 for tiny and tiny-fused, 3 for ofa-mbv3].",
 )
 ResOpt = typer.Option(None, "--resolutions", help="Override the input resolutions, e.g. 16,24,32.")
 
@@ -68,7 +71,7 @@ SummaryOpt = typer.Option(None, "--summary-out", help="Write the JSON summary he
 
 
 def _channels(preset: str, in_channels: int | None) -> int:
-    return in_channels if in_channels is not None else (1 if preset == "tiny" else 3)
+    return in_channels if in_channels is not None else (3 if preset == "ofa-mbv3" else 1)
 
 
 @app.command()

@@ -55,6 +55,8 @@ def _worker(config: dict) -> None:
         warm=warm,
         report=lambda metrics: ray.train.report(metrics),
         fixed=Arch.from_dict(config["fixed"]) if config.get("fixed") else None,
+        # `last` is a default, not a request: a last supernet of another space is skipped.
+        warm_if_fits=bool(config.get("warm")) and config["warm"][0] == "last",
     )
     ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
 
@@ -146,6 +148,7 @@ def run_trainer(
         "run_dir": run_dir,
         "final": {**record["final"], "seconds": record["seconds"]},
         "history": record["history"],
+        "warm_start": record.get("warm_start"),
     }
 
 
@@ -226,7 +229,7 @@ def train_flow(
         "workers": workers,
         **final,
         "epochs": cfg.epochs,
-        "warm_start": (f"{warm[1]}/{warm[2]}" if warm[2] else warm[1]) if warm else None,
+        "warm_start": out["warm_start"],
         "config_hash": config_hash(cfg),
     }
     summary["mlflow_run_id"] = log_training(summary, cfg, out["history"], parent_run=parent_run)
@@ -251,7 +254,7 @@ def _resolve_warm_start(warm_start: str | None, store: str, dataset: str):
             return None
         last = json.loads(open_storage(store).child(f"supernets/{dataset}").read_bytes(done[-1]))
         folder, _, key = last["supernet"].rpartition("/")
-        return ("tofa", folder, key)
+        return ("last", folder, key)
     if warm_start.endswith(".pt") and (warm_start.startswith("s3://") or "runs/" in warm_start):
         folder, _, key = warm_start.rpartition("/")
         return ("tofa", folder, key)

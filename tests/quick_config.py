@@ -14,8 +14,8 @@ train:
 """
 
 
-def config(tmp_path: Path, epochs: int, steps: int) -> str:
+def config(tmp_path: Path, epochs: int, steps: int, space: str = "auto") -> str:
     """Write the quick config with `epochs` x `steps` into tmp_path; return its path."""
-    path = tmp_path / f"quick-{epochs}-{steps}.yaml"
-    path.write_text(QUICK.format(epochs=epochs, steps=steps))
+    path = tmp_path / f"quick-{epochs}-{steps}-{space}.yaml"
+    path.write_text(QUICK.format(epochs=epochs, steps=steps) + f"  space: {space}\n")
     return str(path)

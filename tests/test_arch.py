@@ -406,6 +406,19 @@ def test_tiny_preset_values():
     assert [st.max_depth for st in s.stages] == [3] * 4
 
 
+def test_tiny_fused_preset_values():
+    s = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1)
+    assert s.resolutions == (8, 12, 16) and s.stem_stride == 1
+    assert [(st.block, st.stride) for st in s.stages] == [
+        ("fused", 1),
+        ("fused", 2),
+        ("mbconv", 2),
+        ("mbconv", 1),
+    ]
+    # Stage strides 1, 2, 2, 1: an 8 px input still has 2x2 maps in the last stage.
+    assert s.max_arch().resolution == 16 and s.min_arch().resolution == 8
+
+
 def test_preset_unknown_name():
     with pytest.raises(ValueError, match="unknown search space preset 'bogus'") as info:
         SearchSpace.preset("bogus")
@@ -442,6 +455,8 @@ def test_preset_override_checked():
     bad_act = (StageSpec(24, 3, 2, "gelu", False),)
     with pytest.raises(ValueError, match="activation 'gelu'"):
         SearchSpace.preset("tiny", stages=bad_act)
+    with pytest.raises(ValueError, match="block kind 'resnet'"):
+        SearchSpace.preset("tiny", stages=(StageSpec(24, 3, 2, "relu", False, "resnet"),))
 
 
 def test_spaces_are_hashable_and_comparable():

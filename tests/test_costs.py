@@ -16,7 +16,8 @@ from tofa_core.supernet import Supernet
 
 TINY = SearchSpace.preset("tiny", num_classes=10, in_channels=1)
 OFA = SearchSpace.preset("ofa-mbv3", num_classes=10)
-SPACES = {"tiny": TINY, "ofa-mbv3": OFA}
+FUSED = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1)
+SPACES = {"tiny": TINY, "ofa-mbv3": OFA, "tiny-fused": FUSED}
 
 
 def _archs(space: SearchSpace, n_random: int = 6, seed: int = 0) -> list[Arch]:
@@ -111,9 +112,17 @@ def test_layers_in_forward_order(name):
         assert specs[-1].name == "classifier"
         assert specs[-1].cout == space.num_classes and specs[-1].bias
         assert specs[-2].name == "feature_mix" and specs[-3].name == "final_expand"
-        dw = [s for s in specs if s.kind == "dwconv"]
-        assert len(dw) == 1 + sum(arch.depths)
-        assert tuple(s.kernel for s in dw) == (3, *arch.kernels)
+        # The kxk conv of each block: depthwise in MBConv blocks, the dense expand in fused ones.
+        fused = {i for i, st in enumerate(space.stages) if st.block == "fused"}
+        kxk = [
+            s
+            for s in specs
+            if s.kind == "dwconv" or (s.name.endswith(".expand") and int(s.name.split(".")[1]) in fused)
+        ]
+        assert len(kxk) == 1 + sum(arch.depths)
+        assert tuple(s.kernel for s in kxk) == (3, *arch.kernels)
+        n_fused = sum(arch.depths[i] for i in fused)
+        assert sum(s.kind == "dwconv" for s in specs) == 1 + sum(arch.depths) - n_fused
         # Channels chain: every layer's input is the previous non-SE layer's output.
         chain = [s for s in specs if s.kind != "se"]
         for prev, cur in pairwise(chain):

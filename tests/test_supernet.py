@@ -13,10 +13,11 @@ from ofa_reference import randomise
 
 from tofa_core.arch import SearchSpace
 from tofa_core.supernet import StaticNet, Supernet
-from tofa_core.supernet.ops import ElasticDepthwiseConvBN
+from tofa_core.supernet.ops import ElasticDepthwiseConvBN, ElasticKernelConvBN
 
 SPACES = {
     "tiny": lambda: SearchSpace.preset("tiny", num_classes=10, in_channels=1),
+    "tiny-fused": lambda: SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1),
     "ofa-mbv3": lambda: SearchSpace.preset("ofa-mbv3", num_classes=10),
 }
 
@@ -201,3 +202,45 @@ def test_depthwise_tap_cropping_is_exact(size, kernel, stride):
     g_ref = torch.autograd.grad(ref.sum(), [x, op.conv.weight])
     for a, b in zip(g_out, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(1, 5, 1), (2, 5, 2), (3, 3, 2), (8, 3, 1)])
+def test_dense_elastic_kernel_conv_is_a_transformed_centre_with_exact_cropping(size, kernel, stride):
+    """The Fused-MBConv expansion: same filter rule as depthwise (transformed centre), any
+    in/out prefix, and cropping taps that only see padding changes nothing."""
+    torch.manual_seed(0)
+    op = ElasticKernelConvBN(16, 24, (3, 5), stride, "relu")
+    randomise(op)
+    op.bn.eval()
+    x = torch.randn(2, 12, size, size, requires_grad=True)
+    out = op(x, 20, kernel)
+    w = op.conv.weight[:20, :12]
+    if kernel == 3:
+        w = F.linear(w[..., 1:4, 1:4].reshape(20 * 12, 9), op.transform_5to3).reshape(20, 12, 3, 3)
+    ref = F.relu(op.bn(F.conv2d(x, w, None, stride, kernel // 2)))
+    assert out.shape == (2, 20, (size - 1) // stride + 1, (size - 1) // stride + 1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    params = [x, op.conv.weight] + ([op.transform_5to3] if kernel == 3 else [])
+    g_out = torch.autograd.grad(out.sum(), params)
+    g_ref = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    static = op.extract(12, 20, kernel).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_stages_have_dense_expansions_and_no_depthwise():
+    net = random_supernet("tiny-fused")
+    kinds = [spec.block for spec in net.space.stages]
+    assert kinds == ["fused", "fused", "mbconv", "mbconv"]
+    for spec, stage in zip(net.space.stages, net.stages):
+        for block in stage:
+            fused = spec.block == "fused"
+            assert (block.depthwise is None) == fused
+            assert isinstance(block.expand, ElasticKernelConvBN) == fused
+    arch = net.space.max_arch()
+    static = net.extract(arch)
+    first = static.blocks[1]  # blocks[0] is the fixed first block
+    assert first.expand.conv.kernel_size == (arch.kernels[0],) * 2 and first.expand.conv.groups == 1
+    assert isinstance(first.depthwise, torch.nn.Identity)

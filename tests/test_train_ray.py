@@ -53,6 +53,18 @@ def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(workspace):
     again = train_flow(source="digits", config_file=config(workspace, 1, 2), workers=1, warm_start="last")
     assert again["warm_start"] == f"{summary['run_dir']}/supernet.pt"
     assert again["data_version"] == summary["data_version"]
+    assert (
+        json.loads(open_storage(again["run_dir"]).read_bytes("result.json"))["warm_start"]
+        == again["warm_start"]
+    )
+
+    # The config moved to another search space: `last` (a tiny-fused supernet, what `auto` picks
+    # for 8 px digits) cannot fit, so this run starts from scratch instead of failing (a checkpoint named
+    # explicitly still fails: tests/test_training.py).
+    other = train_flow(
+        source="digits", config_file=config(workspace, 1, 2, space="tiny"), workers=1, warm_start="last"
+    )
+    assert other["warm_start"] is None and 0 <= other["test_acc/max"] <= 1
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace):

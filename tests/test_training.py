@@ -229,6 +229,25 @@ def test_warm_start_keeps_the_body_and_resets_a_foreign_head(tmp_path):
     assert net.classifier.weight.shape == (10, SPACE.feature_mix_width)
 
 
+def test_checkpoints_from_before_block_kinds_still_load_and_fused_ones_do_not_fit_tiny(tmp_path):
+    store = open_storage(tmp_path)
+    donor = Supernet(SPACE)
+    old = space_dict(SPACE)
+    old["stages"] = [{k: v for k, v in stage.items() if k != "block"} for stage in old["stages"]]
+    save_checkpoint(store, "old.pt", {"space": old, "classes": [], "model": donor.state_dict()})
+    net = Supernet(SPACE)
+    warm_start(net, store, "old.pt")
+    torch.testing.assert_close(
+        net.stages[0][0].depthwise.conv.weight, donor.stages[0][0].depthwise.conv.weight
+    )
+    fused = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))
+    save_checkpoint(
+        store, "fused.pt", {"space": space_dict(fused), "classes": [], "model": Supernet(fused).state_dict()}
+    )
+    with pytest.raises(CheckpointError, match=r"another search space \('tiny-fused'.*stages"):
+        warm_start(Supernet(SPACE), store, "fused.pt")
+
+
 def test_mismatched_and_corrupt_checkpoints_get_clear_errors(tmp_path):
     store = open_storage(tmp_path)
     other = SearchSpace.preset("tiny", num_classes=10, in_channels=3, resolutions=(8,))
@@ -260,7 +279,7 @@ def test_bn_recalibration_restores_a_subnets_statistics():
 def test_a_fixed_arch_trains_alone_with_the_teacher_loss(digits_store, tmp_path):
     """The per-target baseline: only the one subnet learns (FixMatch terms, no students), and
     it is the one evaluated. A block the arch does not use keeps its initial weights."""
-    space = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,))
+    space = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))  # auto at 8 px
     arch = space.min_arch()  # depth 1 per stage: blocks 2 and 3 of every stage unused
     torch.manual_seed(QUICK.seed)
     initial = Supernet(space).state_dict()

@@ -82,12 +82,15 @@ def _block(name: str, specs: list[LayerSpec], out_size: int) -> Block:
 # Search prices tens of thousands of archs a second; they share a few hundred distinct blocks,
 # so blocks are built once per shape and an arch's costs are sums over ~15 cached blocks.
 @lru_cache(maxsize=1 << 14)
-def _mbconv(name, space, size, cin, cout, kernel, expand, stride, act, se, has_expand) -> Block:
-    mid = space.mid_channels(cin, expand) if has_expand else cin
+def _mbconv(name, space, size, cin, cout, kernel, expand, stride, act, se, has_expand, fused=False) -> Block:
+    mid = space.mid_channels(cin, expand) if has_expand or fused else cin
     out = []
-    if has_expand:
-        out.append(LayerSpec(f"{name}.expand", "conv", cin, mid, 1, 1, size, act))
-    out.append(LayerSpec(f"{name}.depthwise", "dwconv", mid, mid, kernel, stride, size, act))
+    if fused:
+        out.append(LayerSpec(f"{name}.expand", "conv", cin, mid, kernel, stride, size, act))
+    else:
+        if has_expand:
+            out.append(LayerSpec(f"{name}.expand", "conv", cin, mid, 1, 1, size, act))
+        out.append(LayerSpec(f"{name}.depthwise", "dwconv", mid, mid, kernel, stride, size, act))
     size = out[-1].out_size
     if se:
         out.append(LayerSpec(f"{name}.se", "se", mid, space.se_channels(mid)))
@@ -121,15 +124,15 @@ def _head(space: SearchSpace, cin: int, size: int, width: float) -> Block:
 @lru_cache(maxsize=64)
 def _stage_plan(
     space: SearchSpace, width: float
-) -> tuple[tuple[int, int, str, bool, int, tuple[str, ...]], ...]:
-    """Per stage: output channels at `width`, stride, activation, SE, and its block names."""
+) -> tuple[tuple[int, int, str, bool, bool, tuple[str, ...]], ...]:
+    """Per stage: output channels at `width`, stride, activation, SE, fused, and its block names."""
     return tuple(
         (
             space.channels(spec.width, width),
             spec.stride,
             spec.act,
             spec.se,
-            spec.max_depth,
+            spec.block == "fused",
             tuple(f"stages.{i}.{j}" for j in range(spec.max_depth)),
         )
         for i, spec in enumerate(space.stages)
@@ -138,15 +141,16 @@ def _stage_plan(
 
 @lru_cache(maxsize=1 << 16)
 def arch_blocks(arch: Arch, space: SearchSpace) -> tuple[Block, ...]:
-    """The stem, every MBConv block `stages.i.j` and the head of `arch`, in forward order."""
+    """The stem, every (Fused-)MBConv block `stages.i.j` and the head of `arch`, in forward order."""
     space.validate(arch)
     out = [_stem(space, arch.resolution, arch.width)]
     size, cin = out[0].out_size, space.channels(space.stem_width, arch.width)
     pos = 0
-    for (cout, stride, act, se, _, names), depth in zip(_stage_plan(space, arch.width), arch.depths):
+    for (cout, stride, act, se, fused, names), depth in zip(_stage_plan(space, arch.width), arch.depths):
         for j in range(depth):
             k, e = arch.kernels[pos], arch.expands[pos]
-            block = _mbconv(names[j], space, size, cin, cout, k, e, stride if j == 0 else 1, act, se, True)
+            s = stride if j == 0 else 1
+            block = _mbconv(names[j], space, size, cin, cout, k, e, s, act, se, True, fused)
             out.append(block)
             size, cin, pos = block.out_size, cout, pos + 1
     out.append(_head(space, cin, size, arch.width))

@@ -1,4 +1,4 @@
-"""Elastic blocks: the middle rung. An elastic MBConv block built from elastic ops."""
+"""Elastic blocks: the middle rung. An elastic (Fused-)MBConv block built from elastic ops."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tofa_core.arch import SearchSpace
-from tofa_core.supernet.ops import ElasticConvBN, ElasticDepthwiseConvBN, ElasticSE
+from tofa_core.supernet.ops import ElasticConvBN, ElasticDepthwiseConvBN, ElasticKernelConvBN, ElasticSE
 from tofa_core.supernet.static import MBConv
 
 
@@ -14,7 +14,8 @@ class ElasticMBConv(nn.Module):
     """Inverted residual block with elastic kernel, expand ratio and in/out channels.
 
     The hidden width follows the *active* input channels (`space.mid_channels(in, e)`), as
-    in OFA. A block without expansion (`max_expand == 1`) has no 1x1 expand conv.
+    in OFA. A block without expansion (`max_expand == 1`) has no 1x1 expand conv. A `fused`
+    block (Fused-MBConv) expands with one dense kxk conv instead of 1x1 expand + depthwise kxk.
     """
 
     def __init__(
@@ -27,14 +28,20 @@ class ElasticMBConv(nn.Module):
         stride: int,
         act: str,
         se: bool,
+        fused: bool = False,
     ):
         super().__init__()
         self.space = space
         self.stride = stride
-        self.has_expand = max_expand != 1
+        self.fused = fused
+        self.has_expand = max_expand != 1 or fused
         max_mid = space.mid_channels(max_in, max_expand) if self.has_expand else max_in
-        self.expand = ElasticConvBN(max_in, max_mid, 1, 1, act) if self.has_expand else None
-        self.depthwise = ElasticDepthwiseConvBN(max_mid, kernel_choices, stride, act)
+        if fused:
+            self.expand = ElasticKernelConvBN(max_in, max_mid, kernel_choices, stride, act)
+            self.depthwise = None
+        else:
+            self.expand = ElasticConvBN(max_in, max_mid, 1, 1, act) if self.has_expand else None
+            self.depthwise = ElasticDepthwiseConvBN(max_mid, kernel_choices, stride, act)
         self.se = ElasticSE(max_mid, space.se_channels(max_mid), space.se_channels) if se else None
         self.project = ElasticConvBN(max_mid, max_out, 1, 1, "none")
         # The residual exists iff it exists at full size; elastic width keeps in == out then.
@@ -44,10 +51,12 @@ class ElasticMBConv(nn.Module):
         return self.space.mid_channels(in_channels, expand) if self.has_expand else in_channels
 
     def forward(self, x: torch.Tensor, kernel: int, expand: float, out_channels: int) -> torch.Tensor:
-        y = x
-        if self.expand is not None:
-            y = self.expand(y, self.mid_channels(x.shape[1], expand))
-        y = self.depthwise(y, kernel)
+        mid = self.mid_channels(x.shape[1], expand)
+        if self.fused:
+            y = self.expand(x, mid, kernel)
+        else:
+            y = self.expand(x, mid) if self.expand is not None else x
+            y = self.depthwise(y, kernel)
         if self.se is not None:
             y = self.se(y)
         y = self.project(y, out_channels)
@@ -55,9 +64,14 @@ class ElasticMBConv(nn.Module):
 
     def extract(self, in_channels: int, kernel: int, expand: float, out_channels: int) -> MBConv:
         mid = self.mid_channels(in_channels, expand)
+        if self.fused:
+            expand_layer, depthwise = self.expand.extract(in_channels, mid, kernel), nn.Identity()
+        else:
+            expand_layer = self.expand.extract(in_channels, mid) if self.expand is not None else nn.Identity()
+            depthwise = self.depthwise.extract(mid, kernel)
         return MBConv(
-            self.expand.extract(in_channels, mid) if self.expand is not None else nn.Identity(),
-            self.depthwise.extract(mid, kernel),
+            expand_layer,
+            depthwise,
             self.se.extract(mid) if self.se is not None else nn.Identity(),
             self.project.extract(mid, out_channels),
             self.residual,
@@ -72,7 +86,8 @@ class ElasticMBConv(nn.Module):
         """
         importance = self.project.conv.weight.abs().sum(dim=(0, 2, 3))
         order = torch.argsort(importance, descending=True)
-        _permute_out(self.depthwise.conv.weight, self.depthwise.bn, order)
+        if self.depthwise is not None:
+            _permute_out(self.depthwise.conv.weight, self.depthwise.bn, order)
         self.project.conv.weight.copy_(self.project.conv.weight[:, order])
         if self.expand is not None:
             _permute_out(self.expand.conv.weight, self.expand.bn, order)

@@ -42,6 +42,7 @@ class Supernet(nn.Module):
                         spec.stride if j == 0 else 1,
                         spec.act,
                         spec.se,
+                        fused=spec.block == "fused",
                     )
                 )
                 cin = spec.width

@@ -91,13 +91,43 @@ def _centre(w: torch.Tensor, size: int) -> torch.Tensor:
     return w[..., start : start + size, start : start + size]
 
 
-class ElasticDepthwiseConvBN(nn.Module):
-    """Depthwise conv with elastic channels and kernel size, + elastic BN + activation.
+# Elastic kernel size: a smaller kernel is the centre of the next larger one passed through a
+# learned (s*s x s*s) matrix, largest to smallest (OFA's kernel transformation), so that small
+# kernels need not share raw weights with the large kernel's centre. One matrix per size step,
+# shared by every filter of the layer (depthwise or dense), held as `transform_{big}to{small}`
+# parameters of the conv's own module (the names OFA's weights import to).
 
-    A smaller kernel is the centre of the next larger one passed through a learned
-    (s*s x s*s) transformation matrix, largest to smallest (OFA's kernel transformation),
-    so that small kernels need not share raw weights with the large kernel's centre.
-    """
+
+def _register_transforms(module: nn.Module, kernels: tuple[int, ...]) -> None:
+    for big, small in zip(kernels[:0:-1], kernels[-2::-1]):
+        module.register_parameter(f"transform_{big}to{small}", nn.Parameter(torch.eye(small * small)))
+
+
+def _transformed(module: nn.Module, w: torch.Tensor, kernel: int) -> torch.Tensor:
+    """`w` (out, in, K, K) at the largest size K -> the (out, in, kernel, kernel) filter."""
+    out, cin = w.shape[:2]
+    for big, small in zip(module.kernels[:0:-1], module.kernels[-2::-1]):
+        if big <= kernel:
+            break
+        matrix = getattr(module, f"transform_{big}to{small}")
+        w = F.linear(_centre(w, small).reshape(out * cin, small * small), matrix)
+        w = w.reshape(out, cin, small, small)
+    return w
+
+
+def _crop_to_map(w: torch.Tensor, kernel: int, h: int, wd: int) -> tuple[torch.Tensor, int]:
+    """Drop the taps farther from the centre than the feature map is wide: they only ever
+    meet zero padding, so outputs and gradients stay the same at a fraction of the cost,
+    which matters on the 1x1..4x4 maps that small inputs produce. Returns (filter, padding)."""
+    radius = min(kernel // 2, max(h, wd) - 1)
+    if radius < kernel // 2:
+        w = _centre(w, 2 * radius + 1)
+    return w, radius
+
+
+class ElasticDepthwiseConvBN(nn.Module):
+    """Depthwise conv with elastic channels and kernel size (transformed centres), + elastic BN
+    + activation."""
 
     def __init__(self, max_channels: int, kernel_choices: tuple[int, ...], stride: int, act: str):
         super().__init__()
@@ -105,30 +135,16 @@ class ElasticDepthwiseConvBN(nn.Module):
         self.stride, self.act = stride, act
         k = self.kernels[-1]
         self.conv = nn.Conv2d(max_channels, max_channels, k, stride, k // 2, groups=max_channels, bias=False)
-        for big, small in zip(self.kernels[:0:-1], self.kernels[-2::-1]):
-            self.register_parameter(f"transform_{big}to{small}", nn.Parameter(torch.eye(small * small)))
+        _register_transforms(self, self.kernels)
         self.bn = ElasticBatchNorm2d(max_channels)
 
     def kernel_weight(self, channels: int, kernel: int) -> torch.Tensor:
         """The (channels, 1, kernel, kernel) filter this configuration uses."""
-        w = self.conv.weight[:channels]
-        for big, small in zip(self.kernels[:0:-1], self.kernels[-2::-1]):
-            if big <= kernel:
-                break
-            matrix = getattr(self, f"transform_{big}to{small}")
-            w = F.linear(_centre(w, small).reshape(channels, small * small), matrix)
-            w = w.reshape(channels, 1, small, small)
-        return w
+        return _transformed(self, self.conv.weight[:channels], kernel)
 
     def forward(self, x: torch.Tensor, kernel: int) -> torch.Tensor:
         c, h, wd = x.shape[1], x.shape[2], x.shape[3]
-        w = self.kernel_weight(c, kernel)
-        # Taps farther from the centre than the feature map is wide only ever meet zero
-        # padding: dropping them gives the same outputs and gradients at a fraction of the
-        # cost, which matters on the 1x1..4x4 maps that small inputs produce.
-        radius = min(kernel // 2, max(h, wd) - 1)
-        if radius < kernel // 2:
-            w = _centre(w, 2 * radius + 1)
+        w, radius = _crop_to_map(self.kernel_weight(c, kernel), kernel, h, wd)
         if h * wd <= SMALL_MAP:
             y = depthwise_as_matmul(x, w, self.stride)
         else:
@@ -139,6 +155,35 @@ class ElasticDepthwiseConvBN(nn.Module):
         layer = ConvBNAct(channels, channels, kernel, self.stride, groups=channels, act=self.act)
         with torch.no_grad():
             layer.conv.weight.copy_(self.kernel_weight(channels, kernel))
+        self.bn.copy_into(layer.bn)
+        return layer
+
+
+class ElasticKernelConvBN(nn.Module):
+    """Dense conv with elastic in/out channels and kernel size (transformed centres), + elastic
+    BN + activation: the expansion of a Fused-MBConv block."""
+
+    def __init__(self, max_in: int, max_out: int, kernel_choices: tuple[int, ...], stride: int, act: str):
+        super().__init__()
+        self.kernels = tuple(sorted(kernel_choices))
+        self.stride, self.act = stride, act
+        k = self.kernels[-1]
+        self.conv = nn.Conv2d(max_in, max_out, k, stride, k // 2, bias=False)
+        _register_transforms(self, self.kernels)
+        self.bn = ElasticBatchNorm2d(max_out)
+
+    def kernel_weight(self, in_channels: int, out_channels: int, kernel: int) -> torch.Tensor:
+        return _transformed(self, self.conv.weight[:out_channels, :in_channels], kernel)
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
+        w = self.kernel_weight(x.shape[1], out_channels, kernel)
+        w, radius = _crop_to_map(w, kernel, x.shape[2], x.shape[3])
+        return act_fn(self.act, self.bn(F.conv2d(x, w, None, self.stride, radius)))
+
+    def extract(self, in_channels: int, out_channels: int, kernel: int) -> ConvBNAct:
+        layer = ConvBNAct(in_channels, out_channels, kernel, self.stride, act=self.act)
+        with torch.no_grad():
+            layer.conv.weight.copy_(self.kernel_weight(in_channels, out_channels, kernel))
         self.bn.copy_into(layer.bn)
         return layer
 
@@ -220,6 +265,7 @@ __all__ = [
     "ElasticBatchNorm2d",
     "ElasticConvBN",
     "ElasticDepthwiseConvBN",
+    "ElasticKernelConvBN",
     "ElasticSE",
     "activation",
     "act_fn",

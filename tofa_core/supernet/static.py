@@ -43,12 +43,13 @@ class SqueezeExcite(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Inverted residual block: [1x1 expand] -> depthwise kxk -> [SE] -> 1x1 project (+ input)."""
+    """Inverted residual block: [1x1 expand] -> depthwise kxk -> [SE] -> 1x1 project (+ input),
+    or fused: dense kxk expand -> [SE] -> 1x1 project (+ input), `depthwise` an Identity."""
 
     def __init__(
         self,
         expand: nn.Module,
-        depthwise: ConvBNAct,
+        depthwise: nn.Module,
         se: nn.Module,
         project: ConvBNAct,
         residual: bool,

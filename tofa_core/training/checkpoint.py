@@ -22,6 +22,10 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable or does not fit; the message says which and why."""
 
 
+class OtherSpaceError(CheckpointError):
+    """A readable checkpoint of another search space (its weights cannot fit this supernet)."""
+
+
 def space_dict(space: SearchSpace) -> dict:
     return dataclasses.asdict(space)
 
@@ -55,10 +59,14 @@ def check_fits(state: dict, space: SearchSpace, where: str, classes: list[str] |
     network does not depend on resolution); anything else about the space must match.
     """
     theirs, ours = dict(state.get("space", {})), space_dict(space)
+    if isinstance(theirs.get("stages"), (list, tuple)):  # written before stages had a block kind
+        theirs["stages"] = [
+            {"block": "mbconv", **stage} if isinstance(stage, dict) else stage for stage in theirs["stages"]
+        ]
     free = {"num_classes", "resolutions"}
     diff = sorted(k for k in ours if k not in free and _norm(theirs.get(k)) != _norm(ours[k]))
     if diff:
-        raise CheckpointError(
+        raise OtherSpaceError(
             f"{where} was trained on another search space ({theirs.get('name')!r}; differs in {diff}); "
             f"this run uses {space.name!r}: start fresh or pick a checkpoint of this space"
         )

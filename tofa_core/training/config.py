@@ -13,7 +13,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # search space
-    space: str = Field("tiny", description="search space preset")
+    space: str = Field(
+        "auto", description="search space preset; auto: tiny-fused for images of 16 px or less, else tiny"
+    )
     resolutions: tuple[int, ...] | None = Field(
         None, description="default: the image side only (upsampling adds cost, not information)"
     )

@@ -31,6 +31,7 @@ from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet, load_ofa_weights
 from tofa_core.training.checkpoint import (
     CheckpointError,
+    OtherSpaceError,
     check_fits,
     latest_key,
     load_checkpoint,
@@ -53,13 +54,22 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)  # test accuracies of the largest and smallest subnet
     supernet_key: str | None = None
+    warm_start: str | None = None  # the checkpoint or weights file training started from
+
+
+# `space: auto`: the largest image side the tiny-fused preset is for. Its first stage keeps the
+# input size, so its cost grows with the square of the side; above this, tiny halves it first.
+FUSED_MAX_SIDE = 16
 
 
 def space_for(cfg: TrainConfig, splits: DataSplits) -> SearchSpace:
     side = splits.size
     resolutions = cfg.resolutions or (side,)
+    name = cfg.space
+    if name == "auto":
+        name = "tiny-fused" if max(resolutions) <= FUSED_MAX_SIDE else "tiny"
     return SearchSpace.preset(
-        cfg.space, num_classes=len(splits.classes), in_channels=splits.channels, resolutions=resolutions
+        name, num_classes=len(splits.classes), in_channels=splits.channels, resolutions=resolutions
     )
 
 
@@ -138,13 +148,17 @@ def train_supernet(
     warm: tuple[str | Storage, str | None] | None = None,
     report: Callable[[dict], None] | None = None,
     fixed: Arch | None = None,
+    warm_if_fits: bool = False,
 ) -> TrainResult:
     """Train one supernet on `dataset` (latest version unless given); checkpoints under `run_dir`.
 
     `fixed`: train only this one subnet, by the teacher's loss alone (labelled cross-entropy +
     masked pseudo-labels, FixMatch-style): the per-target baseline, "one network trained
     alone", with the same data, schedule, augmentation and evaluation as the supernet. Metrics
-    are then reported for `arch` instead of `max`/`min`."""
+    are then reported for `arch` instead of `max`/`min`.
+
+    `warm_if_fits`: a `warm` checkpoint of another search space (say the previous run's, before
+    the config changed its space) is skipped with a warning instead of failing the run."""
     rank, world = _world()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -213,10 +227,18 @@ def train_supernet(
         ranks = state["rng"]
         _set_rng_state(ranks[rank] if len(ranks) == world else ranks[0], streams, aug_gen)
         start_epoch, history = state["epoch"], list(state["history"])
+        about["warm_start"] = state.get("warm_start")
         log.info("resumed %s at epoch %d", run_dir.uri(resume), start_epoch)
     elif warm is not None:
-        for note in warm_start(net, *warm):
-            log.info(note)
+        source, key = warm
+        try:
+            for note in warm_start(net, source, key):
+                log.info(note)
+            about["warm_start"] = source if isinstance(source, str) else source.uri(key)
+        except OtherSpaceError as err:
+            if not warm_if_fits:
+                raise
+            log.warning("not warm-started, training from scratch: %s", err)
 
     # A fixed sample of training images (no augmentation) recalibrates BN for evaluation.
     pool = torch.cat([splits.train.images, splits.unlabeled.images])
@@ -294,7 +316,14 @@ def train_supernet(
             {**about, "model": net.state_dict(), "final": final},
         )
     result = TrainResult(
-        run_dir.root, splits.version, cfg.epochs, time.perf_counter() - started, history, final, supernet_key
+        run_dir.root,
+        splits.version,
+        cfg.epochs,
+        time.perf_counter() - started,
+        history,
+        final,
+        supernet_key,
+        about.get("warm_start"),
     )
     if rank == 0:  # the run's record, readable without torch: whoever launched us reads this
         run_dir.write_bytes("result.json", json.dumps(dataclasses.asdict(result), indent=2).encode())
