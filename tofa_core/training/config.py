@@ -27,13 +27,6 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    ema: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="decay of an exponential moving average of the weights, which evaluation, "
-        "the saved supernet and so every exported subnet use; 0: off, the last weights",
-    )
     # the unified loss
     k_random: int = Field(1, ge=0, description="random subnets per step besides the largest and smallest")
     alpha: float = Field(1.0, ge=0, description="weight of the students' labelled cross-entropy")

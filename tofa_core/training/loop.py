@@ -11,7 +11,6 @@ Checkpoints go to the store every epoch with every rank's RNG state, so a restar
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -120,18 +119,6 @@ def warm_start(net: Supernet, source: str | Storage, key: str | None = None) -> 
     return notes
 
 
-def averaged(net: Supernet, ema: list[torch.Tensor] | None) -> Supernet:
-    """`net` itself without a moving average, else a copy holding the averaged weights (its
-    BN statistics do not matter: every evaluated subnet is recalibrated)."""
-    if ema is None:
-        return net
-    out = copy.deepcopy(net)
-    with torch.no_grad():
-        for p, e in zip(out.parameters(), ema):
-            p.copy_(e)
-    return out
-
-
 def _rng_state(streams: list[BatchStream], aug_gen: torch.Generator) -> dict:
     return {
         "torch": torch.get_rng_state(),
@@ -205,8 +192,6 @@ def train_supernet(
         momentum=cfg.momentum,
         nesterov=cfg.momentum > 0,
     )
-    # The weights' moving average (identical on every rank: all apply the same averaged update).
-    ema = [p.detach().clone() for p in net.parameters()] if cfg.ema else None
     total = cfg.epochs * cfg.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
@@ -239,8 +224,6 @@ def train_supernet(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.setstate(state["sampler"])
-        if ema is not None:
-            ema = [t.clone() for t in state["ema"]] if state.get("ema") else ema
         ranks = state["rng"]
         _set_rng_state(ranks[rank] if len(ranks) == world else ranks[0], streams, aug_gen)
         start_epoch, history = state["epoch"], list(state["history"])
@@ -285,17 +268,13 @@ def train_supernet(
             allreduce_gradients(net, world)
             optimizer.step()
             scheduler.step()
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, list(net.parameters()), 1 - cfg.ema)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.steps_per_epoch
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **sums}
         metrics["images_per_s"] = images * world / seconds
-        judge = averaged(net, ema)
         for name, arch in judged:
-            metrics[f"val_acc/{name}"] = accuracy(calibrated_subnet(judge, arch, calib), val_x, val_y)
+            metrics[f"val_acc/{name}"] = accuracy(calibrated_subnet(net, arch, calib), val_x, val_y)
         history.append(metrics)
         rng = [_rng_state(streams, aug_gen)]
         if world > 1:
@@ -309,7 +288,6 @@ def train_supernet(
                 {
                     **about,
                     "model": net.state_dict(),
-                    **({"ema": ema} if ema is not None else {}),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "sampler": sampler.getstate(),
@@ -325,7 +303,6 @@ def train_supernet(
             report(metrics)
 
     test_x, test_y = aug.normalize(splits.test.images), splits.test.labels
-    net = averaged(net, ema)  # what is evaluated, saved and so exported
     final = {
         f"test_acc/{name}": accuracy(calibrated_subnet(net, arch, calib), test_x, test_y)
         for name, arch in judged
