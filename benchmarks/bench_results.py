@@ -15,6 +15,9 @@ beyond their number (said in the output). Wall seconds and this process's CPU se
     .venv/bin/python benchmarks/bench_results.py [--datasets digits] [--seeds 3] [--quick]
     .venv/bin/python benchmarks/bench_results.py --datasets mnist5k --seeds 1 \
         --config benchmarks/configs/mnist5k.yaml
+    # one seed per process, side by side (accuracy does not depend on the load), then merged:
+    .venv/bin/python benchmarks/bench_results.py --seeds 1 --first-seed 1 --threads 1 --out /tmp/s1
+    .venv/bin/python benchmarks/bench_results.py --merge /tmp/s0/runs-digits.json /tmp/s1/runs-digits.json
 
 --quick (also TOFA_BENCH_QUICK=1, what `make bench` sets): digits, 1 seed, 2 epochs x 5 steps,
 3 targets; minutes, for CI. Writes results JSON and PNGs to --out (default docs/results/)
@@ -249,6 +252,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="digits", help="digits, mnist5k (comma-separated)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed to run")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RUNS_JSON",
+        help="train nothing: summarize, plot and log the runs-*.json files of earlier invocations "
+        "(e.g. one seed per process, side by side) into --out",
+    )
     parser.add_argument("--targets", default=str(ROOT / "infra" / "targets" / "default.yaml"))
     parser.add_argument("--config", default=None, help="a YAML 'train:' section [default: TrainConfig's]")
     parser.add_argument(
@@ -270,9 +281,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
+    if args.merge:
+        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+        runs.sort(key=lambda r: (r["dataset"], r["seed"]))  # the Pareto plot is drawn from seed 0's run
+        datasets = sorted({r["dataset"] for r in runs})
+        args.seeds = len({r["seed"] for r in runs})
+        (out / f"runs-{'-'.join(datasets)}.json").write_text(json.dumps(runs, indent=2))
     with tempfile.TemporaryDirectory() as tmp:
-        for dataset in datasets:
-            for seed in range(args.seeds):
+        for dataset in datasets if not args.merge else []:
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 runs.append(run_seed(dataset, seed, cfg, targets, Path(tmp), args.pareto if seed == 0 else 0))
                 (out / f"runs-{'-'.join(datasets)}.json").write_text(json.dumps(runs, indent=2))
     summary = summarize(runs)
