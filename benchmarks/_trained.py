@@ -12,7 +12,9 @@ from tofa_core.training.config import TrainConfig
 from tofa_core.training.loop import train_supernet
 
 
-def default_supernet(store_root: str | None, run: str | None, tmp: str) -> tuple[DatasetStore, Storage]:
+def default_supernet(
+    store_root: str | None, run: str | None, tmp: str, seed: int = 0
+) -> tuple[DatasetStore, Storage]:
     """(the data store, the run folder holding supernet.pt and result.json)."""
     root = store_root or f"{tmp}/store"
     store = DatasetStore(open_storage(root))
@@ -20,6 +22,6 @@ def default_supernet(store_root: str | None, run: str | None, tmp: str) -> tuple
         ingest("digits", "digits", store, IngestConfig())
         run = "bench"
         start = time.perf_counter()
-        train_supernet(TrainConfig(), store, "digits", open_storage(root).child(f"runs/{run}"))
+        train_supernet(TrainConfig(seed=seed), store, "digits", open_storage(root).child(f"runs/{run}"))
         print(f"trained the default supernet in {time.perf_counter() - start:.0f} s", flush=True)
     return store, open_storage(root).child(f"runs/{run}")

@@ -86,7 +86,9 @@ def host_table(space) -> tuple[LatencyTable, float]:
     return table, c.wall
 
 
-def run_seed(dataset: str, seed: int, cfg: TrainConfig, targets, tmp: Path, pareto: int) -> dict:
+def run_seed(
+    dataset: str, seed: int, cfg: TrainConfig, targets, tmp: Path, pareto: int, samples: int = 300
+) -> dict:
     store = DatasetStore(open_storage(tmp / f"store-{dataset}"))
     version = ingest_dataset(dataset, store, tmp)
     root = open_storage(tmp / f"store-{dataset}")
@@ -97,7 +99,7 @@ def run_seed(dataset: str, seed: int, cfg: TrainConfig, targets, tmp: Path, pare
     trained = load_trained(store, run_dir)
     net, data = trained.net, trained.data
     with Clock() as pred:
-        predictor, report = build_predictor(net, data, samples=300 if pareto else 40, seed=seed)
+        predictor, report = build_predictor(net, data, samples=samples, seed=seed)
     table, table_s = host_table(net.space) if any(t.device == HOST_DEVICE for t in targets) else (None, 0.0)
     rows, failed = [], []
     for target in targets:
@@ -106,6 +108,7 @@ def run_seed(dataset: str, seed: int, cfg: TrainConfig, targets, tmp: Path, pare
                 done = specialize(
                     net, target, predictor, data, CostModel(net.space, table if target.device else None), out,
                     classes=list(trained.state["classes"]), seed=seed, reference=trained.reference,
+                    measured=report.scored,
                 )  # fmt: skip
         except (InfeasibleTarget, VerificationError) as err:  # as in the pipeline: reported, not fatal
             failed.append({"target": target.name, "error": str(err)[:300]})
@@ -267,6 +270,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--samples", type=int, default=300, help="subnets scored for the predictor (the pipeline's default)"
+    )
     parser.add_argument("--quick", action="store_true", default=os.environ.get("TOFA_BENCH_QUICK") == "1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -276,7 +282,7 @@ def main() -> None:
     if args.quick:
         datasets, args.seeds, targets = ["digits"], 1, targets[:3]
         cfg = cfg.model_copy(update={"epochs": 2, "steps_per_epoch": 5, "calib_images": 128})
-        args.pareto = 10
+        args.pareto, args.samples = 10, 40
         args.out = str(Path(tempfile.gettempdir()) / "tofa-bench-quick")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +296,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in datasets if not args.merge else []:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                runs.append(run_seed(dataset, seed, cfg, targets, Path(tmp), args.pareto if seed == 0 else 0))
+                pareto = args.pareto if seed == 0 else 0
+                runs.append(run_seed(dataset, seed, cfg, targets, Path(tmp), pareto, args.samples))
                 (out / f"runs-{'-'.join(datasets)}.json").write_text(json.dumps(runs, indent=2))
     summary = summarize(runs)
     (out / f"results-{'-'.join(datasets)}.json").write_text(json.dumps(summary, indent=2))

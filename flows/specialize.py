@@ -28,7 +28,7 @@ from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import VerificationError
 from tofa_core.search.evolution import CostModel, InfeasibleTarget
-from tofa_core.search.predictor import build_predictor, load_predictor, save_predictor
+from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
 from tofa_core.search.targets import HOST_DEVICE, Target, TargetError, load_targets, table_devices
 from tofa_core.specialize import Trained, load_trained, specialize
 from tofa_core.storage import NotFound, open_storage
@@ -91,7 +91,7 @@ def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str,
         "kendall_tau": report.kendall_tau,
         "seconds": round(time.perf_counter() - started, 2),
         "held_out_pairs": report.held_out_pairs,
-        "scored": [{"arch": s.arch.to_dict(), "val": s.val, "agreement": s.agreement} for s in report.scored],
+        "scored": [s.to_dict() for s in report.scored],
     }
     buffer = io.BytesIO()
     torch.save(save_predictor(model), buffer)
@@ -139,9 +139,18 @@ def latency_tables(targets: list[Target], trained: Trained, tables_dir: str) -> 
 
 @task(name="specialize-target", cache_policy=NONE)
 def specialize_target(
-    target: Target, trained: Trained, predictor, tables: dict, store: str, prefix: str, score: str, seed: int
+    target: Target,
+    trained: Trained,
+    predictor,
+    measured: list[Scored],
+    tables: dict,
+    store: str,
+    prefix: str,
+    score: str,
+    seed: int,
 ) -> dict:
-    """Search, export and verify one target, then publish its files to the store."""
+    """Search, export and verify one target, then publish its files to the store.
+    `measured`: the predictor's scored samples, which compete with search's candidates."""
     costs = CostModel(trained.net.space, tables.get(target.device))
     about = {
         "dataset": trained.state["dataset"],
@@ -161,6 +170,7 @@ def specialize_target(
             score=score,
             seed=seed,
             reference=trained.reference,
+            measured=measured,
         )
         files = publish(done.exported.files, open_storage(store).child(f"{prefix}/{target.name}"))
     return {**done.summary(), "files": files}
@@ -233,7 +243,8 @@ def specialize_flow(
         options = {"retries": target.retries, "task_run_name": f"specialize-{target.name}"}
         return specialize_target.with_options(**options, retry_condition_fn=_worth_retrying)
 
-    args = (trained, predictor, tables, store, prefix, score, seed)
+    measured = [Scored.from_dict(s) for s in report["scored"]]
+    args = (trained, predictor, measured, tables, store, prefix, score, seed)
     # Targets whose latency is measured on this host run here, one at a time, after the
     # others: timed beside parallel work (or on another Ray node) the figure would be wrong.
     here = [t for t in targets if t.device == HOST_DEVICE]

@@ -21,10 +21,10 @@ from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import VerificationError, at_resolution
 from tofa_core.profiler import covering_archs
-from tofa_core.search.evolution import CostModel, EvolutionConfig
-from tofa_core.search.predictor import build_predictor, load_predictor, save_predictor
+from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
+from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
 from tofa_core.search.targets import Target
-from tofa_core.specialize import load_trained, specialize
+from tofa_core.specialize import load_trained, rank_candidates, specialize
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.loop import train_supernet
@@ -120,6 +120,29 @@ def test_exports_fit_their_budget_when_measured(trained, predictor, tmp_path, bu
     assert about["input"]["resolution"] == done.arch.resolution and about["input"]["channels"] == 1
     assert about["output"]["classes"] == t.splits.classes
     assert about["verified"]["test_acc"] == done.measured["test_acc"] > 0.3  # well above chance (0.1)
+
+
+def test_already_measured_subnets_compete_with_search_only_when_they_fit(trained, predictor, tmp_path):
+    _, t = trained
+    space = t.net.space
+    target = Target(name="t", max_macs=250_000)
+    costs = CostModel(space)
+    assert not costs.fits(space.max_arch(), target) and costs.fits(space.min_arch(), target)
+    # Scores no real subnet reaches (agreement <= 1): whichever of these is allowed must win.
+    measured = [Scored(space.max_arch(), 1.0, 3.0), Scored(space.min_arch(), 0.0, 2.0)]
+    done = specialize(
+        t.net, target, predictor[0], t.data, costs, tmp_path, classes=t.splits.classes, evolution=FAST,
+        measured=measured,
+    )  # fmt: skip
+    assert done.arch == space.min_arch() and done.score == 2.0
+    assert done.search["reranked"] == 4 and done.search["measured_before"] == 1
+    about = json.loads(done.exported.files["model.json"].read_text())
+    assert about["scores"]["agreement"] == 2.0 and about["scores"]["predicted"] < 1.5  # the predictor's own
+    # Without them, search's own candidates are ranked as before.
+    found = evolve(target, costs, predictor[0].predict, FAST)
+    plain = rank_candidates(t.net, target, found, costs, t.data)
+    assert {s.arch for s in plain} == {a for a, _ in found.candidates} and len(plain) == 3
+    assert [s.agreement for s in plain] == sorted((s.agreement for s in plain), reverse=True)
 
 
 def test_host_latency_is_measured_on_the_export(trained, predictor, tmp_path):

@@ -68,6 +68,13 @@ class Scored:
     def score(self, kind: str) -> float:
         return getattr(self, kind)
 
+    def to_dict(self) -> dict:
+        return {"arch": self.arch.to_dict(), "val": self.val, "agreement": self.agreement}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scored:
+        return cls(Arch.from_dict(d["arch"]), float(d["val"]), float(d["agreement"]))
+
 
 @torch.no_grad()
 def teacher_labels(net: Supernet, data: EvalData) -> torch.Tensor:
