@@ -22,7 +22,7 @@ from tofa_core.training.checkpoint import CheckpointError, load_checkpoint, save
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.evaluate import recalibrate_bn
 from tofa_core.training.loop import allreduce_gradients, train_supernet, warm_start
-from tofa_core.training.loss import student_loss, teacher_loss
+from tofa_core.training.loss import AdaptiveThreshold, student_loss, teacher_loss
 from tofa_core.training.step import sandwich, train_step
 
 SPACE = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,))
@@ -92,6 +92,35 @@ def test_pseudo_label_mask_follows_the_threshold():
     assert none_confident.mask.sum() == 0 and logs0["teacher/pseudo"] == 0.0
 
 
+def test_adaptive_threshold_follows_the_teachers_confidence_per_class():
+    adaptive = AdaptiveThreshold(3, momentum=0.5)
+    torch.testing.assert_close(adaptive.thresholds(), torch.full((3,), 1 / 3))
+    # A teacher confident on classes 0 and 1, never predicting class 2.
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]])
+    adaptive.update(probs)
+    assert adaptive.confidence.item() == pytest.approx(0.5 / 3 + 0.5 * 0.9)
+    torch.testing.assert_close(adaptive.class_probs, torch.tensor([0.5 / 3 + 0.25] * 2 + [0.5 / 3]))
+    tau = adaptive.thresholds()
+    assert tau[0] == tau[1] == pytest.approx(adaptive.confidence.item()) and tau[2] < tau[0] / 2
+    # In the loss: rows of the rare class pass a lower bar than a fixed tau would set.
+    y = torch.tensor([0])
+    logits = torch.tensor([[5.0, 0, 0], [2.0, 0, 0], [0, 0, 0.5], [1.0, 0, 0], [0, 0, 1.0]])
+    cfg = TrainConfig(tau=0.95, threshold="adaptive", threshold_momentum=0.5)
+    fresh = AdaptiveThreshold(3, momentum=0.5)
+    _, targets, logs = teacher_loss(logits, y, 2, cfg, adaptive=fresh)
+    conf = logits[1:3].softmax(1).max(1).values  # 0.79 (class 0), 0.45 (class 2)
+    assert (fresh.thresholds()[[0, 2]] < conf).tolist() == [True, True]
+    assert targets.mask.tolist() == [1.0, 1.0] and logs["threshold"] == pytest.approx(
+        fresh.thresholds().mean()
+    )
+    _, fixed, _ = teacher_loss(logits, y, 2, cfg)  # no thresholds given: the fixed tau
+    assert fixed.mask.tolist() == [0.0, 0.0]
+    state = fresh.state_dict()
+    again = AdaptiveThreshold(3, momentum=0.5)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.thresholds(), fresh.thresholds())
+
+
 def test_student_matching_the_teacher_has_no_distillation_loss():
     logits = torch.randn(8, 10)
     y = torch.randint(0, 10, (2,))
@@ -120,7 +149,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_grads(rank: int, world: int, port: int, out: str) -> None:
+def _adaptive() -> AdaptiveThreshold:
+    return AdaptiveThreshold(10, momentum=0.5)
+
+
+def _rank_grads(rank: int, world: int, port: int, out: str, adaptive: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -129,25 +162,34 @@ def _rank_grads(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     net = Supernet(SPACE).eval()  # BN statistics frozen, dropout off: the comparison is exact
     archs = sandwich(SPACE, random.Random(0), 2)
+    threshold = _adaptive() if adaptive else None
     train_step(
         net, archs, x[rank * n_x : (rank + 1) * n_x], y[rank * n_x : (rank + 1) * n_x],
-        u[rank * n_u : (rank + 1) * n_u], us[rank * n_u : (rank + 1) * n_u], TrainConfig(tau=0.0),
+        u[rank * n_u : (rank + 1) * n_u], us[rank * n_u : (rank + 1) * n_u], TrainConfig(tau=0.0), 1.0,
+        threshold,
     )  # fmt: skip
     allreduce_gradients(net, world)
     if rank == 0:
-        torch.save(grads(net), out)
+        torch.save({"grads": grads(net), "tau": threshold.thresholds() if adaptive else None}, out)
     dist.destroy_process_group()
 
 
-def test_two_workers_average_to_the_single_process_gradient(tmp_path):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed-tau", "adaptive-tau"])
+def test_two_workers_average_to_the_single_process_gradient(tmp_path, adaptive):
     out = str(tmp_path / "grads.pt")
-    mp.start_processes(_rank_grads, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
-    two = torch.load(out, weights_only=True)
+    args = (2, _free_port(), out, adaptive)
+    mp.start_processes(_rank_grads, args=args, nprocs=2, join=True, start_method="spawn")
+    saved = torch.load(out, weights_only=True)
+    two = saved["grads"]
     x, y, u, us = batch(0)
     torch.manual_seed(0)
     net = Supernet(SPACE).eval()
-    train_step(net, sandwich(SPACE, random.Random(0), 2), x, y, u, us, TrainConfig(tau=0.0))
+    threshold = _adaptive() if adaptive else None
+    train_step(net, sandwich(SPACE, random.Random(0), 2), x, y, u, us, TrainConfig(tau=0.0), 1.0, threshold)
     one = grads(net)
+    if adaptive:  # each rank saw half the batch; the averaged statistics equal the whole batch's
+        torch.testing.assert_close(saved["tau"], threshold.thresholds())
+        assert threshold.thresholds().std() > 1e-3  # moved off its start (1 / classes for all)
     assert two.keys() == one.keys() and len(one) > 50
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-6, rtol=1e-4)
@@ -172,8 +214,10 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path):
-    straight = train_supernet(QUICK, digits_store, "digits", open_storage(tmp_path / "a"))
+@pytest.mark.parametrize("threshold", ["fixed", "adaptive"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path, threshold):
+    cfg = QUICK.model_copy(update={"threshold": threshold, "threshold_momentum": 0.5})
+    straight = train_supernet(cfg, digits_store, "digits", open_storage(tmp_path / "a"))
     assert len(straight.history) == 2 and 0 <= straight.final["test_acc/max"] <= 1
 
     def crash_after_first_epoch(metrics):
@@ -182,15 +226,19 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path
 
     run_b = open_storage(tmp_path / "b")
     with pytest.raises(Crash):
-        train_supernet(QUICK, digits_store, "digits", run_b, report=crash_after_first_epoch)
+        train_supernet(cfg, digits_store, "digits", run_b, report=crash_after_first_epoch)
     assert [o.key for o in run_b.list("checkpoints")] == ["checkpoints/epoch-0001.pt"]
-    resumed = train_supernet(QUICK, digits_store, "digits", run_b)
+    saved = load_checkpoint(run_b, "checkpoints/epoch-0001.pt")
+    assert ("threshold" in saved) == (threshold == "adaptive")
+    resumed = train_supernet(cfg, digits_store, "digits", run_b)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     a = load_checkpoint(open_storage(tmp_path / "a"), "supernet.pt")["model"]
     b = load_checkpoint(run_b, "supernet.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     assert resumed.final == straight.final
+    assert ("threshold" in resumed.history[-1]) == (threshold == "adaptive")
+    assert resumed.history[-1] == straight.history[-1] | {"images_per_s": resumed.history[-1]["images_per_s"]}
 
 
 def test_unified_loss_logs_every_term(digits_store, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +33,15 @@ class TrainConfig(BaseModel):
     alpha: float = Field(1.0, ge=0, description="weight of the students' labelled cross-entropy")
     lambda_kd: float = Field(1.0, ge=0, description="weight of distillation from the largest subnet")
     lambda_u: float = Field(1.0, ge=0, description="weight of the pseudo-label term")
-    tau: float = Field(0.8, ge=0, le=1, description="confidence threshold for pseudo-labels")
+    tau: float = Field(
+        0.8, ge=0, le=1, description="confidence threshold for pseudo-labels (threshold: fixed)"
+    )
+    threshold: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed: tau; adaptive: FreeMatch's self-adaptive per-class threshold"
+    )
+    threshold_momentum: float = Field(
+        0.99, ge=0, lt=1, description="moving-average momentum of the adaptive threshold (per step)"
+    )
     warmup: float = Field(
         0.25, ge=0, le=1, description="lambda_u and lambda_kd ramp up linearly over this share of the steps"
     )

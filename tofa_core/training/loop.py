@@ -40,6 +40,7 @@ from tofa_core.training.checkpoint import (
 )
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.evaluate import accuracy, calibrated_subnet
+from tofa_core.training.loss import AdaptiveThreshold
 from tofa_core.training.step import sandwich, train_step
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ def train_supernet(
     aug = Augmenter(cfg.augment, splits.channels)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * 104729 + rank)
     sampler = random.Random(cfg.seed)  # the same on every rank: all ranks train the same subnets
+    adaptive = None
+    if cfg.threshold == "adaptive" and unlabelled is not None:
+        adaptive = AdaptiveThreshold(len(splits.classes), cfg.threshold_momentum)
 
     decay = [p for n, p in net.named_parameters() if p.dim() > 1 and "transform_" not in n]
     no_decay = [p for n, p in net.named_parameters() if not (p.dim() > 1 and "transform_" not in n)]
@@ -224,6 +228,8 @@ def train_supernet(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.setstate(state["sampler"])
+        if adaptive is not None and "threshold" in state:
+            adaptive.load_state_dict(state["threshold"])
         ranks = state["rng"]
         _set_rng_state(ranks[rank] if len(ranks) == world else ranks[0], streams, aug_gen)
         start_epoch, history = state["epoch"], list(state["history"])
@@ -264,7 +270,7 @@ def train_supernet(
             step = epoch * cfg.steps_per_epoch + i + 1
             ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
             archs = [fixed] if fixed else sandwich(space, sampler, cfg.k_random)
-            logs = train_step(net, archs, xw, y, uw, us, cfg, ramp)
+            logs = train_step(net, archs, xw, y, uw, us, cfg, ramp, adaptive)
             allreduce_gradients(net, world)
             optimizer.step()
             scheduler.step()
@@ -291,6 +297,7 @@ def train_supernet(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "sampler": sampler.getstate(),
+                    **({"threshold": adaptive.state_dict()} if adaptive is not None else {}),
                     "rng": rng,
                     "epoch": epoch + 1,
                     "history": history,

@@ -9,7 +9,7 @@ import torch
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.supernet import Supernet
 from tofa_core.training.config import TrainConfig
-from tofa_core.training.loss import student_loss, teacher_loss
+from tofa_core.training.loss import AdaptiveThreshold, student_loss, teacher_loss
 
 
 def sandwich(space: SearchSpace, rng: random.Random, k: int) -> list[Arch]:
@@ -26,16 +26,18 @@ def train_step(
     u_strong: torch.Tensor | None,
     cfg: TrainConfig,
     ramp: float = 1.0,
+    adaptive: AdaptiveThreshold | None = None,
 ) -> dict[str, float]:
     """Forward and backward every subnet of `archs` on one batch; gradients accumulate in `net`.
 
-    `ramp` in [0, 1] scales the unlabelled and distillation terms (their warm-up).
+    `ramp` in [0, 1] scales the unlabelled and distillation terms (their warm-up); `adaptive`:
+    FreeMatch's thresholds instead of the fixed `cfg.tau` (updated here, once per step).
     The optimizer step (and, across workers, the gradient all-reduce) is the caller's.
     """
     use_u = cfg.semi_supervised and u_weak is not None and len(u_weak) > 0
     n_u = len(u_weak) if use_u else 0
     inputs = torch.cat([x, u_weak, u_strong]) if use_u else x
-    loss, targets, logs = teacher_loss(net(inputs, archs[0]), y, n_u, cfg, ramp)
+    loss, targets, logs = teacher_loss(net(inputs, archs[0]), y, n_u, cfg, ramp, adaptive)
     loss.backward()
     logs["teacher/loss"] = loss.item()
     student_logs: dict[str, float] = {}
