@@ -1,7 +1,7 @@
 """Flow `tofa-train`: data version -> supernet, trained on Ray Train workers.
 
-`tofa_core.training.loop.train_supernet` runs in every Ray Train worker (Ray sets up the
-torch.distributed group: gloo on CPU, nccl on GPU). Checkpoints and the final supernet go to
+`tofa_core.training.loop.train_supernet` runs in every Ray Train worker (`flows.train_worker`;
+Ray sets up the torch.distributed group: gloo on CPU, nccl on GPU). Checkpoints and the final supernet go to
 the store under `runs/<run id>/`, not to any machine's disk, so a worker lost on one node
 restarts anywhere (FailureConfig) and resumes from the last epoch. Ray connects to
 RAY_ADDRESS when set, else starts a local instance.
@@ -23,8 +23,7 @@ from prefect.cache_policies import NONE
 from flows.ingest import ingest_flow
 from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
-from tofa_core.arch import Arch
-from tofa_core.data.store import DatasetStore
+from flows.train_worker import train_worker
 from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
 from tofa_core.training.config import TrainConfig
 
@@ -32,33 +31,6 @@ from tofa_core.training.config import TrainConfig
 def new_run_id() -> str:
     """Sortable by start time, unique across concurrent runs."""
     return f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
-def _worker(config: dict) -> None:
-    """One Ray Train worker: the plain training loop, reporting each epoch's metrics to Ray."""
-    import ray.train
-
-    from tofa_core.training.loop import train_supernet
-
-    cfg = TrainConfig(**config["train"])
-    run_dir = open_storage(config["run_dir"])
-    warm = None
-    if config.get("warm"):
-        kind, where, key = config["warm"]
-        warm = (where, None) if kind == "ofa" else (open_storage(where), key)
-    result = train_supernet(
-        cfg,
-        DatasetStore(open_storage(config["store"])),
-        config["dataset"],
-        run_dir,
-        version=config.get("version"),
-        warm=warm,
-        report=lambda metrics: ray.train.report(metrics),
-        fixed=Arch.from_dict(config["fixed"]) if config.get("fixed") else None,
-        # `last` is a default, not a request: a last supernet of another space is skipped.
-        warm_if_fits=bool(config.get("warm")) and config["warm"][0] == "last",
-    )
-    ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
 
 
 def _ray_storage(store: str):
@@ -83,7 +55,14 @@ def start_ray():
         address = os.environ.get("RAY_ADDRESS") or None
         # "local" always starts a fresh instance: address=None would attach to whatever cluster
         # /tmp/ray last recorded, even a dead one (ray.init then waits on its GCS).
-        local = {} if address else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+        # One machine is never drained by a cluster manager: Ray Train's preemption watcher would
+        # only be one more process starting beside the workers on a small CPU.
+        local = {
+            "_node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        }
+        local = {} if address else local
         ray.init(address=address or "local", log_to_driver=False, **local)
     return ray
 
@@ -121,7 +100,7 @@ def run_trainer(
     run_dir = open_storage(store).child(f"runs/{run_id}").root
     storage_path, fs = _ray_storage(store)
     trainer = TorchTrainer(
-        _worker,
+        train_worker,
         train_loop_config={
             "train": cfg.model_copy(update={"threads": threads}).model_dump(mode="json"),
             "store": store,

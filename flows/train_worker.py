@@ -1,0 +1,39 @@
+"""What every Ray Train worker runs: the plain training loop, reporting each epoch to Ray.
+
+Its own module, apart from the flow: Ray imports a function's module in each worker (and in
+Train's controller), and this one pulls in only torch, Ray and tofa_core, not Prefect or
+MLflow, which would add seconds to every worker's start.
+"""
+
+from __future__ import annotations
+
+from tofa_core.arch import Arch
+from tofa_core.data.store import DatasetStore
+from tofa_core.storage import open_storage
+from tofa_core.training.config import TrainConfig
+
+
+def train_worker(config: dict) -> None:
+    import ray.train
+
+    from tofa_core.training.loop import train_supernet
+
+    cfg = TrainConfig(**config["train"])
+    run_dir = open_storage(config["run_dir"])
+    warm = None
+    if config.get("warm"):
+        kind, where, key = config["warm"]
+        warm = (where, None) if kind == "ofa" else (open_storage(where), key)
+    result = train_supernet(
+        cfg,
+        DatasetStore(open_storage(config["store"])),
+        config["dataset"],
+        run_dir,
+        version=config.get("version"),
+        warm=warm,
+        report=lambda metrics: ray.train.report(metrics),
+        fixed=Arch.from_dict(config["fixed"]) if config.get("fixed") else None,
+        # `last` is a default, not a request: a last supernet of another space is skipped.
+        warm_if_fits=bool(config.get("warm")) and config["warm"][0] == "last",
+    )
+    ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
