@@ -7,7 +7,11 @@ Prints test accuracy of the largest and smallest subnet (after BN recalibration)
 mean ± std per share, and the gaps; draws docs/results/labels-digits.png and logs to MLflow.
 
     .venv/bin/python benchmarks/bench_semisup.py [--labelled 0.02,0.05,0.1,0.25,1.0] [--seeds 3]
-        [--epochs N] [--steps N] [--threads 2] [--quick]
+        [--first-seed 0] [--epochs N] [--steps N] [--threads 2] [--out DIR] [--quick]
+    .venv/bin/python benchmarks/bench_semisup.py --merge A/labels-digits.json B/labels-digits.json
+
+Seeds can run in separate processes (`--seeds 1 --first-seed 2 --threads 1 --out /tmp/s2`, side by
+side on a 2-core machine); `--merge` joins their runs into one table and figure.
 
 At 100% labels there are no unlabelled images: the two losses differ only by distillation.
 """
@@ -45,12 +49,19 @@ def main() -> None:
         "--labelled", default="0.02,0.05,0.1,0.25,1.0", help="labelled shares, comma-separated"
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed to run")
     parser.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch; default: TrainConfig's")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--quick", action="store_true", default=os.environ.get("TOFA_BENCH_QUICK") == "1")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join earlier runs' labels-digits.json")
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(path).read_text()) for path in args.merge]
+        rows = [row for run in runs for row in run["runs"]]
+        report(rows, runs[0]["summary"]["steps"], Path(args.out), {"merged": len(args.merge)})
+        return
     shares = [float(s) for s in args.labelled.split(",")]
     if args.quick:
         shares, args.seeds, args.epochs, args.steps = [0.05, 1.0], 1, 2, 5
@@ -63,7 +74,7 @@ def main() -> None:
         for share in shares:
             store = DatasetStore(open_storage(f"{tmp}/store-{share}"))
             ingest("digits", "digits", store, IngestConfig(labelled_fraction=share))
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for name, update in LOSSES:
                     cfg = base.model_copy(update={"seed": seed, **update})
                     start = time.perf_counter()
@@ -75,8 +86,16 @@ def main() -> None:
                     row["seconds"] = round(time.perf_counter() - start, 1)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    summary: dict = {"steps": base.epochs * base.steps_per_epoch, "seeds": args.seeds, "by_share": {}}
-    print(f"\n{args.seeds} seed(s), {summary['steps']} steps per training; test accuracy mean ± std")
+    params = {"labelled": args.labelled, "seeds": args.seeds, "first_seed": args.first_seed}
+    report(rows, base.epochs * base.steps_per_epoch, Path(args.out), params | {"quick": args.quick})
+
+
+def report(rows: list[dict], steps: int, out: Path, params: dict) -> None:
+    """Print the table of mean ± std per share, write the JSON and the figure, log to MLflow."""
+    shares = sorted({r["labelled"] for r in rows})
+    seeds = len({r["seed"] for r in rows})
+    summary: dict = {"steps": steps, "seeds": seeds, "by_share": {}}
+    print(f"\n{seeds} seed(s), {steps} steps per training; test accuracy mean ± std")
     print("| labelled | unified max | supervised max | gap | unified min | supervised min | gap |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for share in shares:
@@ -94,13 +113,10 @@ def main() -> None:
             f"{100 * cell['gap/max']:+.1f} | {fmt(cell['unified/min'])} | {fmt(cell['supervised/min'])} | "
             f"{100 * cell['gap/min']:+.1f} |"
         )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "labels-digits.json").write_text(json.dumps({"summary": summary, "runs": rows}, indent=2))
-    figure = label_curves(summary["by_share"], out / "labels-digits.png", "digits", args.seeds)
-    log_to_mlflow(
-        "labels", {"labelled": args.labelled, "seeds": args.seeds, "quick": args.quick}, summary, [figure]
-    )
+    figure = label_curves(summary["by_share"], out / "labels-digits.png", "digits", seeds)
+    log_to_mlflow("labels", params, summary, [figure])
     print("wrote", out / "labels-digits.json", figure)
 
 
