@@ -333,7 +333,8 @@ def targets_validate(
 @app.command("profile-latency")
 def profile_latency(
     device: str = typer.Option(..., "--device", help="Name of the device this command runs on, e.g. rpi4."),
-    preset: str = typer.Option("tiny", "--space", help="Search space preset."),
+    # tiny-fused: what `space: auto` trains on the default 8-16 px data, which the resolutions match
+    preset: str = typer.Option("tiny-fused", "--space", help="Search space preset."),
     num_classes: int = typer.Option(10, "--num-classes", min=1),
     in_channels: int | None = ChannelsOpt,
     resolutions: str | None = typer.Option(

@@ -232,7 +232,7 @@ def test_cli_profile_latency_writes_a_table_that_predicts_whole_subnets(tmp_path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     table = LatencyTable.load(out)
-    space = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,))
+    space = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))
     assert table.device == "vm" and table.meta["threads"] == 1 and table.meta["fit"]["archs"] == 12
     assert not table.missing(k for a in covering_archs(space) for _, k in blocks(a, space))
     net = Supernet(space, channels_last=False)
