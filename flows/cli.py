@@ -209,9 +209,12 @@ def ingest(
     ),
 ) -> None:
     """Ingest a source as a new version of a data set (a no-op when nothing is new)."""
-    from flows.ingest import ingest_flow
-    from tofa_core.data.sources import SourceError
-    from tofa_core.storage import StorageError
+    from flows.startup import prefect_api_starting
+
+    with prefect_api_starting():  # the API server comes up while this imports
+        from flows.ingest import ingest_flow
+        from tofa_core.data.sources import SourceError
+        from tofa_core.storage import StorageError
 
     try:
         result = ingest_flow(
@@ -240,10 +243,15 @@ def train(
     ),
 ) -> None:
     """Train one elastic supernet with the unified semi-supervised loss on Ray Train."""
-    from flows.train import train_flow
-    from tofa_core.data.sources import SourceError
-    from tofa_core.storage import StorageError
-    from tofa_core.training.checkpoint import CheckpointError
+    from flows.startup import prefect_api_starting
+
+    with prefect_api_starting():  # the API server comes up while this imports and starts Ray
+        from flows.train import start_ray, train_flow
+        from tofa_core.data.sources import SourceError
+        from tofa_core.storage import StorageError
+        from tofa_core.training.checkpoint import CheckpointError
+
+        start_ray()
 
     try:
         summary = train_flow(
@@ -289,9 +297,15 @@ def tune(
     epochs: int = typer.Option(4, "--epochs", min=1, help="Epochs per trial at most (ASHA stops weak ones)."),
 ) -> None:
     """Ray Tune sweep (ASHA) over lr, lambda_u, tau and lambda_kd; writes the best config."""
-    from flows.tune import tune_flow
-    from tofa_core.data.sources import SourceError
-    from tofa_core.storage import StorageError
+    from flows.startup import prefect_api_starting
+
+    with prefect_api_starting():  # the API server comes up while this imports and starts Ray
+        from flows.train import start_ray
+        from flows.tune import tune_flow
+        from tofa_core.data.sources import SourceError
+        from tofa_core.storage import StorageError
+
+        start_ray()
 
     try:
         summary = tune_flow(
@@ -394,15 +408,18 @@ def specialize(
     summary_out: Path | None = SummaryOpt,
 ) -> None:
     """Select, export (ONNX + TorchScript) and verify one subnet per target; no retraining."""
-    from flows.specialize import SpecializationFailed, specialize_flow, task_runner
-    from tofa_core.costs import LatencyTableError
-    from tofa_core.search.evolution import InfeasibleTarget
-    from tofa_core.search.targets import TargetError
-    from tofa_core.storage import StorageError
-    from tofa_core.training.checkpoint import CheckpointError
-
     if score not in ("agreement", "val"):
         fail(f"--score must be agreement or val, got {score!r}")
+    from flows.startup import prefect_api_starting
+
+    with prefect_api_starting():  # the API server comes up while this imports
+        from flows.specialize import SpecializationFailed, specialize_flow, task_runner
+        from tofa_core.costs import LatencyTableError
+        from tofa_core.search.evolution import InfeasibleTarget
+        from tofa_core.search.targets import TargetError
+        from tofa_core.storage import StorageError
+        from tofa_core.training.checkpoint import CheckpointError
+
     failed = None
     try:
         summary = specialize_flow.with_options(task_runner=task_runner())(
@@ -445,21 +462,25 @@ def run(
     summary_out: Path | None = SummaryOpt,
 ) -> None:
     """The whole pipeline: ingest -> train (warm start) -> specialize every target -> register in MLflow."""
-    from flows.pipeline import retrain_flow
     from flows.services import ServiceUnavailable, check_services
     from flows.settings import store_uri
-    from flows.specialize import SpecializationFailed
-    from tofa_core.costs import LatencyTableError
-    from tofa_core.data.sources import SourceError
-    from tofa_core.search.evolution import InfeasibleTarget
-    from tofa_core.search.targets import TargetError
-    from tofa_core.storage import StorageError
-    from tofa_core.training.checkpoint import CheckpointError
+    from flows.startup import prefect_api_starting
 
     try:
         check_services(store_uri(store))  # seconds, before anything starts
     except ServiceUnavailable as err:
         fail(str(err))
+    # Not Ray: with nothing new the run is a no-op in seconds and never trains.
+    with prefect_api_starting():  # the API server comes up while this imports
+        from flows.pipeline import retrain_flow
+        from flows.specialize import SpecializationFailed
+        from tofa_core.costs import LatencyTableError
+        from tofa_core.data.sources import SourceError
+        from tofa_core.search.evolution import InfeasibleTarget
+        from tofa_core.search.targets import TargetError
+        from tofa_core.storage import StorageError
+        from tofa_core.training.checkpoint import CheckpointError
+
     failed = None
     try:
         summary = retrain_flow(
@@ -524,7 +545,6 @@ def baseline(
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the results here."),
 ) -> None:
     """The per-target baseline: train an architecture alone (same data, loss, schedule, evaluation)."""
-    from flows.baseline import baseline_flow
     from tofa_core.arch import Arch
     from tofa_core.data.sources import SourceError
     from tofa_core.storage import StorageError
@@ -545,6 +565,13 @@ def baseline(
         archs = {r["target"]: r["arch"] for r in rows if not target or r["target"] in target}
         if missing := set(target or ()) - set(archs):
             fail(f"{from_summary} has no target(s) {sorted(missing)}; it has {[r['target'] for r in rows]}")
+    from flows.startup import prefect_api_starting
+
+    with prefect_api_starting():  # the API server comes up while this imports and starts Ray
+        from flows.baseline import baseline_flow
+        from flows.train import start_ray
+
+        start_ray()
     try:
         results = baseline_flow(
             archs=archs, source=data, dataset=dataset, store=store,
