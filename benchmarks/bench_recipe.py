@@ -6,7 +6,7 @@ and smallest subnet, the mean and the worst of 16 random subnets (each after BN
 recalibration, the same 16 archs for every run), and seconds. Then mean ± std per variant.
 
     .venv/bin/python benchmarks/bench_recipe.py --variant default={} \
-        --variant k2='{"k_random": 2}' [--seeds 3] [--data digits|mnist5k] [--threads 1]
+        --variant k2='{"k_random": 2}' [--seeds 3] [--first-seed 0] [--data digits|mnist5k] [--threads 1]
 
 One process; runs follow each other. Start two of these side by side with --threads 1 on a
 2-core machine to screen twice as many variants (accuracy does not depend on the load;
@@ -69,6 +69,7 @@ def main() -> None:
         "--variant", type=variant, action="append", help="NAME=JSON [default: the default and e40k2]"
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     parser.add_argument("--data", default="digits", choices=["digits", "mnist5k"])
     parser.add_argument("--labelled", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
@@ -80,7 +81,7 @@ def main() -> None:
         store = DatasetStore(open_storage(f"{tmp}/store"))
         ingest_dataset(args.data, store, Path(tmp), labelled=args.labelled)
         for name, update in args.variant:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 cfg = TrainConfig(**{**update, "seed": seed})
                 run_dir = open_storage(f"{tmp}/store").child(f"runs/{name}-{seed}")
                 start = time.perf_counter()
@@ -90,7 +91,8 @@ def main() -> None:
                 row |= judge(store, run_dir)
                 rows.append(row)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-    print(f"\n{args.data}, {args.labelled:.0%} labels, {args.seeds} seed(s); test accuracy mean ± std")
+    seeds = f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
+    print(f"\n{args.data}, {args.labelled:.0%} labels, {seeds}; test accuracy mean ± std")
     print("| variant | overrides | largest | smallest | 16 random: mean | 16 random: worst | seconds |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, update in args.variant:
