@@ -91,7 +91,7 @@ def train_plain(cfg: TrainConfig, store: DatasetStore, dataset: str) -> tuple[fl
     no_decay = [p for p in net.parameters() if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    total = cfg.epochs * cfg.steps_per_epoch
+    total = cfg.epochs * cfg.epoch_steps(len(splits.train), len(splits.unlabeled))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
     )
@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="plain,max,min")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--data", default="digits", choices=["digits", "mnist5k"])
+    parser.add_argument("--data", default="digits", choices=["digits", "mnist5k", "fmnist"])
     parser.add_argument("--labelled", type=float, default=0.1)
     parser.add_argument("--config", default="{}", help="TrainConfig overrides as JSON")
     parser.add_argument("--threads", type=int, default=1)

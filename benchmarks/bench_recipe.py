@@ -70,7 +70,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
-    parser.add_argument("--data", default="digits", choices=["digits", "mnist5k"])
+    parser.add_argument("--data", default="digits", choices=["digits", "mnist5k", "fmnist"])
     parser.add_argument("--labelled", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

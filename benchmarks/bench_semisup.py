@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed to run")
     parser.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
-    parser.add_argument("--steps", type=int, default=None, help="steps per epoch; default: TrainConfig's")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="steps per epoch, fixed so both losses train equally long"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--quick", action="store_true", default=os.environ.get("TOFA_BENCH_QUICK") == "1")

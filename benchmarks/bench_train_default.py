@@ -89,7 +89,7 @@ def main() -> None:
     mean = {
         k: round(statistics.mean(r[k] for r in rows), 4) for k in ("seconds", "test_acc/max", "test_acc/min")
     }
-    steps = TrainConfig().epochs * TrainConfig().steps_per_epoch
+    steps = f"{TrainConfig().epochs} epochs of {TrainConfig().steps_per_epoch}"
     how = "tofa train, 2 Ray workers" if args.cli else f"one process, {args.threads} thread(s)"
     print(f"seeds {seeds.start}-{seeds.stop - 1}, {steps} steps, {how}")
     print(json.dumps(mean))

@@ -17,7 +17,8 @@ from tofa_core.supernet import Supernet
 TINY = SearchSpace.preset("tiny", num_classes=10, in_channels=1)
 OFA = SearchSpace.preset("ofa-mbv3", num_classes=10)
 FUSED = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1)
-SPACES = {"tiny": TINY, "ofa-mbv3": OFA, "tiny-fused": FUSED}
+SMALL = SearchSpace.preset("small-fused", num_classes=10, in_channels=1)
+SPACES = {"tiny": TINY, "ofa-mbv3": OFA, "tiny-fused": FUSED, "small-fused": SMALL}
 
 
 def _archs(space: SearchSpace, n_random: int = 6, seed: int = 0) -> list[Arch]:
@@ -76,6 +77,12 @@ def test_known_totals():
     assert count_params(TINY.min_arch(), TINY) == 61_362
     assert count_macs(TINY.max_arch(), TINY) == 18_043_392
     assert count_params(TINY.max_arch(), TINY) == 758_354
+    # small-fused (what `space: auto` trains at 28 px): the fmnist targets' 3-14M MACs lie inside.
+    small28 = SearchSpace.preset("small-fused", num_classes=10, in_channels=1, resolutions=(28,))
+    assert count_macs(small28.min_arch(), small28) == 420_096
+    assert count_params(small28.min_arch(), small28) == 53_258
+    assert count_macs(small28.max_arch(), small28) == 25_148_288
+    assert count_params(small28.max_arch(), small28) == 727_842
 
 
 def test_totals_are_sums_over_layers():

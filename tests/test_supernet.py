@@ -18,6 +18,7 @@ from tofa_core.supernet.ops import ElasticDepthwiseConvBN, ElasticKernelConvBN
 SPACES = {
     "tiny": lambda: SearchSpace.preset("tiny", num_classes=10, in_channels=1),
     "tiny-fused": lambda: SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1),
+    "small-fused": lambda: SearchSpace.preset("small-fused", num_classes=10, in_channels=1),
     "ofa-mbv3": lambda: SearchSpace.preset("ofa-mbv3", num_classes=10),
 }
 

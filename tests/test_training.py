@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from tofa_core.arch import SearchSpace
 from tofa_core.data.ingest import IngestConfig, ingest
+from tofa_core.data.loaders import DataSplits, ImageSet, load_splits
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import open_storage
 from tofa_core.supernet import Supernet
 from tofa_core.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, space_dict
-from tofa_core.training.config import TrainConfig
+from tofa_core.training.config import MIN_STEPS_PER_EPOCH, TrainConfig
 from tofa_core.training.evaluate import recalibrate_bn
-from tofa_core.training.loop import allreduce_gradients, train_supernet, warm_start
+from tofa_core.training.loop import allreduce_gradients, space_for, train_supernet, warm_start
 from tofa_core.training.loss import AdaptiveThreshold, student_loss, teacher_loss
 from tofa_core.training.step import sandwich, train_step
 
@@ -345,3 +346,44 @@ def test_a_fixed_arch_trains_alone_with_the_teacher_loss(digits_store, tmp_path)
     for key in unused:
         torch.testing.assert_close(trained[key], initial[key], atol=0, rtol=0)
     assert any(not torch.equal(trained[k], initial[k]) for k in used)
+
+
+def test_auto_schedule_is_one_pass_over_the_unlabelled_images_with_a_floor():
+    cfg = TrainConfig()  # batch 32, mu 3: 96 unlabelled images a step
+    assert cfg.steps_per_epoch == "auto"
+    assert cfg.epoch_steps(labelled=1_000, unlabelled=9_000) == 94  # ceil(9000 / 96)
+    assert cfg.epoch_steps(labelled=1_000, unlabelled=96 * 50) == 50
+    # Small sets keep the floor (digits: ~1,300 unlabelled images would give 14 steps).
+    assert cfg.epoch_steps(labelled=144, unlabelled=1_300) == MIN_STEPS_PER_EPOCH
+    # Supervised (no unlabelled terms or images): passes over the labelled images.
+    supervised = TrainConfig(lambda_u=0.0, lambda_kd=0.0)
+    assert supervised.epoch_steps(labelled=3_200, unlabelled=9_000) == 100
+    assert cfg.epoch_steps(labelled=3_200, unlabelled=0) == 100
+    # A number is taken as it is, whatever the data.
+    assert TrainConfig(steps_per_epoch=7).epoch_steps(labelled=10**6, unlabelled=10**6) == 7
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        TrainConfig(steps_per_epoch="often")
+
+
+@pytest.mark.parametrize(
+    ("side", "preset"),
+    [(8, "tiny-fused"), (16, "tiny-fused"), (28, "small-fused"), (32, "small-fused"), (48, "tiny")],
+)
+def test_auto_space_follows_the_image_side(side, preset):
+    empty = ImageSet(torch.zeros(0, 1, side, side, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    splits = DataSplits("d", "v", ["a", "b"], 1, side, empty, empty, empty, empty)
+    space = space_for(TrainConfig(), splits)
+    assert space.name == preset and space.resolutions == (side,)
+    assert space_for(TrainConfig(space="tiny"), splits).name == "tiny"  # an explicit preset wins
+
+
+def test_auto_schedule_trains_as_many_steps_as_the_data_asks(digits_store, tmp_path):
+    # QUICK without its step count: epochs of one pass over digits' unlabelled share, floored.
+    cfg = QUICK.model_copy(update={"steps_per_epoch": "auto", "epochs": 1, "mu": 4, "batch_size": 8})
+    result = train_supernet(cfg, digits_store, "digits", open_storage(tmp_path))
+    splits = load_splits(digits_store, "digits", val_fraction=cfg.val_fraction, seed=cfg.seed)
+    expected = max(MIN_STEPS_PER_EPOCH, -(-len(splits.unlabeled) // 32))
+    assert expected > MIN_STEPS_PER_EPOCH  # the test means something: the data sets the count
+    assert result.history[0]["images_per_s"] > 0
+    state = load_checkpoint(open_storage(tmp_path), "checkpoints/epoch-0001.pt")
+    assert state["scheduler"]["last_epoch"] == expected

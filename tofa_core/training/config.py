@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -9,20 +10,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tofa_core.data.augment import AugmentConfig
 
+# The floor of `steps_per_epoch: auto`: the schedule the small default data set was tuned on.
+MIN_STEPS_PER_EPOCH = 20
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # search space
     space: str = Field(
-        "auto", description="search space preset; auto: tiny-fused for images of 16 px or less, else tiny"
+        "auto",
+        description="search space preset; auto: tiny-fused for images of 16 px or less, "
+        "small-fused up to 32 px, else tiny",
     )
     resolutions: tuple[int, ...] | None = Field(
         None, description="default: the image side only (upsampling adds cost, not information)"
     )
     # schedule
     epochs: int = Field(20, ge=1)
-    steps_per_epoch: int = Field(20, ge=1)
+    steps_per_epoch: int | Literal["auto"] = Field(
+        "auto",
+        description="auto: one pass over the unlabelled images (the labelled ones when training is "
+        "supervised), at least MIN_STEPS_PER_EPOCH",
+    )
     batch_size: int = Field(32, ge=1, description="labelled images per step, over all workers")
     mu: int = Field(3, ge=0, description="unlabelled batch = mu x labelled batch")
     lr: float = Field(0.05, gt=0)
@@ -57,6 +67,21 @@ class TrainConfig(BaseModel):
     def semi_supervised(self) -> bool:
         """Whether unlabelled images take part at all (they do not when both their terms are off)."""
         return self.mu > 0 and (self.lambda_u > 0 or self.lambda_kd > 0)
+
+    def epoch_steps(self, labelled: int, unlabelled: int) -> int:
+        """Steps per epoch for a data set of `labelled` and `unlabelled` training images.
+
+        A fixed step count would train 1,000 images as long as 100,000; an epoch that is one pass
+        over the data makes the schedule grow with it, and the floor keeps small sets (digits:
+        ~1,400 unlabelled images, 15 steps a pass) from stopping before the network has learned.
+        """
+        if self.steps_per_epoch != "auto":
+            return self.steps_per_epoch
+        if self.semi_supervised and unlabelled:
+            images, per_step = unlabelled, self.batch_size * self.mu
+        else:
+            images, per_step = labelled, self.batch_size
+        return max(MIN_STEPS_PER_EPOCH, math.ceil(images / per_step))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:

@@ -58,9 +58,10 @@ class TrainResult:
     warm_start: str | None = None  # the checkpoint or weights file training started from
 
 
-# `space: auto`: the largest image side the tiny-fused preset is for. Its first stage keeps the
-# input size, so its cost grows with the square of the side; above this, tiny halves it first.
+# `space: auto`: the largest image side each preset is for. tiny-fused's first stage keeps the
+# input size, so its cost grows with the square of the side; small-fused halves it in the stem.
 FUSED_MAX_SIDE = 16
+SMALL_FUSED_MAX_SIDE = 32
 
 
 def space_for(cfg: TrainConfig, splits: DataSplits) -> SearchSpace:
@@ -68,7 +69,14 @@ def space_for(cfg: TrainConfig, splits: DataSplits) -> SearchSpace:
     resolutions = cfg.resolutions or (side,)
     name = cfg.space
     if name == "auto":
-        name = "tiny-fused" if max(resolutions) <= FUSED_MAX_SIDE else "tiny"
+        side = max(resolutions)
+        name = (
+            "tiny-fused"
+            if side <= FUSED_MAX_SIDE
+            else "small-fused"
+            if side <= SMALL_FUSED_MAX_SIDE
+            else "tiny"
+        )
     return SearchSpace.preset(
         name, num_classes=len(splits.classes), in_channels=splits.channels, resolutions=resolutions
     )
@@ -196,7 +204,8 @@ def train_supernet(
         momentum=cfg.momentum,
         nesterov=cfg.momentum > 0,
     )
-    total = cfg.epochs * cfg.steps_per_epoch
+    steps_per_epoch = cfg.epoch_steps(len(splits.train), len(splits.unlabeled))
+    total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
     )
@@ -257,7 +266,7 @@ def train_supernet(
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         images = 0
-        for i in range(cfg.steps_per_epoch):
+        for i in range(steps_per_epoch):
             x, y = next(labelled)
             xw = aug.weak(x, aug_gen)
             uw = us = None
@@ -267,7 +276,7 @@ def train_supernet(
                 images += len(u)
             images += len(x)
             optimizer.zero_grad(set_to_none=True)
-            step = epoch * cfg.steps_per_epoch + i + 1
+            step = epoch * steps_per_epoch + i + 1
             ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
             archs = [fixed] if fixed else sandwich(space, sampler, cfg.k_random)
             logs = train_step(net, archs, xw, y, uw, us, cfg, ramp, adaptive)
@@ -275,7 +284,7 @@ def train_supernet(
             optimizer.step()
             scheduler.step()
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.steps_per_epoch
+                sums[k] = sums.get(k, 0.0) + v / steps_per_epoch
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **sums}
         metrics["images_per_s"] = images * world / seconds

@@ -1,0 +1,270 @@
+"""Accuracy on real small data: TOFA's exported models against networks trained on the same labels.
+
+Data: Fashion-MNIST (28 px clothing, 10 classes; `apt-get install dataset-fashion-mnist`) as an
+image folder: 100 labelled images per class, 9,000 unlabelled, 2,000 test (see _datasets.py).
+Per seed:
+  tofa   the real `tofa run --data FOLDER --targets infra/targets/fmnist.yaml` (Prefect, 2 Ray
+         workers, MLflow in a local file, the store on disk, all in a fresh folder), with only
+         `train.seed` set; per target the accuracy of its exported ONNX file on the test images
+  plain  (a) a plain 5-layer CNN (3x3 convs 32-32-64-64-128, BN, ReLU, two max-pools, ~22M MACs at
+         28 px), supervised only, flips and crops, trained for as long as TOFA's training took
+  semi   (b) the same CNN with the FixMatch-style loss (pseudo-labels on the unlabelled images),
+         for the same time
+  alone  (c, with --alone) each target's chosen architecture trained alone on TOFA's schedule
+         (`train_supernet(fixed=...)`, what `tofa baseline` runs)
+The references train in this process on `--threads` threads, on the splits TOFA trained on (the
+same labelled, validation and test images). Prints per target: MACs, parameters, TOFA's ONNX
+test accuracy and the references' (mean ± std over seeds), the gap to (a); writes the rows as
+JSON and a plot to --out.
+
+    .venv/bin/python benchmarks/bench_quality.py [--seeds 3] [--first-seed 0] [--alone] \
+        [--ref-seconds N] [--threads 2] [--out docs/results/quality]
+
+Run it alone: `tofa run` uses both cores, the references use --threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _datasets import fmnist_folder  # noqa: E402
+from bench_ceiling import macs, plain_cnn  # noqa: E402
+
+from tofa_core.arch import Arch  # noqa: E402
+from tofa_core.data.augment import Augmenter  # noqa: E402
+from tofa_core.data.loaders import BatchStream, DataSplits, load_splits  # noqa: E402
+from tofa_core.data.store import DatasetStore  # noqa: E402
+from tofa_core.storage import open_storage  # noqa: E402
+from tofa_core.training.config import TrainConfig  # noqa: E402
+from tofa_core.training.evaluate import accuracy, recalibrate_bn  # noqa: E402
+from tofa_core.training.loop import train_supernet  # noqa: E402
+from tofa_core.training.loss import teacher_loss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ROOT / "infra" / "targets" / "fmnist.yaml"
+TOFA = ROOT / ".venv" / "bin" / "tofa"
+# Steps the timed references take before they plan their cosine schedule from the measured pace.
+PACE_STEPS = 20
+
+
+def run_tofa(folder: Path, work: Path, seed: int) -> dict:
+    """`tofa run` in its own folder (store, MLflow file, Prefect state); its summary and wall time."""
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "config.yaml"
+    config.write_text(f"train:\n  seed: {seed}\n")
+    summary = work / "summary.json"
+    command = [str(TOFA), "run", "--data", str(folder), "--targets", str(TARGETS)]
+    command += ["--config", str(config), "--summary-out", str(summary)]
+    env = {k: v for k, v in os.environ.items() if k not in ("TOFA_STORE", "MLFLOW_TRACKING_URI")}
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=work, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(summary.read_text()) | {"wall_seconds": time.perf_counter() - start}
+
+
+def train_cnn(splits: DataSplits, cfg: TrainConfig, seconds: float, semi: bool) -> float:
+    """The plain CNN for `seconds` of training (cosine schedule sized from its measured pace)."""
+    torch.manual_seed(cfg.seed)
+    net = plain_cnn(splits.channels, len(splits.classes))
+    labelled = BatchStream(splits.train, cfg.batch_size, seed=cfg.seed * 7919)
+    unlabelled = BatchStream(splits.unlabeled, cfg.batch_size * cfg.mu, seed=cfg.seed * 7919 + 104729)
+    aug = Augmenter(cfg.augment, splits.channels)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * 104729)
+    decay = [p for p in net.parameters() if p.dim() > 1]
+    no_decay = [p for p in net.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    start, total, step = time.perf_counter(), math.inf, 0
+    net.train()
+    while step < total:
+        step += 1
+        if step == PACE_STEPS + 1:  # now the pace is known: plan the schedule for the time left
+            pace = (time.perf_counter() - start) / PACE_STEPS
+            total = max(step, int(seconds / pace))
+        lr_share = 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))) if total < math.inf else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_share
+        x, y = next(labelled)
+        inputs, n_u = aug.weak(x, gen), 0
+        if semi:
+            u, _ = next(unlabelled)
+            inputs, n_u = torch.cat([inputs, aug.weak(u, gen), aug.strong(u, gen)]), len(u)
+        ramp = min(1.0, step / (cfg.warmup * total)) if semi and cfg.warmup > 0 else 1.0
+        loss, _, _ = teacher_loss(net(inputs), y, n_u, cfg.model_copy(update={"lambda_u": float(semi)}), ramp)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    pool = torch.cat([splits.train.images, splits.unlabeled.images])
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
+    recalibrate_bn(net, aug.normalize(pool[pick])).eval()
+    return accuracy(net, aug.normalize(splits.test.images), splits.test.labels)
+
+
+def references(summary: dict, work: Path, seed: int, args) -> dict:
+    store = DatasetStore(open_storage(str(work / ".tofa" / "store")))
+    cfg = TrainConfig(seed=seed)
+    # Clothing stays clothing when mirrored: the references get flips whatever TOFA's default.
+    ref_cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"hflip": True})})
+    splits = load_splits(store, summary["dataset"], summary["data_version"], cfg.val_fraction, seed)
+    seconds = args.ref_seconds or summary["training_seconds"]
+    out = {"ref_seconds": seconds}
+    out["plain"] = train_cnn(splits, ref_cfg, seconds, semi=False)
+    out["semi"] = train_cnn(splits, ref_cfg, seconds, semi=True)
+    x = torch.zeros(1, splits.channels, splits.size, splits.size)
+    out["plain_macs"] = macs(plain_cnn(splits.channels, len(splits.classes)), x)
+    if args.alone:
+        out["alone"] = {}
+        for row in summary["targets"]:
+            arch = Arch.from_dict(row["arch"])
+            run_dir = open_storage(str(work / "alone" / row["target"]))
+            result = train_supernet(cfg, store, summary["dataset"], run_dir, fixed=arch)
+            out["alone"][row["target"]] = result.final["test_acc/arch"]
+            print(
+                json.dumps({"seed": seed, "alone": row["target"], "acc": out["alone"][row["target"]]}),
+                flush=True,
+            )
+    return out
+
+
+def one_seed(folder: Path, tmp: Path, seed: int, args) -> dict:
+    work = tmp / f"seed-{seed}"
+    summary = run_tofa(folder, work, seed)
+    row = {
+        "seed": seed,
+        "wall_seconds": round(summary["wall_seconds"], 1),
+        "training_seconds": round(summary["training_seconds"], 1),
+        "targets": {
+            t["target"]: {
+                "macs": t["macs"],
+                "params": t["params"],
+                "test_acc": t["test_acc"],
+                "arch": t["arch"],
+            }
+            for t in summary["targets"]
+        },
+    }
+    print(
+        json.dumps(
+            {"seed": seed, "wall_seconds": row["wall_seconds"], "training_seconds": row["training_seconds"]}
+        )
+    )
+    row |= references(summary, work, seed, args)
+    print(json.dumps({k: v for k, v in row.items() if k != "targets"}), flush=True)
+    return row
+
+
+def _stat(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+
+
+def report(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(rows, indent=2))
+    seeds = len(rows)
+    plain = [r["plain"] for r in rows]
+    semi = [r["semi"] for r in rows]
+    print(f"\nFashion-MNIST, 1,000 labels + 9,000 unlabelled, 2,000 test images; {seeds} seed(s)")
+    print(
+        f"tofa run wall {statistics.mean(r['wall_seconds'] for r in rows):.0f} s, training "
+        f"{statistics.mean(r['training_seconds'] for r in rows):.0f} s; references trained "
+        f"{statistics.mean(r['ref_seconds'] for r in rows):.0f} s each"
+    )
+    print(f"(a) plain CNN supervised ({rows[0]['plain_macs'] / 1e6:.1f}M MACs): {_stat(plain)}")
+    print(f"(b) plain CNN semi-supervised: {_stat(semi)}")
+    alone = "alone" in rows[0]
+    head = "| target | MACs | params | TOFA (ONNX) | - (a) |" + (" (c) alone | - (c) |" if alone else "")
+    print(head)
+    print("|" + " ---: |" * (head.count("|") - 1))
+    for name, first in rows[0]["targets"].items():
+        tofa = [r["targets"][name]["test_acc"] for r in rows]
+        gap = [t - p for t, p in zip(tofa, plain)]
+        cells = [
+            name,
+            f"{first['macs'] / 1e6:.1f}M",
+            f"{first['params'] / 1e3:.0f}k",
+            _stat(tofa),
+            _stat(gap),
+        ]
+        if alone:
+            own = [r["alone"][name] for r in rows]
+            cells += [_stat(own), _stat([t - o for t, o in zip(tofa, own)])]
+        print("| " + " | ".join(cells) + " |")
+    plot(rows, out / "quality.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(rows[0]["targets"])
+    for r in rows:
+        ax.scatter(
+            [r["targets"][n]["macs"] / 1e6 for n in names],
+            [100 * r["targets"][n]["test_acc"] for n in names],
+            color="C0",
+            alpha=0.6,
+            label="TOFA exported (ONNX)" if r is rows[0] else None,
+        )
+        if "alone" in r:
+            ax.scatter(
+                [r["targets"][n]["macs"] / 1e6 for n in names],
+                [100 * r["alone"][n] for n in names],
+                color="C2",
+                marker="x",
+                label="(c) trained alone" if r is rows[0] else None,
+            )
+    for key, color, label in (
+        ("plain", "C3", "(a) plain CNN, supervised"),
+        ("semi", "C1", "(b) plain CNN, semi-sup."),
+    ):
+        ax.axhline(100 * statistics.mean(r[key] for r in rows), color=color, ls="--", label=label)
+    ax.set_xlabel("MACs (millions)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"Fashion-MNIST, 1,000 labels, {len(rows)} seed(s)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--alone", action="store_true", help="also train each target's architecture alone (c)"
+    )
+    parser.add_argument("--ref-seconds", type=float, default=None, help="[default: TOFA's training time]")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the references")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "quality"))
+    parser.add_argument("--merge", nargs="*", help="quality.json files of earlier runs: report them together")
+    args = parser.parse_args()
+    if args.merge:
+        report([row for path in args.merge for row in json.loads(Path(path).read_text())], Path(args.out))
+        return
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = fmnist_folder(Path(tmp) / "fmnist")
+        rows = [
+            one_seed(folder, Path(tmp), seed, args)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
+        ]
+    report(rows, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
