@@ -18,7 +18,7 @@ test accuracy and the references' (mean ± std over seeds), the gap to (a); writ
 JSON and a plot to --out.
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 3] [--first-seed 0] [--alone] \
-        [--ref-seconds N] [--threads 2] [--out docs/results/quality]
+        [--ref-seconds N] [--threads 2] [--out docs/results/quality] [--quick]
 
 Run it alone: `tofa run` uses both cores, the references use --threads.
 """
@@ -59,17 +59,18 @@ TOFA = ROOT / ".venv" / "bin" / "tofa"
 PACE_STEPS = 20
 
 
-def run_tofa(folder: Path, work: Path, seed: int) -> dict:
+def run_tofa(folder: Path, work: Path, seed: int, quick: bool) -> dict:
     """`tofa run` in its own folder (store, MLflow file, Prefect state); its summary and wall time."""
     work.mkdir(parents=True, exist_ok=True)
     config = work / "config.yaml"
-    config.write_text(f"train:\n  seed: {seed}\n")
+    config.write_text(f"train:\n  seed: {seed}\n" + ("  epochs: 1\n  steps_per_epoch: 3\n" if quick else ""))
     summary = work / "summary.json"
     command = [str(TOFA), "run", "--data", str(folder), "--targets", str(TARGETS)]
     command += ["--config", str(config), "--summary-out", str(summary)]
     env = {k: v for k, v in os.environ.items() if k not in ("TOFA_STORE", "MLFLOW_TRACKING_URI")}
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=work, env=env, stdout=subprocess.DEVNULL)
+    with open(work / "tofa.log", "w") as log:  # Prefect's and Ray's logs: read it when a run fails
+        subprocess.run(command, check=True, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     return json.loads(summary.read_text()) | {"wall_seconds": time.perf_counter() - start}
 
 
@@ -116,7 +117,9 @@ def references(summary: dict, work: Path, seed: int, args) -> dict:
     cfg = TrainConfig(seed=seed)
     # Clothing stays clothing when mirrored: the references get flips whatever TOFA's default.
     ref_cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"hflip": True})})
-    splits = load_splits(store, summary["dataset"], summary["data_version"], cfg.val_fraction, seed)
+    splits = load_splits(
+        store, summary["dataset"], summary["data_version"], val_fraction=cfg.val_fraction, seed=seed
+    )
     seconds = args.ref_seconds or summary["training_seconds"]
     out = {"ref_seconds": seconds}
     out["plain"] = train_cnn(splits, ref_cfg, seconds, semi=False)
@@ -139,7 +142,7 @@ def references(summary: dict, work: Path, seed: int, args) -> dict:
 
 def one_seed(folder: Path, tmp: Path, seed: int, args) -> dict:
     work = tmp / f"seed-{seed}"
-    summary = run_tofa(folder, work, seed)
+    summary = run_tofa(folder, work, seed, args.quick)
     row = {
         "seed": seed,
         "wall_seconds": round(summary["wall_seconds"], 1),
@@ -186,7 +189,7 @@ def report(rows: list[dict], out: Path) -> None:
     alone = "alone" in rows[0]
     head = "| target | MACs | params | TOFA (ONNX) | - (a) |" + (" (c) alone | - (c) |" if alone else "")
     print(head)
-    print("|" + " ---: |" * (head.count("|") - 1))
+    print("| --- |" + " ---: |" * (head.count("|") - 2))
     for name, first in rows[0]["targets"].items():
         tofa = [r["targets"][name]["test_acc"] for r in rows]
         gap = [t - p for t, p in zip(tofa, plain)]
@@ -251,6 +254,7 @@ def main() -> None:
     parser.add_argument("--ref-seconds", type=float, default=None, help="[default: TOFA's training time]")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the references")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "quality"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: little data, 3 steps, refs 10 s")
     parser.add_argument("--merge", nargs="*", help="quality.json files of earlier runs: report them together")
     args = parser.parse_args()
     if args.merge:
@@ -258,7 +262,10 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = fmnist_folder(Path(tmp) / "fmnist")
+        if args.quick:
+            args.seeds, args.ref_seconds, args.out = 1, 10, str(Path(tmp) / "out")
+        sizes = {"per_class": 10, "unlabelled": 300, "test": 200} if args.quick else {}
+        folder = fmnist_folder(Path(tmp) / "fmnist", **sizes)
         rows = [
             one_seed(folder, Path(tmp), seed, args)
             for seed in range(args.first_seed, args.first_seed + args.seeds)

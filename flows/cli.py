@@ -48,13 +48,13 @@ def _space(preset: str, num_classes: int, in_channels: int, resolutions: str | N
         fail(str(err))
 
 
-PresetArg = typer.Argument("tiny", help="Search space preset: tiny, tiny-fused or ofa-mbv3.")
+PresetArg = typer.Argument("tiny", help="Search space preset: tiny, tiny-fused, small-fused or ofa-mbv3.")
 ClassesOpt = typer.Option(10, "--num-classes", min=1, help="Classifier outputs.")
 ChannelsOpt = typer.Option(
     None,
     "--in-channels",
     min=1,
-    help="Input channels \\[default: 1 for tiny and tiny-fused, 3 for ofa-mbv3].",
+    help="Input channels \\[default: 1 for tiny, tiny-fused and small-fused, 3 for ofa-mbv3].",
 )
 ResOpt = typer.Option(None, "--resolutions", help="Override the input resolutions, e.g. 16,24,32.")
 
