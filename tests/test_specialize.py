@@ -128,13 +128,19 @@ def test_already_measured_subnets_compete_with_search_only_when_they_fit(trained
     target = Target(name="t", max_macs=250_000)
     costs = CostModel(space)
     assert not costs.fits(space.max_arch(), target) and costs.fits(space.min_arch(), target)
+    # A fitting subnet that search does not propose itself (search's own picks are scored
+    # afresh, so a measured score of one of them would not count): the same search runs inside.
+    picks = {arch for arch, _ in evolve(target, costs, predictor[0].predict, FAST, 0).candidates}
+    rng = random.Random(5)
+    candidates = [space.min_arch()] + [space.sample(rng) for _ in range(500)]
+    fit = next(a for a in candidates if costs.fits(a, target) and a not in picks)
     # Scores no real subnet reaches (agreement <= 1): whichever of these is allowed must win.
-    measured = [Scored(space.max_arch(), 1.0, 3.0), Scored(space.min_arch(), 0.0, 2.0)]
+    measured = [Scored(space.max_arch(), 1.0, 3.0), Scored(fit, 0.0, 2.0)]
     done = specialize(
         t.net, target, predictor[0], t.data, costs, tmp_path, classes=t.splits.classes, evolution=FAST,
         measured=measured,
     )  # fmt: skip
-    assert done.arch == space.min_arch() and done.score == 2.0
+    assert done.arch == fit and done.score == 2.0
     assert done.search["reranked"] == 4 and done.search["measured_before"] == 1
     about = json.loads(done.exported.files["model.json"].read_text())
     assert about["scores"]["agreement"] == 2.0 and about["scores"]["predicted"] < 1.5  # the predictor's own
