@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from _datasets import ingest_dataset  # noqa: E402
 
 from tofa_core.costs import count_macs  # noqa: E402
 from tofa_core.data.augment import Augmenter  # noqa: E402
-from tofa_core.data.loaders import BatchStream, load_splits  # noqa: E402
+from tofa_core.data.loaders import BatchStream, DataSplits, load_splits  # noqa: E402
 from tofa_core.data.store import DatasetStore  # noqa: E402
 from tofa_core.storage import open_storage  # noqa: E402
 from tofa_core.training.config import TrainConfig  # noqa: E402
@@ -78,41 +79,65 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def train_plain(cfg: TrainConfig, store: DatasetStore, dataset: str) -> tuple[float, int]:
-    """The loop of `train_supernet(fixed=...)` with a plain CNN in place of the subnet."""
-    splits = load_splits(store, dataset, val_fraction=cfg.val_fraction, seed=cfg.seed)
+@dataclass
+class PlainRun:
+    """A plain CNN with its data streams, augmentation and optimizer, seeded as `train_supernet`."""
+
+    net: nn.Module
+    labelled: BatchStream
+    unlabelled: BatchStream
+    aug: Augmenter
+    gen: torch.Generator
+    optimizer: torch.optim.Optimizer
+
+
+def plain_run(cfg: TrainConfig, splits: DataSplits) -> PlainRun:
     torch.manual_seed(cfg.seed)
     net = plain_cnn(splits.channels, len(splits.classes))
     labelled = BatchStream(splits.train, cfg.batch_size, seed=cfg.seed * 7919)
     unlabelled = BatchStream(splits.unlabeled, cfg.batch_size * cfg.mu, seed=cfg.seed * 7919 + 104729)
-    aug = Augmenter(cfg.augment, splits.channels)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * 104729)
     decay = [p for p in net.parameters() if p.dim() > 1]
     no_decay = [p for p in net.parameters() if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    total = cfg.epochs * cfg.epoch_steps(len(splits.train), len(splits.unlabeled))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * 104729)
+    return PlainRun(
+        net.train(), labelled, unlabelled, Augmenter(cfg.augment, splits.channels), gen, optimizer
     )
-    net.train()
-    for step in range(1, total + 1):
-        x, y = next(labelled)
-        inputs, n_u = aug.weak(x, gen), 0
-        if cfg.semi_supervised:
-            u, _ = next(unlabelled)
-            inputs, n_u = torch.cat([inputs, aug.weak(u, gen), aug.strong(u, gen)]), len(u)
-        ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
-        loss, _, _ = teacher_loss(net(inputs), y, n_u, cfg, ramp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+
+
+def plain_step(run: PlainRun, cfg: TrainConfig, ramp: float) -> None:
+    """One update by the teacher's loss: labelled cross-entropy (+ pseudo-labels when semi-supervised)."""
+    x, y = next(run.labelled)
+    inputs, n_u = run.aug.weak(x, run.gen), 0
+    if cfg.semi_supervised:
+        u, _ = next(run.unlabelled)
+        inputs, n_u = torch.cat([inputs, run.aug.weak(u, run.gen), run.aug.strong(u, run.gen)]), len(u)
+    loss, _, _ = teacher_loss(run.net(inputs), y, n_u, cfg, ramp)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+
+
+def plain_test_accuracy(run: PlainRun, cfg: TrainConfig, splits: DataSplits) -> float:
+    """Test accuracy after BN recalibration on the same sample of training images as a subnet's."""
     pool = torch.cat([splits.train.images, splits.unlabeled.images])
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-    recalibrate_bn(net, aug.normalize(pool[pick])).eval()
-    test_x = aug.normalize(splits.test.images)
-    return accuracy(net, test_x, splits.test.labels), macs(net, test_x)
+    recalibrate_bn(run.net, run.aug.normalize(pool[pick])).eval()
+    return accuracy(run.net, run.aug.normalize(splits.test.images), splits.test.labels)
+
+
+def train_plain(cfg: TrainConfig, store: DatasetStore, dataset: str) -> tuple[float, int]:
+    """The loop of `train_supernet(fixed=...)` with a plain CNN in place of the subnet."""
+    splits = load_splits(store, dataset, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    run = plain_run(cfg, splits)
+    total = cfg.epochs * cfg.epoch_steps(len(splits.train), len(splits.unlabeled))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, total)
+    for step in range(1, total + 1):
+        plain_step(run, cfg, min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0)
+        scheduler.step()
+    x = torch.zeros(1, splits.channels, splits.size, splits.size)
+    return plain_test_accuracy(run, cfg, splits), macs(run.net, x)
 
 
 def main() -> None:

@@ -40,17 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _datasets import fmnist_folder  # noqa: E402
-from bench_ceiling import macs, plain_cnn  # noqa: E402
+from bench_ceiling import macs, plain_cnn, plain_run, plain_step, plain_test_accuracy  # noqa: E402
 
 from tofa_core.arch import Arch  # noqa: E402
-from tofa_core.data.augment import Augmenter  # noqa: E402
-from tofa_core.data.loaders import BatchStream, DataSplits, load_splits  # noqa: E402
+from tofa_core.data.loaders import DataSplits, load_splits  # noqa: E402
 from tofa_core.data.store import DatasetStore  # noqa: E402
 from tofa_core.storage import open_storage  # noqa: E402
 from tofa_core.training.config import TrainConfig  # noqa: E402
-from tofa_core.training.evaluate import accuracy, recalibrate_bn  # noqa: E402
 from tofa_core.training.loop import train_supernet  # noqa: E402
-from tofa_core.training.loss import teacher_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ROOT / "infra" / "targets" / "fmnist.yaml"
@@ -74,42 +71,19 @@ def run_tofa(folder: Path, work: Path, seed: int, quick: bool) -> dict:
     return json.loads(summary.read_text()) | {"wall_seconds": time.perf_counter() - start}
 
 
-def train_cnn(splits: DataSplits, cfg: TrainConfig, seconds: float, semi: bool) -> float:
+def train_cnn(splits: DataSplits, cfg: TrainConfig, seconds: float) -> float:
     """The plain CNN for `seconds` of training (cosine schedule sized from its measured pace)."""
-    torch.manual_seed(cfg.seed)
-    net = plain_cnn(splits.channels, len(splits.classes))
-    labelled = BatchStream(splits.train, cfg.batch_size, seed=cfg.seed * 7919)
-    unlabelled = BatchStream(splits.unlabeled, cfg.batch_size * cfg.mu, seed=cfg.seed * 7919 + 104729)
-    aug = Augmenter(cfg.augment, splits.channels)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * 104729)
-    decay = [p for p in net.parameters() if p.dim() > 1]
-    no_decay = [p for p in net.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    run = plain_run(cfg, splits)
     start, total, step = time.perf_counter(), math.inf, 0
-    net.train()
     while step < total:
         step += 1
         if step == PACE_STEPS + 1:  # now the pace is known: plan the schedule for the time left
-            pace = (time.perf_counter() - start) / PACE_STEPS
-            total = max(step, int(seconds / pace))
-        lr_share = 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))) if total < math.inf else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_share
-        x, y = next(labelled)
-        inputs, n_u = aug.weak(x, gen), 0
-        if semi:
-            u, _ = next(unlabelled)
-            inputs, n_u = torch.cat([inputs, aug.weak(u, gen), aug.strong(u, gen)]), len(u)
-        ramp = min(1.0, step / (cfg.warmup * total)) if semi and cfg.warmup > 0 else 1.0
-        loss, _, _ = teacher_loss(net(inputs), y, n_u, cfg.model_copy(update={"lambda_u": float(semi)}), ramp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    pool = torch.cat([splits.train.images, splits.unlabeled.images])
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-    recalibrate_bn(net, aug.normalize(pool[pick])).eval()
-    return accuracy(net, aug.normalize(splits.test.images), splits.test.labels)
+            total = max(step, int(seconds * PACE_STEPS / (time.perf_counter() - start)))
+        share = min(1.0, step / total)
+        for group in run.optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * share))
+        plain_step(run, cfg, min(1.0, share / cfg.warmup) if cfg.warmup > 0 else 1.0)
+    return plain_test_accuracy(run, cfg, splits)
 
 
 def references(summary: dict, work: Path, seed: int, args) -> dict:
@@ -122,8 +96,8 @@ def references(summary: dict, work: Path, seed: int, args) -> dict:
     )
     seconds = args.ref_seconds or summary["training_seconds"]
     out = {"ref_seconds": seconds}
-    out["plain"] = train_cnn(splits, ref_cfg, seconds, semi=False)
-    out["semi"] = train_cnn(splits, ref_cfg, seconds, semi=True)
+    out["plain"] = train_cnn(splits, ref_cfg.model_copy(update={"lambda_u": 0.0, "lambda_kd": 0.0}), seconds)
+    out["semi"] = train_cnn(splits, ref_cfg, seconds)
     x = torch.zeros(1, splits.channels, splits.size, splits.size)
     out["plain_macs"] = macs(plain_cnn(splits.channels, len(splits.classes)), x)
     if args.alone:
