@@ -361,8 +361,9 @@ def test_auto_schedule_is_one_pass_over_the_unlabelled_images_with_a_floor():
     assert cfg.epoch_steps(labelled=3_200, unlabelled=0) == 100
     # A number is taken as it is, whatever the data.
     assert TrainConfig(steps_per_epoch=7).epoch_steps(labelled=10**6, unlabelled=10**6) == 7
-    with pytest.raises(ValueError, match="steps_per_epoch"):
-        TrainConfig(steps_per_epoch="often")
+    for wrong in ("often", 0):
+        with pytest.raises(ValueError, match="steps_per_epoch"):
+            TrainConfig(steps_per_epoch=wrong)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +28,7 @@ class TrainConfig(BaseModel):
     )
     # schedule
     epochs: int = Field(20, ge=1)
-    steps_per_epoch: int | Literal["auto"] = Field(
+    steps_per_epoch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="auto: one pass over the unlabelled images (the labelled ones when training is "
         "supervised), at least MIN_STEPS_PER_EPOCH",

@@ -58,25 +58,18 @@ class TrainResult:
     warm_start: str | None = None  # the checkpoint or weights file training started from
 
 
-# `space: auto`: the largest image side each preset is for. tiny-fused's first stage keeps the
-# input size, so its cost grows with the square of the side; small-fused halves it in the stem.
-FUSED_MAX_SIDE = 16
-SMALL_FUSED_MAX_SIDE = 32
+# `space: auto`: the largest image side each preset is for, smallest first; above all, tiny.
+# tiny-fused's first stage keeps the input size, so its cost grows with the square of the
+# side; small-fused halves the side in its stem.
+AUTO_SPACES = ((16, "tiny-fused"), (32, "small-fused"))
 
 
 def space_for(cfg: TrainConfig, splits: DataSplits) -> SearchSpace:
-    side = splits.size
-    resolutions = cfg.resolutions or (side,)
+    resolutions = cfg.resolutions or (splits.size,)
     name = cfg.space
     if name == "auto":
-        side = max(resolutions)
-        name = (
-            "tiny-fused"
-            if side <= FUSED_MAX_SIDE
-            else "small-fused"
-            if side <= SMALL_FUSED_MAX_SIDE
-            else "tiny"
-        )
+        largest = max(resolutions)
+        name = next((preset for side, preset in AUTO_SPACES if largest <= side), "tiny")
     return SearchSpace.preset(
         name, num_classes=len(splits.classes), in_channels=splits.channels, resolutions=resolutions
     )
