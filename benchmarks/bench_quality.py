@@ -18,7 +18,7 @@ test accuracy and the references' (mean ± std over seeds), the gap to (a); writ
 JSON and a plot to --out.
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 3] [--first-seed 0] [--alone] \
-        [--ref-seconds N] [--threads 2] [--out docs/results/quality] [--quick]
+        [--ref-seconds N] [--threads 2] [--out docs/results/quality] [--refs-from FILE] [--quick]
 
 Run it alone: `tofa run` uses both cores, the references use --threads.
 """
@@ -52,6 +52,8 @@ from tofa_core.training.loop import train_supernet  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ROOT / "infra" / "targets" / "fmnist.yaml"
 TOFA = ROOT / ".venv" / "bin" / "tofa"
+# What references() measures; it depends only on the seed's split and the time budget.
+REF_KEYS = ("ref_seconds", "plain", "semi", "plain_macs")
 # Steps the timed references take before they plan their cosine schedule from the measured pace.
 PACE_STEPS = 20
 
@@ -136,7 +138,8 @@ def one_seed(folder: Path, tmp: Path, seed: int, args) -> dict:
             {"seed": seed, "wall_seconds": row["wall_seconds"], "training_seconds": row["training_seconds"]}
         )
     )
-    row |= references(summary, work, seed, args)
+    earlier = args.refs_from.get(seed) if args.refs_from else None
+    row |= {k: earlier[k] for k in REF_KEYS} if earlier else references(summary, work, seed, args)
     print(json.dumps({k: v for k, v in row.items() if k != "targets"}), flush=True)
     return row
 
@@ -229,7 +232,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "quality"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: little data, 3 steps, refs 10 s")
     parser.add_argument("--merge", nargs="*", help="quality.json files of earlier runs: report them together")
+    parser.add_argument(
+        "--refs-from",
+        help="a quality.json of an earlier run: reuse its references (a), (b) for the seeds it has "
+        "(the same seed is the same split) instead of training them again",
+    )
     args = parser.parse_args()
+    if args.refs_from:
+        args.refs_from = {r["seed"]: r for r in json.loads(Path(args.refs_from).read_text())}
     if args.merge:
         report([row for path in args.merge for row in json.loads(Path(path).read_text())], Path(args.out))
         return
