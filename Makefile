@@ -9,7 +9,7 @@ LOCK_DIR ?= /tmp/tofa-lock
 # Prefect's usage analytics stay off: runs here have no network, and users' runs are theirs.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run stack-up stack-down test bench bench-full lint format lock clean
+.PHONY: setup run stack-up stack-down test test-fast bench bench-full lint format lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ stack-down: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that start no server, no Ray and train nothing (tests marked `slow` are left out).
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # `make bench`: the results scripts in quick mode (minutes; what CI can afford).
 # `make bench-full`: every benchmark in full mode (hours on 2 cores: README's figures).

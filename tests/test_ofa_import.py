@@ -24,6 +24,7 @@ def ofa_space(num_classes=10, in_channels=3):
     )
 
 
+@pytest.mark.slow
 def test_imported_supernet_matches_reference_on_random_archs(reference):
     space = ofa_space()
     net = Supernet(space)

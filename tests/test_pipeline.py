@@ -21,6 +21,8 @@ from PIL import Image
 from quick_config import config as quick_config
 from sklearn.datasets import load_digits
 
+pytestmark = pytest.mark.slow  # whole pipeline runs: training, specialization, registry
+
 TARGETS = "- {name: small, max_macs: 200000}\n- {name: lean, max_params: 150000}\n"
 
 

@@ -17,6 +17,8 @@ from tofa_core.data.sources import SourceError
 from tofa_core.data.store import DatasetStore, images_array
 from tofa_core.storage import S3Storage, StorageError, open_storage
 
+pytestmark = pytest.mark.slow  # a real S3 server and Prefect flow runs
+
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):

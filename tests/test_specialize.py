@@ -29,6 +29,8 @@ from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.loop import train_supernet
 
+pytestmark = pytest.mark.slow  # trains a supernet and predictor, exports and verifies targets
+
 FAST = EvolutionConfig(population=40, generations=8, top=3)
 
 

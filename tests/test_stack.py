@@ -24,6 +24,8 @@ from quick_config import config as quick_config
 
 from flows.stack import free_port_pairs
 
+pytestmark = pytest.mark.slow  # a real stack: S3, MLflow, Prefect server and worker
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts a Prefect server
+
 SCRIPT = """
 import json, urllib.request
 from flows.startup import prefect_api_starting

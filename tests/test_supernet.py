@@ -28,7 +28,11 @@ def random_supernet(name: str, seed: int = 0) -> Supernet:
     return randomise(Supernet(SPACES[name]()), seed).eval()
 
 
-@pytest.fixture(scope="module", params=sorted(SPACES))
+# ofa-mbv3 (the ImageNet space) is the slow one: it runs with `make test`, not `make test-fast`.
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(n, marks=pytest.mark.slow) if n == "ofa-mbv3" else n for n in sorted(SPACES)],
+)
 def net(request) -> Supernet:
     return random_supernet(request.param)
 

@@ -214,6 +214,7 @@ def test_cli_targets_validate(tmp_path):
     assert "max_params" in bad.output and "targets.yaml" in bad.output
 
 
+@pytest.mark.slow
 def test_cli_profile_latency_writes_a_table_that_predicts_whole_subnets(tmp_path):
     """The profiler on this machine, end to end; then the table's error on random subnets.
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from quick_config import config
 
+pytestmark = pytest.mark.slow  # Ray clusters and multi-worker training
+
 SOFT_LIMIT_S = 300  # a test fails with every thread's stack after this long ...
 HARD_LIMIT_S = 340  # ... and the process exits (stacks dumped) if even that cannot interrupt it
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 100 * 1024 * 1024}

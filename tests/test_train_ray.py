@@ -14,6 +14,8 @@ from quick_config import config
 
 from tofa_core.storage import open_storage
 
+pytestmark = pytest.mark.slow  # Ray Train runs
+
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, prefect_server):

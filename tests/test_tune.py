@@ -8,6 +8,8 @@ import yaml
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 
+pytestmark = pytest.mark.slow  # Ray Tune trials
+
 BASE = """
 train:
   steps_per_epoch: 2
