@@ -15,7 +15,7 @@ from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.loaders import load_splits
 from tofa_core.data.sources import SourceError
 from tofa_core.data.store import DatasetStore, images_array
-from tofa_core.storage import S3Storage, StorageError, open_storage
+from tofa_core.storage import S3Storage, StorageError, TooLarge, open_storage
 
 pytestmark = pytest.mark.slow  # a real S3 server and Prefect flow runs
 
@@ -56,6 +56,10 @@ def test_s3_storage_round_trip_and_conditional_put(s3_env, s3_bucket):
     assert [o.key for o in st.child("a").list()] == ["b.bin", "m.json"]
     with pytest.raises(StorageError, match="does not exist"):
         st.read_bytes("nope")
+    assert st.read_bytes("a/b.bin", max_bytes=3) == b"one"
+    with pytest.raises(TooLarge, match="3 bytes, over the limit of 2"):
+        st.read_bytes("a/b.bin", max_bytes=2)
+    assert st.stat(["a/m.json", "a/gone.bin"]) == {"a/m.json": st.list()[1]}
 
 
 def test_s3_bad_credentials_and_bucket_give_clear_errors_without_secrets(s3_env, s3_bucket, monkeypatch):

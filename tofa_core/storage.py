@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,15 @@ class NotFound(StorageError, FileNotFoundError):
     pass
 
 
+class NotRegular(StorageError):
+    """Not a regular file of this root: a FIFO, device or socket, or a link leading out of a
+    confined root. Never opened for reading (a FIFO would block the reader forever)."""
+
+
+class TooLarge(StorageError):
+    """The object is larger than the reader's byte limit; nothing of it was read."""
+
+
 class ObjectInfo(NamedTuple):  # a tuple: listings make tens of thousands of these
     key: str
     size: int
@@ -36,6 +47,22 @@ class ObjectInfo(NamedTuple):  # a tuple: listings make tens of thousands of the
 
 def _by_key(o: ObjectInfo) -> str:
     return o.key
+
+
+_NOT_UTF8 = "file name is not valid UTF-8: rename it"
+
+
+def _utf8(key: str) -> bool:
+    try:
+        key.encode("utf-8")  # undecodable bytes of a name arrive as lone surrogates
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _note(rejected: list[tuple[str, str]] | None, key: str, reason: str) -> None:
+    if rejected is not None:
+        rejected.append((key, reason))
 
 
 class Storage:
@@ -49,7 +76,8 @@ class Storage:
     def child(self, prefix: str) -> Storage:
         raise NotImplementedError
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; `TooLarge` without reading it when it has more than `max_bytes`."""
         raise NotImplementedError
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -62,9 +90,19 @@ class Storage:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
-    def walk(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects under `prefix` (recursively), in no particular order."""
+    def walk(self, prefix: str = "", rejected: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
+        """Objects under `prefix` (recursively), in no particular order. Entries that are not
+        objects to read (see LocalStorage) are skipped, with (key, reason) added to `rejected`."""
         raise NotImplementedError
+
+    def stat(self, keys: list[str], rejected: list[tuple[str, str]] | None = None) -> dict[str, ObjectInfo]:
+        """Size and tag of each of `keys` that exists; by default one listing under their common folder."""
+        if not keys:
+            return {}
+        folders = {key.rpartition("/")[0] for key in keys}
+        folder = "" if "" in folders else posixpath.commonpath(list(folders))
+        wanted = set(keys)
+        return {o.key: o for o in self.walk(folder, rejected) if o.key in wanted}
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Objects under `prefix` (recursively), sorted by key."""
@@ -86,25 +124,54 @@ class Storage:
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: str | os.PathLike):
+    """A local folder. Only regular files are objects: FIFOs, devices and sockets are never
+    opened. `confined` (for sources users point at, not the store) also keeps every read and
+    listing inside the folder: a symbolic link is followed only to a file inside it, never to a
+    folder (no loops, no second copies) and never out."""
+
+    def __init__(self, root: str | os.PathLike, confined: bool = False):
         self.path = Path(root).expanduser().resolve()
         self.root = str(self.path)
+        self.confined = confined
 
     def child(self, prefix: str) -> LocalStorage:
-        return LocalStorage(self.path / prefix)
+        return LocalStorage(self.path / prefix, self.confined)
 
     def _file(self, key: str) -> Path:
         return self.path / key
 
-    def read_bytes(self, key: str) -> bytes:
+    def _inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        path = str(self._file(key))
+        if self.confined and not self._inside(os.path.realpath(path)):
+            raise NotRegular(f"{self.uri(key)} is a link to outside {self.root}: not followed")
         try:
-            return self._file(key).read_bytes()
+            # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise NotFound(f"{self.uri(key)} does not exist") from None
-        except IsADirectoryError:
-            raise NotFound(f"{self.uri(key)} is a folder, not a file") from None
         except OSError as err:
             raise StorageError(f"cannot read {self.uri(key)}: {err.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            return self._read_open(f, key, max_bytes)
+
+    def _read_open(self, f, key: str, max_bytes: int | None) -> bytes:
+        mode, size = (st := os.fstat(f.fileno())).st_mode, st.st_size
+        if stat.S_ISDIR(mode):
+            raise NotFound(f"{self.uri(key)} is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            raise NotRegular(f"{self.uri(key)} is not a regular file (a FIFO, device or socket): not read")
+        if max_bytes is not None and size > max_bytes:
+            raise TooLarge(f"{self.uri(key)} has {size} bytes, over the limit of {max_bytes}")
+        try:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except OSError as err:
+            raise StorageError(f"cannot read {self.uri(key)}: {err.strerror}") from None
+        if max_bytes is not None and len(data) > max_bytes:  # it grew since fstat
+            raise TooLarge(f"{self.uri(key)} has over {max_bytes} bytes, the limit")
+        return data
 
     def _temp(self, key: str, data: bytes) -> Path:
         target = self._file(key)
@@ -143,28 +210,73 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise NotFound(f"{self.uri(key)} does not exist") from None
 
-    def walk(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def walk(self, prefix: str = "", rejected: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
         base = self._file(prefix) if prefix else self.path
         if not base.is_dir():
             return
         skip = len(self.root) + 1  # keys by slicing: os.path.relpath costs more than the scan
         stack = [str(base)]
         while stack:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    if entry.name[0] == ".":
-                        continue  # temp files of interrupted writes, hidden files
-                    if entry.is_dir():
-                        stack.append(entry.path)
-                        continue
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:  # a dangling link, or deleted meanwhile
-                        continue
-                    key = entry.path[skip:]
-                    yield ObjectInfo(
-                        key if os.sep == "/" else key.replace(os.sep, "/"), st.st_size, str(st.st_mtime_ns)
-                    )
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as err:
+                _note(rejected, folder[skip:], f"unreadable folder: {err.strerror}")
+                continue
+            for entry in entries:
+                if entry.name[0] == ".":
+                    continue  # temp files of interrupted writes, hidden files
+                key = entry.path[skip:] if os.sep == "/" else entry.path[skip:].replace(os.sep, "/")
+                kind, found = self._classify(entry)
+                if kind == "folder":
+                    stack.append(entry.path)
+                elif kind == "file" and _utf8(key):
+                    yield ObjectInfo(key, found.st_size, str(found.st_mtime_ns))
+                elif kind == "file":
+                    _note(rejected, os.fsencode(key).decode("utf-8", "backslashreplace"), _NOT_UTF8)
+                elif kind == "rejected":
+                    _note(rejected, key, found)
+
+    def _classify(self, entry: os.DirEntry) -> tuple[str, os.stat_result | str | None]:
+        """("folder" | "file", stat) to descend or yield, ("rejected", reason), or ("gone", None)."""
+        try:
+            if entry.is_symlink() and self.confined:
+                if not self._inside(os.path.realpath(entry.path)):
+                    return "rejected", "link out of the source folder: not followed"
+                st = os.stat(entry.path)
+                if stat.S_ISDIR(st.st_mode):
+                    return "rejected", "link to a folder: not followed (link the files instead)"
+            else:
+                st = entry.stat()
+        except FileNotFoundError:  # a dangling link, or deleted meanwhile
+            if entry.is_symlink():
+                return "rejected", "dangling link: its target does not exist"
+            return "gone", None
+        except OSError as err:  # ELOOP: a link loop
+            return "rejected", f"unreadable: {err.strerror}"
+        if stat.S_ISDIR(st.st_mode):
+            return "folder", st
+        if not stat.S_ISREG(st.st_mode):
+            return "rejected", "not a regular file: a FIFO, socket or device is not opened"
+        return "file", st
+
+    def stat(self, keys: list[str], rejected: list[tuple[str, str]] | None = None) -> dict[str, ObjectInfo]:
+        """One stat per key (never a walk of the folder around them); missing keys are left out."""
+        out = {}
+        for key in keys:
+            path = str(self._file(key))
+            if self.confined and not self._inside(os.path.realpath(path)):
+                _note(rejected, key, "link out of the source folder: not followed")
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # missing: the decode step reports it
+            if stat.S_ISREG(st.st_mode):
+                out[key] = ObjectInfo(key, st.st_size, str(st.st_mtime_ns))
+            elif not stat.S_ISDIR(st.st_mode):
+                _note(rejected, key, "not a regular file: a FIFO, socket or device is not opened")
+        return out
 
     def delete(self, key: str) -> None:
         self._file(key).unlink(missing_ok=True)
@@ -237,10 +349,18 @@ class S3Storage(Storage):
             return StorageError(f"cannot {action} {where}: S3 error {code}")
         return StorageError(f"cannot {action} {where}: {type(err).__name__}")
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as err:  # translated: botocore raises many unrelated types
+            raise self._error(err, key, "read") from None
+        size = response.get("ContentLength", 0)
+        if max_bytes is not None and size > max_bytes:
+            response["Body"].close()
+            raise TooLarge(f"{self.uri(key)} has {size} bytes, over the limit of {max_bytes}")
+        try:
+            return response["Body"].read()
+        except Exception as err:
             raise self._error(err, key, "read") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -272,7 +392,7 @@ class S3Storage(Storage):
                 return False
             raise translated from None
 
-    def walk(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def walk(self, prefix: str = "", rejected: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
         full = self._key(prefix)
         if full and not full.endswith("/"):
             full += "/"
@@ -295,11 +415,11 @@ class S3Storage(Storage):
             raise self._error(err, key, "delete") from None
 
 
-def open_storage(uri: str | os.PathLike, client=None) -> Storage:
-    """`s3://bucket/prefix` -> S3Storage; anything else is a local path."""
+def open_storage(uri: str | os.PathLike, client=None, confined: bool = False) -> Storage:
+    """`s3://bucket/prefix` -> S3Storage; anything else is a local path (`confined`: see LocalStorage)."""
     text = str(uri)
     if text.startswith("s3://"):
         return S3Storage(text, client)
     if "://" in text:
         raise StorageError(f"unsupported storage URI {text!r}: use a local path or s3://bucket/prefix")
-    return LocalStorage(text)
+    return LocalStorage(text, confined)

@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 # float, ...) is quarantined rather than silently rescaled.
 _GRAY = {"1": "L", "L": "L", "LA": "L"}
 _COLOUR = {"RGB": "RGB", "RGBA": "RGB", "P": "RGB", "PA": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+# The formats a source may hold. Pillow's other decoders are never tried, so no file reaches
+# a rarely used parser or an outside program (EPS would start Ghostscript).
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 
 
 @dataclass
@@ -54,7 +57,7 @@ def decode_bytes(source_id: str, data: bytes, max_pixels: int, image_size: int |
         with warnings.catch_warnings():
             # Pillow warns (rather than fails) between its limit and twice it: fail instead.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     return Decoded(
@@ -72,7 +75,7 @@ def decode_bytes(source_id: str, data: bytes, max_pixels: int, image_size: int |
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return Decoded(source_id, error=f"decompression bomb: {err}")
     except UnidentifiedImageError:
-        return Decoded(source_id, error="not an image (Pillow cannot identify it)")
+        return Decoded(source_id, error=f"not an image: none of {', '.join(FORMATS)}")
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
         return Decoded(source_id, error=f"corrupt image: {err}")
     return from_array(source_id, pixels)

@@ -25,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import yaml
@@ -41,7 +42,7 @@ from tofa_core.data.store import (
     ShardRef,
     now,
 )
-from tofa_core.storage import NotFound, StorageError, open_storage
+from tofa_core.storage import NotFound, NotRegular, StorageError, TooLarge, open_storage
 
 log = logging.getLogger(__name__)
 DATASET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -59,6 +60,9 @@ class IngestConfig(BaseModel):
     min_per_class: int = Field(2, ge=1, description="labelled training images each class needs")
     max_quarantine_fraction: float = Field(0.25, ge=0, le=1, description="fail the source above this")
     max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are quarantined as bombs")
+    max_file_bytes: int = Field(
+        32 * 2**20, ge=1, description="larger files are quarantined without being read"
+    )
     image_size: int | None = Field(None, ge=1, description="resize every image to this square side")
     shard_rows: int = Field(8192, ge=1)
     workers: int | None = Field(None, ge=1, description="decode processes; default: CPU count")
@@ -265,23 +269,46 @@ def plan_ingest(source: str, dataset: str, store: DatasetStore, config: IngestCo
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode_chunk(
-    storage_uri: str | None, entries: list, max_pixels: int, image_size: int | None
-) -> list[Decoded]:
-    storage = open_storage(storage_uri) if storage_uri and any(e[1] for e in entries) else None
+class Limits(NamedTuple):
+    """What one decode worker needs of IngestConfig (a tuple: sent to every worker process)."""
+
+    max_pixels: int
+    max_file_bytes: int
+    image_size: int | None
+
+
+def _read_source(storage, key: str, source_id: str, max_bytes: int) -> bytes | Decoded:
+    """The file's bytes, or its quarantine entry: a source file is read only when it is a
+    regular file inside the source within the byte limit."""
+    try:
+        return storage.read_bytes(key, max_bytes)
+    except NotFound as err:
+        what = "is a folder, not a file" if "folder" in str(err) else "does not exist"
+        return Decoded(source_id, error=f"missing file: {key} {what}")
+    except TooLarge as err:
+        return Decoded(source_id, error=f"too large: {err} (ingest.max_file_bytes)")
+    except NotRegular as err:
+        return Decoded(source_id, error=f"not a regular file: {err}")
+    except StorageError as err:
+        return Decoded(source_id, error=f"unreadable: {err}")
+
+
+def _decode_chunk(storage_uri: str | None, entries: list, limits: Limits) -> list[Decoded]:
+    has_keys = storage_uri and any(e[1] for e in entries)
+    storage = open_storage(storage_uri, confined=True) if has_keys else None
     out = []
     for source_id, key, data, array in entries:
         if array is not None:
             out.append(from_array(source_id, array))
             continue
         if key is not None:
-            try:
-                data = storage.read_bytes(key)
-            except NotFound as err:
-                what = "is a folder, not a file" if "folder" in str(err) else "does not exist"
-                out.append(Decoded(source_id, error=f"missing file: {key} {what}"))
-                continue
-        out.append(decode_bytes(source_id, data, max_pixels, image_size))
+            data = _read_source(storage, key, source_id, limits.max_file_bytes)
+        elif len(data) > limits.max_file_bytes:  # a table cell
+            data = Decoded(source_id, error=f"too large: {len(data)} bytes (ingest.max_file_bytes)")
+        if isinstance(data, Decoded):
+            out.append(data)
+            continue
+        out.append(decode_bytes(source_id, data, limits.max_pixels, limits.image_size))
     return out
 
 
@@ -290,24 +317,22 @@ def decode_items(plan: Plan, config: IngestConfig) -> list[Decoded]:
     storage = plan.listing.storage
     uri = storage.root if storage is not None else None
     entries = [(it.source_id, it.key, it.data, it.array) for it in plan.new_items]
+    limits = Limits(config.max_pixels, config.max_file_bytes, config.image_size)
     workers = config.workers or os.cpu_count() or 1
     if workers == 1 or len(entries) < 512 or plan.listing.kind == "digits":
-        return _decode_chunk(uri, entries, config.max_pixels, config.image_size)
+        return _decode_chunk(uri, entries, limits)
     size = max(64, -(-len(entries) // (workers * 4)))
     chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
     # forkserver: safe beside the threads of Prefect, torch and boto3 (fork is not).
     try:
         with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
-            parts = pool.map(
-                _decode_chunk, [uri] * len(chunks), chunks, [config.max_pixels] * len(chunks),
-                [config.image_size] * len(chunks),
-            )  # fmt: skip
+            parts = pool.map(_decode_chunk, [uri] * len(chunks), chunks, [limits] * len(chunks))
             return [d for part in parts for d in part]
     except BrokenProcessPool:
         # Worker processes cannot start when __main__ is not a re-importable file (code
         # piped to python, some embedded interpreters): decode here instead, just slower.
         log.warning("decode workers could not start; decoding %d images in this process", len(entries))
-        return _decode_chunk(uri, entries, config.max_pixels, config.image_size)
+        return _decode_chunk(uri, entries, limits)
 
 
 # ----------------------------------------------------------------------------- validate

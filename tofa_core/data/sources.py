@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import unicodedata
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -21,6 +22,8 @@ import pyarrow as pa
 from tofa_core.storage import LocalStorage, NotFound, Storage, StorageError, open_storage
 
 SPLITS = ("train", "test", "unlabeled")
+# Bidirectional overrides: they make a label print as another (U+202A-202E, U+2066-2069).
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 TABLE_SUFFIXES = (".parquet", ".csv")
 
 
@@ -59,9 +62,9 @@ def list_source(uri: str, *, labelled_fraction: float, test_fraction: float, see
     text = str(uri).rstrip("/")
     if text.lower().endswith(TABLE_SUFFIXES):
         parent, _, name = text.rpartition("/")
-        storage = open_storage(parent or ".")
+        storage = open_storage(parent or ".", confined=True)
         return _list_table(storage, name, text)
-    storage = open_storage(text)
+    storage = open_storage(text, confined=True)
     if isinstance(storage, LocalStorage) and not storage.path.is_dir():
         raise SourceError(f"{uri}: no such folder (a source is digits, a folder, or a .parquet/.csv table)")
     return _list_folder(storage, text)
@@ -95,18 +98,20 @@ def _list_digits(labelled_fraction: float, test_fraction: float, seed: int) -> L
 
 
 def _list_folder(storage: Storage, uri: str) -> Listing:
-    items, rejected = [], []
-    for o in storage.walk():  # unsorted: ingest orders what it writes itself
+    items, rejected, skipped = [], [], []
+    for o in storage.walk(rejected=skipped):  # unsorted: ingest orders what it writes itself
         top, _, rest = o.key.partition("/")
         if top not in SPLITS:
             continue  # README, manifests, other folders: not images of this source
         label, slash, _ = rest.partition("/")
+        label = clean_label(label)
         if top == "unlabeled":
             label = None
-        elif not slash:
+        elif not slash or not label:
             rejected.append((o.key, f"{top}/ images must sit in a class folder: {top}/<class>/<file>"))
             continue
         items.append(Item(f"{o.key}|{top}|{label}|{o.size}|{o.tag}", o.key, top, label, o.key))
+    rejected += [(key, reason) for key, reason in skipped if key.partition("/")[0] in SPLITS]
     if not any(i.split == "train" for i in items):
         raise SourceError(
             f"{uri}: no train/ folder with images; a folder source holds train/<class>/* "
@@ -169,7 +174,7 @@ def _list_table(storage: Storage, name: str, uri: str) -> Listing:
     items, rejected = [], []
     for row, (image, label, split) in enumerate(zip(images, labels, splits)):
         path = f"row {row}"
-        label = None if label is None else str(label)
+        label = None if label is None else clean_label(str(label)) or None  # an empty cell: unlabelled
         split = split or ("train" if label is not None else "unlabeled")
         if image is None or image == "" or image == b"":  # CSV reads an empty cell as ""
             rejected.append((path, "empty 'image' cell"))
@@ -198,18 +203,30 @@ def _list_table(storage: Storage, name: str, uri: str) -> Listing:
     numeric = all(lbl.lstrip("-").isdigit() for lbl in train_labels)
     classes = sorted(train_labels, key=int if numeric else str)
     if any(i.key for i in items):
-        items = _stat_referenced(storage, items, uri)
+        items = _stat_referenced(storage, items, uri, rejected)
     return Listing(uri, "table", items, storage, classes, rejected)
 
 
-def _stat_referenced(storage: Storage, items: list[Item], uri: str) -> list[Item]:
-    """Fold each referenced file's size and mtime/ETag into its source_id (one listing, no reads)."""
+def _stat_referenced(storage: Storage, items: list[Item], uri: str, rejected: list) -> list[Item]:
+    """Fold each referenced file's size and mtime/ETag into its source_id (no reads, and only
+    the files the rows name: never a walk of the table's folder)."""
+    refused: list[tuple[str, str]] = []
     try:
-        info = {o.key: o for o in storage.list()}
+        info = storage.stat(sorted({i.key for i in items if i.key is not None}), refused)
     except StorageError as err:
         raise SourceError(f"{uri}: cannot list the files the table refers to ({err})") from None
+    why = dict(refused)
     out = []
     for item in items:
+        if item.key in why:
+            rejected.append((item.path, why[item.key]))
+            continue
         o = info.get(item.key) if item.key is not None else None
         out.append(item._replace(source_id=_sid(item.source_id, o.size, o.tag)) if o else item)
     return out
+
+
+def clean_label(label: str) -> str:
+    """A label as stored: control characters (newlines, escapes, NUL) dropped, spaces trimmed."""
+    kept = (ch for ch in label if unicodedata.category(ch) not in ("Cc", "Cs") and ch not in _BIDI)
+    return "".join(kept).strip()

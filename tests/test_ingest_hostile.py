@@ -1,0 +1,170 @@
+"""Ingest against hostile sources: it reads only regular files inside the source, within a byte
+limit and in the accepted formats, never hangs, and quarantines what it refuses with a reason.
+
+Each case failed (hung, crashed, read outside the source or stored a bad label) before the
+source reader was confined; each ingest here has a timeout so a hang fails by name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tofa_core.data.ingest import IngestConfig, ingest
+from tofa_core.data.sources import clean_label
+from tofa_core.data.store import DatasetStore
+from tofa_core.storage import LocalStorage, NotRegular, TooLarge, open_storage
+
+CONFIG = IngestConfig(min_per_class=1, workers=1, max_quarantine_fraction=1.0)
+HANG = pytest.mark.timeout(60)  # reading a FIFO would block forever
+
+
+def png(seed: int, size: int = 8, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def src(tmp_path):
+    """A good folder source: two classes of two images each."""
+    for i, cls in enumerate(["a", "a", "b", "b"]):
+        write(tmp_path / "src" / "train" / cls / f"g{i}.png", png(i))
+    return tmp_path / "src"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return DatasetStore(open_storage(tmp_path / "store"))
+
+
+def run(source, store, config=CONFIG):
+    result = ingest(str(source), "hostile", store, config)
+    quarantine = {r["path"]: r["reason"] for r in store.read_quarantine(result.manifest).to_pylist()}
+    paths = {r["path"] for r in store.read_shards(result.manifest).to_pylist()}
+    return result, quarantine, paths
+
+
+@HANG
+def test_a_fifo_is_quarantined_without_being_opened(src, store):
+    os.mkfifo(src / "train" / "a" / "pipe.png")
+    _, quarantine, paths = run(src, store)
+    assert "not a regular file" in quarantine["train/a/pipe.png"]
+    assert paths == {f"train/{c}/g{i}.png" for i, c in enumerate("aabb")}
+
+
+def test_links_stay_inside_the_source(src, store, tmp_path):
+    secret = write(tmp_path / "outside" / "secret.png", png(99))
+    os.symlink(secret, src / "train" / "a" / "out.png")
+    os.symlink(src / "train" / "b" / "g2.png", src / "train" / "a" / "inside.png")  # in: fine
+    os.symlink(src / "train", src / "train" / "b" / "up")  # a folder link: would walk in circles
+    os.symlink("loop2.png", src / "train" / "a" / "loop1.png")
+    os.symlink("loop1.png", src / "train" / "a" / "loop2.png")
+    os.symlink("missing.png", src / "train" / "a" / "dangling.png")
+    _, quarantine, paths = run(src, store)
+    assert "link out of the source folder" in quarantine["train/a/out.png"]
+    assert "link to a folder" in quarantine["train/b/up"]
+    assert "unreadable" in quarantine["train/a/loop1.png"] and "train/a/loop2.png" in quarantine
+    assert "dangling link" in quarantine["train/a/dangling.png"]
+    # the in-source link is read; its pixels equal g2's, so one of the two is a duplicate
+    assert ("train/a/inside.png" in paths) != ("train/a/inside.png" in quarantine)
+    assert not any("secret" in p or "outside" in p for p in paths)
+
+
+def test_a_link_swapped_in_after_listing_is_not_followed_out(tmp_path):
+    """The read checks again: a file replaced by a link out between listing and reading."""
+    root = tmp_path / "src"
+    write(root / "x.png", png(1))
+    secret = write(tmp_path / "secret.bin", b"secret")
+    storage = LocalStorage(root, confined=True)
+    assert [o.key for o in storage.walk()] == ["x.png"]
+    (root / "x.png").unlink()
+    os.symlink(secret, root / "x.png")
+    with pytest.raises(NotRegular, match="link to outside"):
+        storage.read_bytes("x.png")
+    assert LocalStorage(root).read_bytes("x.png") == b"secret"  # the store's own reads are not confined
+
+
+def test_files_over_the_byte_limit_are_not_read(src, store):
+    write(src / "train" / "a" / "big.png", png(7, size=64))
+    config = CONFIG.model_copy(update={"max_file_bytes": 1024})
+    _, quarantine, paths = run(src, store, config)
+    assert quarantine["train/a/big.png"].startswith("too large:")
+    assert "ingest.max_file_bytes" in quarantine["train/a/big.png"]
+    assert len(paths) == 4
+    with pytest.raises(TooLarge):
+        LocalStorage(src).read_bytes("train/a/big.png", max_bytes=100)
+
+
+def test_only_the_accepted_formats_are_decoded(src, store):
+    write(src / "train" / "a" / "image.ppm", png(8, fmt="PPM"))  # Pillow reads it; the store does not
+    write(src / "train" / "a" / "doc.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    write(src / "train" / "b" / "ok.gif", png(9, fmt="GIF"))
+    _, quarantine, paths = run(src, store)
+    assert quarantine["train/a/image.ppm"].startswith("not an image: none of PNG, JPEG")
+    assert quarantine["train/a/doc.eps"].startswith("not an image")
+    assert "train/b/ok.gif" in paths
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_escaped(src, store):
+    name = os.fsencode(src / "train" / "a") + b"/caf\xe9.png"
+    with open(name, "wb") as f:
+        f.write(png(10))
+    _, quarantine, paths = run(src, store)
+    assert quarantine["train/a/caf\\xe9.png"].startswith("file name is not valid UTF-8")
+    assert len(paths) == 4
+
+
+def test_labels_lose_control_characters(tmp_path, store):
+    for i, folder in enumerate(["ca\x1bt", "dog\u202e"]):
+        write(tmp_path / "src" / "train" / folder / f"{i}.png", png(i))
+    result, _, _ = run(tmp_path / "src", store)
+    assert result.manifest.classes == ["cat", "dog"]
+    assert clean_label(" a\tb\x00\n") == "ab"
+
+
+@HANG
+def test_a_table_reads_only_the_files_its_rows_name(tmp_path, store):
+    folder = tmp_path / "table"
+    for i in range(4):
+        write(folder / "img" / f"{i}.png", png(i))
+    os.symlink("ring", folder / "ring")  # unnamed by any row: a walk of the folder trips on it
+    os.mkfifo(folder / "img" / "pipe.png")  # named by a row: refused, not opened
+    os.symlink(write(tmp_path / "secret.png", png(50)), folder / "img" / "out.png")
+    rows = {
+        "image": [f"img/{i}.png" for i in range(4)] + ["img/pipe.png", "img/out.png", "img/0.png"],
+        "label": ["a", "a", "b\n", "b", "a", "a", ""],  # an empty cell: unlabelled
+    }
+    rows["split"] = ["train"] * 6 + [None]
+    pq.write_table(pa.table(rows), folder / "data.parquet")
+    result, quarantine, _ = run(folder / "data.parquet", store)
+    assert "not a regular file" in quarantine["row 4 (img/pipe.png)"]
+    assert "link out of the source folder" in quarantine["row 5 (img/out.png)"]
+    assert result.manifest.classes == ["a", "b"]
+    assert result.manifest.counts["train"] == {"a": 2, "b": 2}
+    # row 6 repeats row 0's file, unlabelled: the same image, so one copy is quarantined
+    assert "duplicate" in quarantine["row 6 (img/0.png)"]
+
+
+def test_an_empty_csv_label_is_unlabelled(tmp_path, store):
+    folder = tmp_path / "csv"
+    for i in range(3):
+        write(folder / f"{i}.png", png(i))
+    (folder / "data.csv").write_text("image,label\n0.png,a\n1.png,b\n2.png,\n")
+    result, quarantine, _ = run(folder / "data.csv", store)
+    assert not quarantine
+    assert result.manifest.counts == {"train": {"a": 1, "b": 1}, "unlabeled": {"-": 1}}
+    assert result.manifest.classes == ["a", "b"]
