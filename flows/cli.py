@@ -12,7 +12,10 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from tofa_core import names
 
 # Prefect's ephemeral API migrates a fresh database on first start, which takes longer than its
 # 20 s default on a small loaded machine; its analytics would try the network. Users override.
@@ -29,7 +32,8 @@ console = Console()
 
 def fail(message: str) -> None:
     """Exit non-zero with one paragraph on stderr: what is wrong and how to fix it."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # escape(): a message quoting a pattern or a list ("[a-z0-9]", "['a']") is text, not markup.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -59,8 +63,22 @@ ChannelsOpt = typer.Option(
 ResOpt = typer.Option(None, "--resolutions", help="Override the input resolutions, e.g. 16,24,32.")
 
 
+def _name(check):
+    """An option callback: a name that becomes a store path is refused before anything starts."""
+
+    def callback(value: str | None) -> str | None:
+        try:
+            return value if value is None else check(value)
+        except names.InvalidName as err:
+            raise typer.BadParameter(str(err)) from None
+
+    return callback
+
+
 # Options several commands share (one definition, one help text).
-DatasetOpt = typer.Option(None, "--dataset", help="Data set name \\[default: from the source].")
+DatasetOpt = typer.Option(
+    None, "--dataset", help="Data set name \\[default: from the source].", callback=_name(names.dataset_name)
+)
 StoreOpt = typer.Option(None, "--store", help="Store root \\[default: $TOFA_STORE or .tofa/store].")
 ConfigOpt = typer.Option(None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override train.epochs.")
@@ -202,7 +220,9 @@ def ingest(
         "digits",
         help="digits, a folder (train/<class>/*, test/, unlabeled/), a .parquet/.csv table, or s3://...",
     ),
-    dataset: str = typer.Option("digits", "--dataset", help="Data set name in the store."),
+    dataset: str = typer.Option(
+        "digits", "--dataset", help="Data set name in the store.", callback=_name(names.dataset_name)
+    ),
     store: str | None = StoreOpt,
     config: Path | None = typer.Option(
         None, "--config", help="YAML config file; its 'ingest:' section applies."
@@ -401,7 +421,10 @@ def specialize(
     targets: Path | None = TargetsOpt,
     store: str | None = StoreOpt,
     run: str | None = typer.Option(
-        None, "--run", help="Supernet run id \\[default: the newest of the data set]."
+        None,
+        "--run",
+        help="Supernet run id \\[default: the newest of the data set].",
+        callback=_name(names.run_id),
     ),
     samples: int = SamplesOpt,
     score: str = typer.Option("agreement", "--score", help="Predictor score: agreement or val."),
@@ -435,6 +458,7 @@ def specialize(
         CheckpointError,
         StorageError,
         FileNotFoundError,
+        ValueError,  # a bad --dataset or --run (names.InvalidName)
     ) as err:
         fail(str(err))
     if summary_out:

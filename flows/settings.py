@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tofa_core import names
+
 DEFAULT_STORE = ".tofa/store"
 
 
@@ -16,10 +18,13 @@ def store_uri(override: str | None = None) -> str:
 
 
 def dataset_name(source: str, override: str | None = None) -> str:
-    """A data set is named after its source unless told: digits, or the folder/table name."""
+    """A data set is named after its source unless told: digits, or the folder/table name.
+    Checked here, at every flow's entry, before it becomes a path in the store."""
     if override:
-        return override
-    return source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]
+        return names.dataset_name(override)
+    return names.dataset_name(
+        source if source == "digits" else os.path.basename(source.rstrip("/")).split(".")[0]
+    )
 
 
 def state_dir() -> Path:

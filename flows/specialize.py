@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.settings import dataset_name, latency_dir, state_dir, store_uri
+from tofa_core import names
 from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import VerificationError
@@ -287,6 +288,7 @@ def default_targets() -> str:
 
 def _record(store: str, dataset: str, run_id: str) -> dict:
     try:
-        return json.loads(open_storage(store).child(f"supernets/{dataset}").read_bytes(f"{run_id}.json"))
+        records = open_storage(store).child(f"supernets/{dataset}")
+        return json.loads(records.read_bytes(f"{names.run_id(run_id)}.json"))
     except NotFound:
         raise FileNotFoundError(f"no supernet run {run_id!r} of data set {dataset!r} in {store}") from None

@@ -302,3 +302,19 @@ def test_targets_table_fits_80_columns():
     for cell in ("host-cpu-fast", "mcu-m0", "v12 champion", "v1 challenger", "0.291", "93.0/90.3", "-/90.8"):
         assert cell in text
     assert "699k" in text and "1.40M" in text and "71k" in text and "0.3ms" in text
+
+
+@pytest.mark.parametrize(
+    "args, option, shown",
+    [
+        (("specialize", "--run", "../../etc/passwd"), "--run", "run id '../../etc/passwd'"),
+        (("specialize", "--dataset", "../x"), "--dataset", "data set name '../x'"),
+        (("train", "--dataset", "digits\n"), "--dataset", "data set name 'digits\\n'"),
+        (("ingest", "digits", "--dataset", "a/b"), "--dataset", "data set name 'a/b'"),
+    ],
+)
+def test_names_that_would_leave_the_store_are_refused_before_anything_starts(tmp_path, args, option, shown):
+    result = runner.invoke(app, list(args), env={"TOFA_STORE": str(tmp_path / "store")})
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output and shown in result.output
+    assert not (tmp_path / "store").exists()

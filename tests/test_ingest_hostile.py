@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tofa_core import names
 from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.sources import clean_label
 from tofa_core.data.store import DatasetStore
@@ -168,3 +169,19 @@ def test_an_empty_csv_label_is_unlabelled(tmp_path, store):
     assert not quarantine
     assert result.manifest.counts == {"train": {"a": 1, "b": 1}, "unlabeled": {"-": 1}}
     assert result.manifest.classes == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "digits\n", "a/b", "", "x" * 200, "Upper", ".hidden", "ok\x00"]
+)
+def test_names_that_would_leave_the_store_are_refused(store, name):
+    with pytest.raises(names.InvalidName, match="data set name") as err:
+        store.dataset(name)
+    assert len(str(err.value)) < 300  # a long name is shown cut
+    if name != "Upper":  # a valid run id
+        with pytest.raises(names.InvalidName, match="run id"):
+            names.run_id(name)
+    with pytest.raises(names.InvalidName, match="data version"):
+        store.manifest("digits", name or "v-../../etc")
+    assert names.dataset_name("fmnist_v2-a") == "fmnist_v2-a"
+    assert names.run_id("20261130-165657-b2be87") == "20261130-165657-b2be87"

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tofa_core import names
 from tofa_core.data.decode import Decoded, decode_bytes, from_array
 from tofa_core.data.sources import Item, Listing, SourceError, list_source
 from tofa_core.data.store import (
@@ -45,7 +45,6 @@ from tofa_core.data.store import (
 from tofa_core.storage import NotFound, NotRegular, StorageError, TooLarge, open_storage
 
 log = logging.getLogger(__name__)
-DATASET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _SPLIT_PRIORITY = {"test": 0, "train": 1, "unlabeled": 2}  # which copy of a duplicate is kept
 
 
@@ -230,10 +229,10 @@ def _reason_kind(reason: str) -> str:
 
 
 def plan_ingest(source: str, dataset: str, store: DatasetStore, config: IngestConfig) -> Plan:
-    if not re.match(DATASET_NAME, dataset):
-        raise SourceError(
-            f"data set name {dataset!r} must match {DATASET_NAME} (lower case, digits, - and _)"
-        )
+    try:
+        names.dataset_name(dataset)
+    except names.InvalidName as err:
+        raise SourceError(str(err)) from None
     try:
         listing = list_source(
             source,

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from tofa_core import names
 from tofa_core.storage import NotFound, Storage
 
 SHARD_SCHEMA = pa.schema(
@@ -84,7 +85,7 @@ class DatasetStore:
         self.storage = storage
 
     def dataset(self, name: str) -> Storage:
-        return self.storage.child(f"datasets/{name}")
+        return self.storage.child(f"datasets/{names.dataset_name(name)}")
 
     def versions(self, name: str) -> list[Manifest]:
         """Committed versions, oldest first."""
@@ -116,7 +117,8 @@ class DatasetStore:
                 raise NotFound(f"no data set {name!r} in {self.storage.uri('datasets')}; ingest one first")
             return found
         try:
-            return Manifest.model_validate_json(self.dataset(name).read_bytes(f"{version}/manifest.json"))
+            key = f"{names.data_version(version)}/manifest.json"
+            return Manifest.model_validate_json(self.dataset(name).read_bytes(key))
         except NotFound:
             raise NotFound(f"data set {name!r} has no version {version!r} in {self.storage.root}") from None
 
