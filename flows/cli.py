@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tofa_core import names
+from tofa_core import config_files, names
 
 # Prefect's ephemeral API migrates a fresh database on first start, which takes longer than its
 # 20 s default on a small loaded machine; its analytics would try the network. Users override.
@@ -75,14 +75,26 @@ def _name(check):
     return callback
 
 
+def _config(value: Path | None) -> Path | None:
+    """An option callback: a config file is read and its sections checked before anything starts."""
+    try:
+        for section in config_files.SECTIONS if value is not None else ():
+            config_files.load_section(value, section)
+    except config_files.ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+    return value
+
+
 # Options several commands share (one definition, one help text).
 DatasetOpt = typer.Option(
     None, "--dataset", help="Data set name \\[default: from the source].", callback=_name(names.dataset_name)
 )
 StoreOpt = typer.Option(None, "--store", help="Store root \\[default: $TOFA_STORE or .tofa/store].")
-ConfigOpt = typer.Option(None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.")
+ConfigOpt = typer.Option(
+    None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.", callback=_config
+)
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override train.epochs.")
-WorkersOpt = typer.Option(2, "--workers", min=1, help="Ray Train workers.")
+WorkersOpt = typer.Option(2, "--workers", min=1, max=1024, help="Ray Train workers.")
 TargetsOpt = typer.Option(None, "--targets", help="Targets YAML \\[default: infra/targets/default.yaml].")
 SamplesOpt = typer.Option(300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor.")
 SummaryOpt = typer.Option(None, "--summary-out", help="Write the JSON summary here.")
@@ -225,7 +237,7 @@ def ingest(
     ),
     store: str | None = StoreOpt,
     config: Path | None = typer.Option(
-        None, "--config", help="YAML config file; its 'ingest:' section applies."
+        None, "--config", help="YAML config file; its 'ingest:' section applies.", callback=_config
     ),
 ) -> None:
     """Ingest a source as a new version of a data set (a no-op when nothing is new)."""
@@ -311,7 +323,7 @@ def tune(
     dataset: str | None = DatasetOpt,
     store: str | None = StoreOpt,
     config: Path | None = typer.Option(
-        None, "--config", help="YAML config; its 'train:' section is the base."
+        None, "--config", help="YAML config; its 'train:' section is the base.", callback=_config
     ),
     trials: int = typer.Option(8, "--trials", min=1, help="Number of sampled settings."),
     epochs: int = typer.Option(4, "--epochs", min=1, help="Epochs per trial at most (ASHA stops weak ones)."),
@@ -561,7 +573,10 @@ def baseline(
     ),
     store: str | None = StoreOpt,
     config: Path | None = typer.Option(
-        None, "--config", help="YAML config; its 'train:' section applies (use the supernet's)."
+        None,
+        "--config",
+        help="YAML config; its 'train:' section applies (use the supernet's).",
+        callback=_config,
     ),
     epochs: int | None = EpochsOpt,
     workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers per training."),

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tofa_core import names
+from tofa_core import config_files, names
 from tofa_core.data.decode import Decoded, decode_bytes, from_array
 from tofa_core.data.sources import Item, Listing, SourceError, list_source
 from tofa_core.data.store import (
@@ -64,37 +63,11 @@ class IngestConfig(BaseModel):
     )
     image_size: int | None = Field(None, ge=1, description="resize every image to this square side")
     shard_rows: int = Field(8192, ge=1)
-    workers: int | None = Field(None, ge=1, description="decode processes; default: CPU count")
+    workers: int | None = Field(None, ge=1, le=512, description="decode processes; default: CPU count")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> IngestConfig:
-        return load_section_model(cls, path, "ingest")
-
-
-def load_section_model(model, path: str | Path, section: str, **overrides):
-    """Build pydantic `model` from a config file's `section`; errors name file, field and value."""
-    data = {**load_yaml_section(path, section), **overrides}
-    try:
-        return model(**data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{path}: {section}.{where}: {first['msg']} (got {first.get('input')!r})") from None
-
-
-def load_yaml_section(path: str | Path, section: str) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file is a YAML mapping with sections such as '{section}:'")
-    value = data.get(section, {}) or {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: '{section}' must be a mapping, got {value!r}")
-    return value
+        return config_files.load_section_model(cls, path, "ingest")
 
 
 @dataclass(slots=True)

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tofa_core import config_files
 
 HOST_DEVICE = "host-cpu"  # the machine a command runs on; its table is built on demand
 FORMATS = ("onnx", "torchscript")
@@ -23,9 +24,10 @@ class Target(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    max_macs: int | None = Field(None, gt=0)
-    max_params: int | None = Field(None, gt=0)
-    max_latency_ms: float | None = Field(None, gt=0)
+    # strict: `true` is not a budget of 1, nor "5" one of 5; allow_inf_nan: `.inf` is no budget
+    max_macs: int | None = Field(None, gt=0, strict=True)
+    max_params: int | None = Field(None, gt=0, strict=True)
+    max_latency_ms: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
     device: str | None = Field(None, min_length=1, description="latency table the budget refers to")
     formats: tuple[Literal["onnx", "torchscript"], ...] = Field(FORMATS, min_length=1)
     retries: int = Field(1, ge=0, le=10, description="re-runs of a failed specialization")
@@ -100,15 +102,10 @@ def parse_targets(data, where: str, devices: Iterable[str] | None = None) -> lis
 
 def load_targets(path: str | Path, devices: Iterable[str] | None = None) -> list[Target]:
     """Read and validate a targets file; `devices` are the device names that have tables."""
-    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise TargetError(f"targets file {path} does not exist") from None
-    except OSError as err:
-        raise TargetError(f"cannot read targets file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise TargetError(f"{path}: not valid YAML ({err})") from None
+        data = config_files.read_yaml(path, "targets file")
+    except config_files.ConfigError as err:
+        raise TargetError(str(err)) from None
     return parse_targets(data, str(path), devices)
 
 

@@ -8,8 +8,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tofa_core import config_files
 from tofa_core.data.augment import AugmentConfig
 
+# The largest input side a config may ask for: beyond it a value is a typo, not a network.
+MAX_SIDE = 1024
 # The floor of `steps_per_epoch: auto`: the schedule the small default data set was tuned on.
 MIN_STEPS_PER_EPOCH = 20
 
@@ -23,17 +26,17 @@ class TrainConfig(BaseModel):
         description="search space preset; auto: tiny-fused for images of 16 px or less, "
         "small-fused up to 32 px, else tiny",
     )
-    resolutions: tuple[int, ...] | None = Field(
+    resolutions: tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)], ...] | None = Field(
         None, description="default: the image side only (upsampling adds cost, not information)"
     )
     # schedule
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(20, ge=1, le=10_000)
     steps_per_epoch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="auto: one pass over the unlabelled images (the labelled ones when training is "
         "supervised), at least MIN_STEPS_PER_EPOCH",
     )
-    batch_size: int = Field(32, ge=1, description="labelled images per step, over all workers")
+    batch_size: int = Field(32, ge=1, le=65_536, description="labelled images per step, over all workers")
     mu: int = Field(3, ge=0, description="unlabelled batch = mu x labelled batch")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -61,7 +64,7 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig(hflip=False, cutout=0.0)
     calib_images: int = Field(512, ge=1, description="training images for BN recalibration of a subnet")
     seed: int = 0
-    threads: int | None = Field(None, ge=1, description="torch threads per worker")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads per worker")
 
     @property
     def semi_supervised(self) -> bool:
@@ -85,6 +88,4 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        from tofa_core.data.ingest import load_section_model
-
-        return load_section_model(cls, path, "train", **overrides)
+        return config_files.load_section_model(cls, path, "train", **overrides)
