@@ -495,6 +495,9 @@ def run(
     store: str | None = StoreOpt,
     samples: int = SamplesOpt,
     force: bool = typer.Option(False, "--force", help="Run every stage even when nothing is new."),
+    wait_lock: float = typer.Option(
+        0.0, "--wait-lock", min=0, help="Seconds to wait while another run holds the data set."
+    ),
     summary_out: Path | None = SummaryOpt,
 ) -> None:
     """The whole pipeline: ingest -> train (warm start) -> specialize every target -> register in MLflow."""
@@ -512,6 +515,7 @@ def run(
         from flows.specialize import SpecializationFailed
         from tofa_core.costs import LatencyTableError
         from tofa_core.data.sources import SourceError
+        from tofa_core.runlock import RunLocked
         from tofa_core.search.evolution import InfeasibleTarget
         from tofa_core.search.targets import TargetError
         from tofa_core.storage import StorageError
@@ -522,12 +526,13 @@ def run(
         summary = retrain_flow(
             source=data, dataset=dataset, targets_file=str(targets) if targets else None,
             config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
-            samples=samples, force=force,
+            samples=samples, force=force, lock_wait=wait_lock,
         )  # fmt: skip
     except SpecializationFailed as err:
         failed = err
         summary = None
     except (
+        RunLocked,
         ServiceUnavailable,
         SourceError,
         TargetError,

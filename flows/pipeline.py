@@ -24,6 +24,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 
 from flows import plots, tracking
 from flows.ingest import ingest_flow
@@ -41,6 +42,7 @@ from flows.train import config_hash, new_run_id, train_flow
 from tofa_core.arch import Arch
 from tofa_core.costs import count_macs
 from tofa_core.export import export_accuracy, preprocess
+from tofa_core.runlock import RunLock
 from tofa_core.search.targets import load_targets, table_devices
 from tofa_core.specialize import Trained
 from tofa_core.storage import open_storage
@@ -179,14 +181,37 @@ def retrain_flow(
     samples: int = 300,
     score: str = "agreement",
     force: bool = False,
+    lock_wait: float = 0.0,
 ) -> dict:
-    """Retrain on SOURCE when anything is new, then specialize and register every target."""
-    logger = get_run_logger()
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    """Retrain on SOURCE when anything is new, then specialize and register every target.
+
+    One run per data set at a time: a second one waits `lock_wait` seconds for the first to
+    finish, then fails naming it (RunLocked)."""
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     check_services(store, prefect=False)  # the API answered: this flow is running
+    owner = f"tofa-retrain flow run {flow_run.get_name() or flow_run.get_id()}"
+    with RunLock(open_storage(store), dataset, owner, wait=lock_wait):
+        return _retrain(
+            source, dataset, targets_file, config_file, epochs, workers, store, samples, score, force
+        )
+
+
+def _retrain(
+    source: str,
+    dataset: str,
+    targets_file: str | None,
+    config_file: str | None,
+    epochs: int | None,
+    workers: int,
+    store: str,
+    samples: int,
+    score: str,
+    force: bool,
+) -> dict:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
     targets_file = targets_file or default_targets()
     targets_text = Path(targets_file).read_text()
     load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails before training

@@ -281,3 +281,15 @@ def test_a_failing_target_fails_the_run_and_leaves_champions_alone(world, first)
     assert c.get_run(failed["mlflow"]["parent_run_id"]).info.status == "FAILED"
     assert c.get_registered_model("tofa-shapes-lean").aliases == lean_before
     assert run(world)["noop"]  # the original targets: the last completed run still stands
+
+
+def test_a_second_run_on_the_same_data_set_is_refused_while_one_holds_it(world, first):
+    from tofa_core.runlock import RunLock, RunLocked
+    from tofa_core.storage import open_storage
+
+    store = open_storage(world["root"] / "store")
+    before = sorted(o.key for o in store.list() if not o.key.startswith("locks/"))
+    with RunLock(store, "shapes", "a run on another worker"):
+        with pytest.raises(RunLocked, match="a run on another worker"):
+            run(world, force=True)
+    assert sorted(o.key for o in store.list() if not o.key.startswith("locks/")) == before

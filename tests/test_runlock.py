@@ -1,0 +1,89 @@
+"""One pipeline run per data set: the store's lease lock, raced by real processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+
+import pytest
+
+from tofa_core.runlock import RunLock, RunLocked
+from tofa_core.storage import open_storage
+
+
+def test_a_second_run_is_refused_naming_the_holder_until_the_first_ends(tmp_path):
+    store = open_storage(tmp_path)
+    with RunLock(store, "digits", "pipeline A"):
+        with pytest.raises(RunLocked) as err:
+            RunLock(store, "digits", "pipeline B").acquire()
+        message = str(err.value)
+        assert "pipeline A" in message and "pid" in message and "lease ends in" in message
+        with RunLock(store, "other", "pipeline C"):  # another data set is not blocked
+            pass
+    with RunLock(store, "digits", "pipeline B"):
+        pass
+    assert [o.key for o in store.list("locks")] == []  # released: nothing left behind
+
+
+def test_a_killed_runs_lock_is_taken_over_after_its_lease(tmp_path):
+    store = open_storage(tmp_path)
+    dead = RunLock(store, "digits", "killed run", lease=0.5)
+    dead.acquire()
+    dead._stop.set()  # as if killed: the lease is no longer renewed and nothing is released
+    with pytest.raises(RunLocked):
+        RunLock(store, "digits", "next run").acquire()
+    time.sleep(0.6)
+    with RunLock(store, "digits", "next run") as taker:
+        keys = [o.key for o in store.child("locks/digits").list()]
+        assert keys == [taker.key] and taker.key > dead.key  # the stale generation is tidied away
+
+
+def test_the_holder_renews_its_lease_while_it_runs(tmp_path):
+    store = open_storage(tmp_path)
+    with RunLock(store, "digits", "long run", lease=0.3):
+        time.sleep(0.8)  # well past one lease
+        with pytest.raises(RunLocked, match="long run"):
+            RunLock(store, "digits", "second").acquire()
+
+
+def test_a_waiting_run_starts_when_the_holder_ends(tmp_path):
+    store = open_storage(tmp_path)
+    first = RunLock(store, "digits", "first")
+    first.acquire()
+    started = time.monotonic()
+    mp.get_context("spawn").Process(target=_release_later, args=(str(tmp_path),)).start()
+    with RunLock(store, "digits", "second", wait=30, poll=0.05):
+        assert time.monotonic() - started >= 0.3
+    first._stop.set()
+
+
+def _release_later(root: str) -> None:
+    time.sleep(0.5)
+    folder = open_storage(root).child("locks/digits")
+    for o in folder.list():
+        folder.delete(o.key)  # what the first holder's release does
+
+
+def _contend(root: str, i: int, out: str) -> None:
+    with RunLock(open_storage(root), "digits", f"worker {i}", wait=60, poll=0.02):
+        start = time.time()
+        time.sleep(0.05)
+        end = time.time()
+    with open(out, "a") as f:
+        f.write(json.dumps([start, end]) + "\n")
+
+
+def test_racing_processes_hold_the_lock_one_at_a_time(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "intervals.jsonl"
+    procs = [ctx.Process(target=_contend, args=(str(tmp_path / "store"), i, str(out))) for i in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(90)
+        assert p.exitcode == 0
+    intervals = sorted(json.loads(line) for line in out.read_text().splitlines())
+    assert len(intervals) == 6
+    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        assert start >= end, intervals  # no two holders at once

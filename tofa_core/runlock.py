@@ -1,0 +1,124 @@
+"""One pipeline run per data set at a time: a lease-based lock kept in the store itself, so it
+holds across processes, machines and Prefect workers that share the store (local or S3).
+
+The lock is a sequence of generation objects `locks/<data set>/<n>.json`; the live holder is
+the newest generation whose lease has not run out. Taking the lock is `put_if_absent` of the
+next generation, which exactly one contender wins (a hard link locally, `If-None-Match: *`
+on S3), so a stale lock from a killed run is taken over safely after its lease. The holder
+renews its lease from a background thread while it runs and deletes its generation when done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from tofa_core import names
+from tofa_core.storage import NotFound, Storage
+
+# A killed run blocks the next one at most this long; the holder renews at a third of it.
+LEASE_SECONDS = 600.0
+# How often a waiting run looks at the lock again.
+POLL_SECONDS = 2.0
+
+
+class RunLocked(RuntimeError):
+    """Another run holds the data set's lock; the message names it and when its lease ends."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    owner: str  # what holds it: "pipeline <run id>"
+    host: str
+    pid: int
+    started: float  # epoch seconds
+    expires: float
+    token: str  # tells this holder's generation from a later taker's
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        left = max(0, round(self.expires - time.time()))
+        return f"{self.owner} (host {self.host}, pid {self.pid}, since {started}; lease ends in {left} s)"
+
+
+class RunLock:
+    """`with RunLock(store, dataset, owner):` holds the data set's lock for the block."""
+
+    def __init__(
+        self,
+        store: Storage,
+        dataset: str,
+        owner: str,
+        lease: float = LEASE_SECONDS,
+        wait: float = 0.0,
+        poll: float = POLL_SECONDS,
+    ):
+        self.folder = store.child(f"locks/{names.dataset_name(dataset)}")
+        self.dataset, self.owner, self.lease, self.wait, self.poll = dataset, owner, lease, wait, poll
+        self.token = secrets.token_hex(8)
+        self.key: str | None = None
+        self.started = 0.0
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _generations(self) -> list[int]:
+        return sorted(int(o.key[:-5]) for o in self.folder.list() if o.key[:-5].isdigit())
+
+    def holder(self) -> tuple[int, Holder | None]:
+        """The newest generation and its holder while its lease lasts (None: free)."""
+        generations = self._generations()
+        if not generations:
+            return -1, None
+        try:
+            held = Holder(**json.loads(self.folder.read_bytes(f"{generations[-1]:012d}.json")))
+        except NotFound:  # released meanwhile
+            return generations[-1] - 1, None
+        return generations[-1], held if held.expires > time.time() else None
+
+    def _record(self) -> bytes:
+        expires = time.time() + self.lease
+        holder = Holder(self.owner, socket.gethostname(), os.getpid(), self.started, expires, self.token)
+        return json.dumps(asdict(holder)).encode()
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait
+        self.started = time.time()
+        while True:
+            newest, held = self.holder()
+            if held is None and self.folder.put_if_absent(f"{newest + 1:012d}.json", self._record()):
+                self.key = f"{newest + 1:012d}.json"
+                for old in range(max(0, newest - 8), newest + 1):  # stale generations: tidy up
+                    self.folder.delete(f"{old:012d}.json")
+                break
+            if held is not None and time.monotonic() >= deadline:
+                raise RunLocked(
+                    f"data set {self.dataset!r} is being processed by {held.describe()}; wait for it, "
+                    f"or remove {self.folder.uri(f'{newest:012d}.json')} if that run is gone"
+                )
+            time.sleep(self.poll if held is not None else 0.0)
+        self._renewer = threading.Thread(target=self._renew, name=f"runlock-{self.dataset}", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            self.folder.write_bytes(self.key, self._record())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self.key is not None:
+            self.folder.delete(self.key)
+            self.key = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
