@@ -319,12 +319,17 @@ def _retrain(
             raise failed_stage
         ok = True
     finally:
-        if not ok and record["status"] == "running":  # a stage raised: say so in the store too
-            records.write_bytes(
-                f"{pipeline_run}.json", json.dumps({**record, "status": "failed"}, indent=2).encode()
-            )
-        metrics = {f"seconds/{k}": v for k, v in timings.items()}
-        tracking.finish_run(parent, ok, metrics)
+        try:
+            if not ok and record["status"] == "running":  # a stage raised: say so in the store too
+                records.write_bytes(
+                    f"{pipeline_run}.json", json.dumps({**record, "status": "failed"}, indent=2).encode()
+                )
+            tracking.finish_run(parent, ok, {f"seconds/{k}": v for k, v in timings.items()})
+        except Exception:
+            if ok:
+                raise
+            # A stage's error is on its way out: a failure to record it must not replace it.
+            logger.exception("could not record the failed pipeline run %s", pipeline_run)
     logger.info("pipeline %s done in %.0f s", pipeline_run, timings["total"])
     return {**record, "noop": False}
 

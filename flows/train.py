@@ -211,8 +211,11 @@ def train_flow(
         "warm_start": out["warm_start"],
         "config_hash": config_hash(cfg),
     }
+    records = open_storage(store).child(f"supernets/{dataset}")
+    # The record first: an MLflow outage now never orphans a trained supernet (the next run reuses it).
+    records.write_bytes(f"{run_id}.json", _json(summary))
     summary["mlflow_run_id"] = log_training(summary, cfg, out["history"], parent_run=parent_run)
-    open_storage(store).child(f"supernets/{dataset}").write_bytes(f"{run_id}.json", _json(summary))
+    records.write_bytes(f"{run_id}.json", _json(summary))
     logger.info("trained: %s", summary)
     return summary
 
