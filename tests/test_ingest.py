@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from tofa_core.data.ingest import IngestConfig, decode_items, ingest, plan_ingest, validate
+from tofa_core.data.loaders import load_splits
 from tofa_core.data.sources import SourceError
 from tofa_core.data.store import DatasetStore, Manifest, images_array
 from tofa_core.storage import LocalStorage, StorageError, open_storage
@@ -107,7 +108,7 @@ def test_folder_source_layout_formats_and_exact_pixels(tmp_path, store, store_ro
         "test/dog/t.png": noise(rng, colour=True),
         "unlabeled/u1.png": noise(rng),
         "unlabeled/x/u2.jpg": noise(rng, colour=True),
-        "unlabeled/x/y/u3.bmp": noise(rng),
+        "unlabeled/x/y/u3.bmp": noise(rng, colour=True),  # 6 colour, 5 grey: a colour version
     }
     for rel, pixels in written.items():
         save(src / rel, pixels)
@@ -719,15 +720,22 @@ def test_ingest_config_bad_values_name_file_and_field(tmp_path, body, phrases):
         assert phrase in message, message
 
 
-def test_channels_follow_the_content_not_the_history(tmp_path, store):
+def test_channels_follow_the_majority_not_one_stray_image(tmp_path, store):
     src = make_folder(tmp_path / "src", {"a": 2, "b": 2})
-    save(src / "train" / "a" / "rgb.png", noise(np.random.default_rng(15), colour=True))
-    assert ingest(str(src), "ds", store, FAST).manifest.channels == 3
-    (src / "train" / "a" / "rgb.png").unlink()
+    rng = np.random.default_rng(15)
+    save(src / "train" / "a" / "rgb.png", noise(rng, colour=True))
+    stray = ingest(str(src), "ds", store, FAST).manifest
+    assert stray.channels == 1  # one colour image among grey ones is converted, not the version
+    assert load_splits(store, "ds", val_fraction=0.0).train.images.shape[1] == 1
+    for i in range(4):
+        save(src / "train" / "b" / f"rgb{i}.png", noise(rng, colour=True))
+    assert ingest(str(src), "ds", store, FAST).manifest.channels == 3  # now most are colour
+    for i in range(4):
+        (src / "train" / "b" / f"rgb{i}.png").unlink()
     child = ingest(str(src), "ds", store, FAST).manifest
-    fresh = ingest(str(src), "ds", DatasetStore(open_storage(tmp_path / "fresh")), FAST).manifest
-    assert fresh.version == child.version and fresh.channels == 1
-    assert child.channels == 1
+    assert child.version == stray.version and child.channels == 1  # the content decides, not history
+    forced = ingest(str(src), "ds", store, FAST.model_copy(update={"channels": 3})).manifest
+    assert forced.channels == 3 and forced.version != stray.version
 
 
 def test_incremental_version_equals_a_fresh_ingest_of_the_same_content(tmp_path):

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,7 +61,10 @@ class IngestConfig(BaseModel):
     max_file_bytes: int = Field(
         32 * 2**20, ge=1, description="larger files are quarantined without being read"
     )
-    image_size: int | None = Field(None, ge=1, description="resize every image to this square side")
+    image_size: int | None = Field(None, ge=1, le=4096, description="resize every image to this square side")
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 (grey) or 3 (colour) for the version; default: what most images are"
+    )
     shard_rows: int = Field(8192, ge=1)
     workers: int | None = Field(None, ge=1, le=512, description="decode processes; default: CPU count")
 
@@ -420,17 +423,35 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
     _check_source(listing.uri, counts, classes, quarantine, total, config)
 
     digest_hex = f"{digest % 2**64:016x}"
-    version = _version_id(classes, digest_hex)
+    version = _version_id(classes, digest_hex, config.channels)
     exists = store.dataset(plan.dataset).exists(f"{version}/manifest.json")
-    colour = any(r.decoded.channels == 3 for r in new)
-    if parent and not colour and parent.manifest.channels == 3:  # only a colour parent can hold colour rows
-        colour = any(parent.channels[i] == 3 for i in kept)
+    channels = _version_channels(new, parent, kept, config, listing.uri)
     by_split: dict[str, dict[str, int]] = {}
     for (split, label), n in sorted(counts.items()):
         by_split.setdefault(split, {})[label] = n
-    return Validated(
-        plan, version, classes, kept, new, quarantine, by_split, exists, 3 if colour else 1, digest_hex
-    )
+    return Validated(plan, version, classes, kept, new, quarantine, by_split, exists, channels, digest_hex)
+
+
+def _version_channels(new: list[Record], parent, kept: list[int], config: IngestConfig, uri: str) -> int:
+    """`ingest.channels`, else the majority's (a tie: colour, which loses nothing). Rows keep
+    their own pixels; the minority is converted when loaded (grey repeated, colour averaged)."""
+    colour = sum(r.decoded.channels == 3 for r in new)
+    if parent is not None:
+        colour += sum(parent.channels[i] == 3 for i in kept)
+    total = len(new) + len(kept)
+    channels = config.channels or (3 if colour and 2 * colour >= total else 1)
+    converted = colour if channels == 1 else total - colour
+    if converted:
+        kind = "colour images become grey" if channels == 1 else "grey images become colour"
+        log.info(
+            "%s: %d of %d %s when loaded (the version has %d channel(s))",
+            uri,
+            converted,
+            total,
+            kind,
+            channels,
+        )
+    return channels
 
 
 def _check_source(uri, counts: Counter, classes, quarantine, total, config: IngestConfig) -> None:
@@ -460,10 +481,11 @@ def _record_digest(content_hash: str, split: str, label: str | None) -> int:
     return int.from_bytes(hashlib.blake2b(f"{content_hash}:{split}:{label}".encode(), digest_size=8).digest())
 
 
-def _version_id(classes: list[str], digest: str) -> str:
+def _version_id(classes: list[str], digest: str, channels: int | None = None) -> str:
     """The version id follows from the content: class order plus the multiset of (image, split,
     label), the latter as a sum of per-record digests, so a child extends its parent's sum."""
-    return f"v-{hashlib.blake2b(json.dumps([classes, digest]).encode(), digest_size=8).hexdigest()}"
+    key = [classes, digest] + ([channels] if channels else [])  # a fixed channel count is content too
+    return f"v-{hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()}"
 
 
 # ----------------------------------------------------------------------------- write + commit
