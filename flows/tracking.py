@@ -261,7 +261,14 @@ def register_target(
     version = client.create_model_version(
         name, f"runs:/{run_id}/model", run_id=run_id, tags={"tofa.target": target}
     ).version
-    decision = _promote(client, name, version, folder, about, evaluate, evaluation)
+    try:
+        decision = _promote(client, name, version, folder, about, evaluate, evaluation)
+    except Exception:
+        # No orphan version: a registration whose comparison could not be decided is undone
+        # (the retry registers it again).
+        client.delete_model_version(name, version)
+        client.set_terminated(run_id, "FAILED")
+        raise
     for key, value in decision.items():
         client.set_model_version_tag(name, version, f"tofa.{key}", str(value))
     client.set_tag(run_id, "tofa.alias", decision["alias"])
@@ -312,9 +319,18 @@ def _promote(client, name: str, version: str, folder: Path, about: dict, evaluat
     if current is None:
         client.set_registered_model_alias(name, "champion", version)
         return {**out, "alias": "champion", "reason": f"first version; {evaluation} accuracy {new_acc:.4f}"}
-    with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
-        local = Path(client.download_artifacts(client.get_model_version(name, current).run_id, "model", tmp))
-        champion_acc = evaluate(local / "model.onnx", json.loads((local / "model.json").read_text()))
+    try:
+        champion_acc = _champion_accuracy(client, name, current, evaluate)
+    except Exception as err:  # noqa: BLE001 - whatever broke it, it must not jam every later run
+        client.set_registered_model_alias(name, "champion", version)
+        if client.get_registered_model(name).aliases.get("challenger") is not None:
+            client.delete_registered_model_alias(name, "challenger")
+        detail = f"{type(err).__name__}: {err}"[:300]
+        reason = (
+            f"champion v{current} cannot be evaluated on {evaluation} ({detail}); replaced by this "
+            f"version ({evaluation} accuracy {new_acc:.4f})"
+        )
+        return {**out, "alias": "champion", "reason": reason, "replaced_unusable": current}
     out["champion_acc"] = champion_acc
     if new_acc >= champion_acc:
         client.set_registered_model_alias(name, "champion", version)
@@ -328,6 +344,14 @@ def _promote(client, name: str, version: str, folder: Path, about: dict, evaluat
         f"{champion_acc:.4f}; champion stays v{current}"
     )
     return {**out, "alias": "challenger", "reason": reason}
+
+
+def _champion_accuracy(client, name: str, version: int, evaluate) -> float:
+    """The champion's score on today's evaluation: its artifacts, run on today's images (raises
+    when it cannot be: missing or malformed files, another input shape)."""
+    with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
+        local = Path(client.download_artifacts(client.get_model_version(name, version).run_id, "model", tmp))
+        return evaluate(local / "model.onnx", json.loads((local / "model.json").read_text()))
 
 
 def log_dict(run_id: str, data: dict, name: str) -> None:

@@ -234,6 +234,49 @@ def test_a_worse_model_stays_challenger(world, first):
     assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
 
 
+def test_an_unusable_champion_is_replaced_not_a_jam(world, first):
+    """The champion's files are gone (a cleaned artifact store, a broken upload): the next
+    version cannot be compared with it, so it becomes champion with the reason, instead of
+    every later run failing on the old one."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    c = client()
+    name = "tofa-shapes-small"
+    champion = c.get_registered_model(name).aliases["champion"]
+    uri = c.get_run(c.get_model_version(name, champion).run_id).info.artifact_uri
+    artifacts = Path(local_file_uri_to_path(uri))
+    (artifacts / "model" / "model.onnx").unlink()
+    _, register = registration_kit(world, first, "small", "after-broken")
+    done = register(first["mlflow"]["parent_run_id"])
+    assert done["alias"] == "champion" and f"champion v{champion} cannot be evaluated" in done["reason"]
+    assert c.get_registered_model(name).aliases["champion"] == done["version"]
+    tags = c.get_model_version(name, done["version"]).tags
+    assert tags["tofa.replaced_unusable"] == str(champion)
+
+
+def test_a_registration_that_cannot_be_decided_leaves_no_version(world, first):
+    from flows import tracking
+    from tofa_core.export import preprocess
+
+    c = client()
+    row, _ = registration_kit(world, first, "lean", "undecided")
+    folder = world["root"] / "undecided"
+    about = json.loads((folder / "model.json").read_text())
+    example = preprocess(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), about)
+    versions = len(c.search_model_versions("name = 'tofa-shapes-lean'"))
+    aliases = c.get_registered_model("tofa-shapes-lean").aliases
+
+    def broken(onnx_file, about):
+        raise RuntimeError("evaluation images unreadable")
+
+    with pytest.raises(RuntimeError, match="unreadable"):
+        tracking.register_target(
+            first["mlflow"]["parent_run_id"], "shapes", row, folder, example, broken, "test"
+        )
+    assert len(c.search_model_versions("name = 'tofa-shapes-lean'")) == versions
+    assert c.get_registered_model("tofa-shapes-lean").aliases == aliases
+
+
 def test_registering_is_idempotent_so_the_task_can_retry(world, first):
     """`register-models` is retried on failure: a target whose files were already registered
     under the pipeline run is answered from that registration (no new version, no new run),
