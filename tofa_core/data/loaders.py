@@ -132,6 +132,14 @@ class BatchStream:
         self._order = torch.empty(0, dtype=torch.long)
         self.passes = 0
 
+    def state_dict(self) -> dict:
+        """Where the stream is: resuming from it draws the same batches an unbroken run would."""
+        return {"gen": self.generator.get_state(), "order": self._order.clone(), "passes": self.passes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["gen"])
+        self._order, self.passes = state["order"], state["passes"]
+
     def _indices(self) -> torch.Tensor:
         out = []
         need = self.batch_size

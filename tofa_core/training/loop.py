@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from tofa_core.training.checkpoint import (
     space_dict,
 )
 from tofa_core.training.config import TrainConfig
-from tofa_core.training.evaluate import accuracy, calibrated_subnet
+from tofa_core.training.evaluate import accuracy, calibrated_subnet, calibration_images
 from tofa_core.training.loss import AdaptiveThreshold
 from tofa_core.training.step import sandwich, train_step
 
@@ -121,23 +120,54 @@ def warm_start(net: Supernet, source: str | Storage, key: str | None = None) -> 
     return notes
 
 
-def _rng_state(streams: list[BatchStream], aug_gen: torch.Generator) -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "aug": aug_gen.get_state(),
-        "streams": [
-            {"gen": s.generator.get_state(), "order": s._order.clone(), "passes": s.passes} for s in streams
-        ],
-    }
+# Seeds of a run's random streams: the run's seed times a prime, plus an offset per stream
+# (another prime) and the rank, so no two streams of any run or worker share a seed.
+SEED_STRIDE = 7919
+STREAM_OFFSET = 104729
 
 
-def _set_rng_state(state: dict, streams: list[BatchStream], aug_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    aug_gen.set_state(state["aug"])
-    for s, saved in zip(streams, state["streams"]):
-        s.generator.set_state(saved["gen"])
-        s._order = saved["order"]
-        s.passes = saved["passes"]
+@dataclass
+class _Run:
+    """One worker's training state: what the epochs advance and every checkpoint saves."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    splits: DataSplits
+    space: SearchSpace
+    fixed: Arch | None
+    net: Supernet
+    streams: list[BatchStream]  # labelled, then unlabelled when semi-supervised
+    aug: Augmenter
+    aug_gen: torch.Generator
+    sampler: random.Random  # the same on every rank: all ranks train the same subnets
+    adaptive: AdaptiveThreshold | None
+    about: dict  # what every checkpoint of this run says about itself (resume and warm start check it)
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler = None
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def judged(self) -> tuple[tuple[str, Arch], ...]:
+        """The subnets whose accuracy is reported: the fixed one, or the largest and smallest."""
+        if self.fixed is not None:
+            return (("arch", self.fixed),)
+        return (("max", self.space.max_arch()), ("min", self.space.min_arch()))
+
+    def rng_state(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "aug": self.aug_gen.get_state(),
+            "streams": [s.state_dict() for s in self.streams],
+        }
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        self.aug_gen.set_state(state["aug"])
+        for stream, saved in zip(self.streams, state["streams"]):
+            stream.load_state_dict(saved)
 
 
 def train_supernet(
@@ -161,49 +191,47 @@ def train_supernet(
 
     `warm_if_fits`: a `warm` checkpoint of another search space (say the previous run's, before
     the config changed its space) is skipped with a warning instead of failing the run."""
+    started = time.perf_counter()
+    run = _build(cfg, store, dataset, version, fixed)
+    resume = latest_key(run_dir, "checkpoints")
+    if resume is not None:
+        _resume(run, run_dir, resume)
+    elif warm is not None:
+        _warm_start(run, warm, warm_if_fits)
+    calib = calibration_images(run.splits, run.aug, cfg.calib_images, cfg.seed)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        metrics = _epoch(run, epoch, calib)
+        run.history.append(metrics)
+        _checkpoint(run, run_dir, epoch + 1)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        if report is not None:
+            report(metrics)
+    return _finish(run, run_dir, calib, time.perf_counter() - started)
+
+
+def _build(
+    cfg: TrainConfig, store: DatasetStore, dataset: str, version: str | None, fixed: Arch | None
+) -> _Run:
+    """The data, network, batch streams, optimizer and schedule of a fresh run on this worker."""
     rank, world = _world()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world} workers")
-    started = time.perf_counter()
     splits = load_splits(store, dataset, version, val_fraction=cfg.val_fraction, seed=cfg.seed)
     space = space_for(cfg, splits)
     if fixed is not None:
         space.validate(fixed)
-    judged = (("arch", fixed),) if fixed else (("max", space.max_arch()), ("min", space.min_arch()))
     torch.manual_seed(cfg.seed)
     net = Supernet(space)
-    per_rank = cfg.batch_size // world
-    labelled = BatchStream(splits.train, per_rank, seed=cfg.seed * 7919 + rank)
-    streams = [labelled]
-    unlabelled = None
+    per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
+    streams = [BatchStream(splits.train, per_rank, seed=seed + rank)]
     if cfg.semi_supervised and len(splits.unlabeled):
         share = splits.unlabeled.shard(rank, world, seed=cfg.seed)
-        unlabelled = BatchStream(share, per_rank * cfg.mu, seed=cfg.seed * 7919 + 104729 + rank)
-        streams.append(unlabelled)
-    aug = Augmenter(cfg.augment, splits.channels)
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 2 * 104729 + rank)
-    sampler = random.Random(cfg.seed)  # the same on every rank: all ranks train the same subnets
+        streams.append(BatchStream(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank))
     adaptive = None
-    if cfg.threshold == "adaptive" and unlabelled is not None:
+    if cfg.threshold == "adaptive" and len(streams) > 1:
         adaptive = AdaptiveThreshold(len(splits.classes), cfg.threshold_momentum)
-
-    decay = [p for n, p in net.named_parameters() if p.dim() > 1 and "transform_" not in n]
-    no_decay = [p for n, p in net.named_parameters() if not (p.dim() > 1 and "transform_" not in n)]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.momentum > 0,
-    )
-    steps_per_epoch = cfg.epoch_steps(len(splits.train), len(splits.unlabeled))
-    total = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
-    )
-
-    # What every checkpoint of this run says about itself (resume and warm start check it).
     about = {
         "space": space_dict(space),
         "classes": splits.classes,
@@ -212,128 +240,149 @@ def train_supernet(
         "config": cfg.model_dump(mode="json"),
         **({"fixed_arch": fixed.to_dict()} if fixed else {}),
     }
-    history: list[dict] = []
-    start_epoch = 0
-    resume = latest_key(run_dir, "checkpoints")
-    if resume is not None:
-        state = load_checkpoint(run_dir, resume)
-        if not check_fits(state, space, run_dir.uri(resume), splits.classes):
-            raise CheckpointError(
-                f"{run_dir.uri(resume)} was trained on other classes than {dataset!r} has now"
-            )
-        if state.get("data_version") != splits.version:
-            raise CheckpointError(
-                f"{run_dir.uri(resume)} belongs to data version {state.get('data_version')}, "
-                f"not {splits.version}; resume with the same version, or start a new run warm-started from it"
-            )
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.setstate(state["sampler"])
-        if adaptive is not None and "threshold" in state:
-            adaptive.load_state_dict(state["threshold"])
-        ranks = state["rng"]
-        _set_rng_state(ranks[rank] if len(ranks) == world else ranks[0], streams, aug_gen)
-        start_epoch, history = state["epoch"], list(state["history"])
-        about["warm_start"] = state.get("warm_start")
-        log.info("resumed %s at epoch %d", run_dir.uri(resume), start_epoch)
-    elif warm is not None:
-        source, key = warm
-        try:
-            for note in warm_start(net, source, key):
-                log.info(note)
-            about["warm_start"] = source if isinstance(source, str) else source.uri(key)
-        except OtherSpaceError as err:
-            if not warm_if_fits:
-                raise
-            log.warning("not warm-started, training from scratch: %s", err)
+    run = _Run(
+        cfg, rank, world, splits, space, fixed, net, streams,
+        aug=Augmenter(cfg.augment, splits.channels),
+        aug_gen=torch.Generator().manual_seed(seed + 2 * STREAM_OFFSET + rank),
+        sampler=random.Random(cfg.seed), adaptive=adaptive, about=about,
+        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)),
+    )  # fmt: skip
+    run.optimizer, run.scheduler = _optimizer(cfg, net, cfg.epochs * run.steps_per_epoch)
+    return run
 
-    # A fixed sample of training images (no augmentation) recalibrates BN for evaluation.
-    pool = torch.cat([splits.train.images, splits.unlabeled.images])
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_images]
-    calib = aug.normalize(pool[pick])
-    val_x, val_y = aug.normalize(splits.val.images), splits.val.labels
 
-    for epoch in range(start_epoch, cfg.epochs):
-        net.train()
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        images = 0
-        for i in range(steps_per_epoch):
-            x, y = next(labelled)
-            xw = aug.weak(x, aug_gen)
-            uw = us = None
-            if unlabelled is not None:
-                u, _ = next(unlabelled)
-                uw, us = aug.weak(u, aug_gen), aug.strong(u, aug_gen)
-                images += len(u)
-            images += len(x)
-            optimizer.zero_grad(set_to_none=True)
-            step = epoch * steps_per_epoch + i + 1
-            ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
-            archs = [fixed] if fixed else sandwich(space, sampler, cfg.k_random)
-            logs = train_step(net, archs, xw, y, uw, us, cfg, ramp, adaptive)
-            allreduce_gradients(net, world)
-            optimizer.step()
-            scheduler.step()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v / steps_per_epoch
-        seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **sums}
-        metrics["images_per_s"] = images * world / seconds
-        for name, arch in judged:
-            metrics[f"val_acc/{name}"] = accuracy(calibrated_subnet(net, arch, calib), val_x, val_y)
-        history.append(metrics)
-        rng = [_rng_state(streams, aug_gen)]
-        if world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
-        if rank == 0:
-            save_checkpoint(
-                run_dir,
-                f"checkpoints/epoch-{epoch + 1:04d}.pt",
-                {
-                    **about,
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "sampler": sampler.getstate(),
-                    **({"threshold": adaptive.state_dict()} if adaptive is not None else {}),
-                    "rng": rng,
-                    "epoch": epoch + 1,
-                    "history": history,
-                },
-            )
-            # Small and readable without torch: a launcher polls it to show progress.
-            run_dir.write_bytes("progress.json", json.dumps(history).encode())
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-        if report is not None:
-            report(metrics)
+def _optimizer(cfg: TrainConfig, net: Supernet, total_steps: int):
+    """SGD (no weight decay on biases, BN and kernel transforms) under a cosine schedule."""
+    decayed = {n for n, p in net.named_parameters() if p.dim() > 1 and "transform_" not in n}
+    params = dict(net.named_parameters())
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [params[n] for n in params if n in decayed], "weight_decay": cfg.weight_decay},
+            {"params": [params[n] for n in params if n not in decayed], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+    )
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
-    test_x, test_y = aug.normalize(splits.test.images), splits.test.labels
-    final = {
-        f"test_acc/{name}": accuracy(calibrated_subnet(net, arch, calib), test_x, test_y)
-        for name, arch in judged
-    }
-    supernet_key = None
-    if rank == 0:
-        supernet_key = "supernet.pt"
-        save_checkpoint(
-            run_dir,
-            supernet_key,
-            {**about, "model": net.state_dict(), "final": final},
+
+def _resume(run: _Run, run_dir: Storage, key: str) -> None:
+    """Continue this run from its last checkpoint, exactly where that epoch ended."""
+    state = load_checkpoint(run_dir, key)
+    if not check_fits(state, run.space, run_dir.uri(key), run.splits.classes):
+        raise CheckpointError(
+            f"{run_dir.uri(key)} was trained on other classes than {run.about['dataset']!r} has now"
         )
+    if state.get("data_version") != run.splits.version:
+        raise CheckpointError(
+            f"{run_dir.uri(key)} belongs to data version {state.get('data_version')}, "
+            f"not {run.splits.version}; resume with the same version, or start a new run warm-started from it"
+        )
+    run.net.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.setstate(state["sampler"])
+    if run.adaptive is not None and "threshold" in state:
+        run.adaptive.load_state_dict(state["threshold"])
+    ranks = state["rng"]
+    run.set_rng_state(ranks[run.rank] if len(ranks) == run.world else ranks[0])
+    run.start_epoch, run.history = state["epoch"], list(state["history"])
+    run.about["warm_start"] = state.get("warm_start")
+    log.info("resumed %s at epoch %d", run_dir.uri(key), run.start_epoch)
+
+
+def _warm_start(run: _Run, warm: tuple[str | Storage, str | None], warm_if_fits: bool) -> None:
+    source, key = warm
+    try:
+        for note in warm_start(run.net, source, key):
+            log.info(note)
+        run.about["warm_start"] = source if isinstance(source, str) else source.uri(key)
+    except OtherSpaceError as err:
+        if not warm_if_fits:
+            raise
+        log.warning("not warm-started, training from scratch: %s", err)
+
+
+def _epoch(run: _Run, epoch: int, calib: torch.Tensor) -> dict:
+    """One epoch of sandwich steps; its mean losses, pace and validation accuracies."""
+    cfg, net, aug, gen = run.cfg, run.net, run.aug, run.aug_gen
+    net.train()
+    sums: dict[str, float] = {}
+    started, images = time.perf_counter(), 0
+    total = cfg.epochs * run.steps_per_epoch
+    for i in range(run.steps_per_epoch):
+        x, y = next(run.streams[0])
+        xw = aug.weak(x, gen)
+        uw = us = None
+        if len(run.streams) > 1:
+            u, _ = next(run.streams[1])
+            uw, us = aug.weak(u, gen), aug.strong(u, gen)
+            images += len(u)
+        images += len(x)
+        run.optimizer.zero_grad(set_to_none=True)
+        step = epoch * run.steps_per_epoch + i + 1
+        ramp = min(1.0, step / (cfg.warmup * total)) if cfg.warmup > 0 else 1.0
+        archs = [run.fixed] if run.fixed else sandwich(run.space, run.sampler, cfg.k_random)
+        logs = train_step(net, archs, xw, y, uw, us, cfg, ramp, run.adaptive)
+        allreduce_gradients(net, run.world)
+        run.optimizer.step()
+        run.scheduler.step()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v / run.steps_per_epoch
+    metrics = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **sums}
+    metrics["images_per_s"] = images * run.world / (time.perf_counter() - started)
+    val_x, val_y = aug.normalize(run.splits.val.images), run.splits.val.labels
+    for name, arch in run.judged:
+        metrics[f"val_acc/{name}"] = accuracy(calibrated_subnet(net, arch, calib), val_x, val_y)
+    return metrics
+
+
+def _checkpoint(run: _Run, run_dir: Storage, epoch: int) -> None:
+    """Everything a restart needs, with every rank's RNG state (written by rank 0)."""
+    rng = [run.rng_state()]
+    if run.world > 1:
+        gathered: list = [None] * run.world
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if run.rank != 0:
+        return
+    state = {
+        **run.about,
+        "model": run.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "sampler": run.sampler.getstate(),
+        **({"threshold": run.adaptive.state_dict()} if run.adaptive is not None else {}),
+        "rng": rng,
+        "epoch": epoch,
+        "history": run.history,
+    }
+    save_checkpoint(run_dir, f"checkpoints/epoch-{epoch:04d}.pt", state)
+    # Small and readable without torch: a launcher polls it to show progress.
+    run_dir.write_bytes("progress.json", json.dumps(run.history).encode())
+
+
+def _finish(run: _Run, run_dir: Storage, calib: torch.Tensor, seconds: float) -> TrainResult:
+    """Test accuracies, the final supernet and the run's record (rank 0 writes them)."""
+    test_x, test_y = run.aug.normalize(run.splits.test.images), run.splits.test.labels
+    final = {
+        f"test_acc/{name}": accuracy(calibrated_subnet(run.net, arch, calib), test_x, test_y)
+        for name, arch in run.judged
+    }
+    supernet_key = "supernet.pt" if run.rank == 0 else None
+    if supernet_key is not None:
+        save_checkpoint(run_dir, supernet_key, {**run.about, "model": run.net.state_dict(), "final": final})
     result = TrainResult(
         run_dir.root,
-        splits.version,
-        cfg.epochs,
-        time.perf_counter() - started,
-        history,
+        run.splits.version,
+        run.cfg.epochs,
+        seconds,
+        run.history,
         final,
         supernet_key,
-        about.get("warm_start"),
+        run.about.get("warm_start"),
     )
-    if rank == 0:  # the run's record, readable without torch: whoever launched us reads this
+    if run.rank == 0:  # the run's record, readable without torch: whoever launched us reads this
         run_dir.write_bytes("result.json", json.dumps(dataclasses.asdict(result), indent=2).encode())
     return result
