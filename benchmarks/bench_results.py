@@ -277,7 +277,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     targets = load_targets(args.targets)
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    cfg = TrainConfig.load(args.config)
     datasets = args.datasets.split(",")
     if args.quick:
         datasets, args.seeds, targets = ["digits"], 1, targets[:3]

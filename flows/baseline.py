@@ -39,8 +39,7 @@ def baseline_flow(
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
-    overrides = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
-    cfg = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig(**overrides)
+    cfg = TrainConfig.load(config_file, epochs=epochs, seed=seed)
     results = []
     for label, raw in archs.items():
         arch = Arch.from_dict(raw)

@@ -19,6 +19,8 @@ import random
 import re
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -193,112 +195,65 @@ def retrain_flow(
     owner = f"tofa-retrain flow run {flow_run.get_name() or flow_run.get_id()}"
     with RunLock(open_storage(store), dataset, owner, wait=lock_wait):
         return _retrain(
-            source, dataset, targets_file, config_file, epochs, workers, store, samples, score, force
+            Retrain(source, dataset, targets_file, config_file, epochs, workers, store, samples, score, force)
         )
 
 
-def _retrain(
-    source: str,
-    dataset: str,
-    targets_file: str | None,
-    config_file: str | None,
-    epochs: int | None,
-    workers: int,
-    store: str,
-    samples: int,
-    score: str,
-    force: bool,
-) -> dict:
+@dataclass(frozen=True)
+class Retrain:
+    """What one pipeline run was asked to do (the flow's parameters, resolved)."""
+
+    source: str
+    dataset: str
+    targets_file: str | None
+    config_file: str | None
+    epochs: int | None
+    workers: int
+    store: str
+    samples: int
+    score: str
+    force: bool
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    mark = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - mark
+
+
+def _retrain(p: Retrain) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    targets_file = targets_file or default_targets()
+    targets_file = p.targets_file or default_targets()
     targets_text = Path(targets_file).read_text()
     load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails before training
-    overrides = {"epochs": epochs} if epochs else {}
-    cfg = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig(**overrides)
+    cfg = TrainConfig.load(p.config_file, epochs=p.epochs)
 
-    logger.info("stage 1/4: ingest %s as %s", source, dataset)
-    data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
-    timings["ingest"] = time.perf_counter() - started
-    key = pipeline_key(data["version"], cfg, targets_text, samples, score)
-    if not force and (last := last_completed(store, dataset, key)) is not None:
-        logger.info(
-            "nothing new: data version %s, training config and targets as in pipeline run %s; no work done",
-            data["version"],
-            last["pipeline_run"],
-        )
+    logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
+    with _timed(timings, "ingest"):
+        data = ingest_flow(source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file)
+    key = pipeline_key(data["version"], cfg, targets_text, p.samples, p.score)
+    if not p.force and (last := _nothing_new(p, data["version"], key)) is not None:
         return {**last, "noop": True, "timings": {"total": round(time.perf_counter() - started, 2)}}
 
     pipeline_run = new_run_id()
-    params = {
-        "source": source,
-        "data_version": data["version"],
-        "targets_file": targets_file,
-        "targets_sha256": hashlib.sha256(targets_text.encode()).hexdigest(),
-        "workers": workers,
-        "samples": samples,
-        "score": score,
-        "train": cfg.model_dump(mode="json"),
-    }
-    tags = {"tofa.dataset": dataset, "tofa.data_version": data["version"], "tofa.pipeline_run": pipeline_run}
-    if commit := tracking.git_commit():
-        tags["tofa.git_commit"] = commit
-    parent = tracking.start_pipeline(dataset, f"pipeline-{pipeline_run}", params, tags)
-    record = {
-        "pipeline_run": pipeline_run,
-        "status": "running",
-        "key": key,
-        "dataset": dataset,
-        "data_version": data["version"],
-        "data_created": data["created"],
-        "mlflow": {"tracking_uri": tracking.tracking_uri(), "parent_run_id": parent},
-    }
-    records = open_storage(store).child(f"pipelines/{dataset}")
+    parent = _start_parent(p, cfg, data["version"], targets_file, targets_text, pipeline_run)
+    record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
+    record |= {"data_version": data["version"], "data_created": data["created"]}
+    record["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "parent_run_id": parent}
+    records = open_storage(p.store).child(f"pipelines/{p.dataset}")
     ok = False
     try:
-        mark = time.perf_counter()
-        trained_record = reusable_supernet(store, dataset, data["version"], cfg)
-        reused = trained_record is not None
-        if reused:
-            logger.info(
-                "stage 2/4: reusing supernet %s (same data version and config)", trained_record["run_id"]
-            )
-        else:
-            logger.info(
-                "stage 2/4: train on %s with %d workers (warm start from the last supernet)",
-                data["version"],
-                workers,
-            )
-            trained_record = train_flow(
-                source=source, dataset=dataset, store=store, config_file=config_file, epochs=epochs,
-                workers=workers, warm_start="last", version=data["version"], parent_run=parent,
-            )  # fmt: skip
-        timings["train"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        logger.info("stage 3/4: specialize for every target in %s", targets_file)
-        failed_stage = None
-        try:
-            spec = specialize_flow.with_options(task_runner=task_runner())(
-                source=source, dataset=dataset, targets_file=targets_file, store=store,
-                run_id=trained_record["run_id"], samples=samples, score=score,
-            )  # fmt: skip
-        except SpecializationFailed as err:  # register what succeeded, then fail
-            spec, failed_stage = err.summary, err
-        timings["specialize"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        logger.info("stage 4/4: register %d models in MLflow and draw the plots", len(spec["targets"]))
-        trained = load_supernet(store, trained_record["run_dir"])
-        registered = register_models(parent, dataset, spec["targets"], trained)
-        run_dir = open_storage(trained_record["run_dir"])
-        predictor = json.loads(run_dir.read_bytes(predictor_key(score, samples, 0).replace(".pt", ".json")))
-        history = json.loads(run_dir.read_bytes("result.json"))["history"]
-        plot_files = draw_plots(parent, trained, spec, history, predictor)
-        timings["report"] = time.perf_counter() - mark
+        with _timed(timings, "train"):
+            trained_record, reused = _train_stage(p, cfg, data["version"], parent)
+        with _timed(timings, "specialize"):
+            logger.info("stage 3/4: specialize for every target in %s", targets_file)
+            spec, failed_stage = _specialize_stage(p, targets_file, trained_record["run_id"])
+        with _timed(timings, "report"):
+            registered, plot_files = _report_stage(p, parent, spec, trained_record)
         timings["total"] = time.perf_counter() - started
-
         record |= {
             "splits": spec["splits"],
             "supernet_run": trained_record["run_id"],
@@ -319,19 +274,96 @@ def _retrain(
             raise failed_stage
         ok = True
     finally:
-        try:
-            if not ok and record["status"] == "running":  # a stage raised: say so in the store too
-                records.write_bytes(
-                    f"{pipeline_run}.json", json.dumps({**record, "status": "failed"}, indent=2).encode()
-                )
-            tracking.finish_run(parent, ok, {f"seconds/{k}": v for k, v in timings.items()})
-        except Exception:
-            if ok:
-                raise
-            # A stage's error is on its way out: a failure to record it must not replace it.
-            logger.exception("could not record the failed pipeline run %s", pipeline_run)
+        _close(records, record, parent, ok, timings)
     logger.info("pipeline %s done in %.0f s", pipeline_run, timings["total"])
     return {**record, "noop": False}
+
+
+def _nothing_new(p: Retrain, version: str, key: str) -> dict | None:
+    """The last completed run with the same data version, config, targets and search settings."""
+    last = last_completed(p.store, p.dataset, key)
+    if last is not None:
+        get_run_logger().info(
+            "nothing new: data version %s, training config and targets as in pipeline run %s; no work done",
+            version,
+            last["pipeline_run"],
+        )
+    return last
+
+
+def _start_parent(
+    p: Retrain, cfg: TrainConfig, version: str, targets_file: str, targets_text: str, pipeline_run: str
+) -> str:
+    """The pipeline's MLflow parent run, with what it was asked to do as params and tags."""
+    params = {
+        "source": p.source,
+        "data_version": version,
+        "targets_file": targets_file,
+        "targets_sha256": hashlib.sha256(targets_text.encode()).hexdigest(),
+        "workers": p.workers,
+        "samples": p.samples,
+        "score": p.score,
+        "train": cfg.model_dump(mode="json"),
+    }
+    tags = {"tofa.dataset": p.dataset, "tofa.data_version": version, "tofa.pipeline_run": pipeline_run}
+    if commit := tracking.git_commit():
+        tags["tofa.git_commit"] = commit
+    return tracking.start_pipeline(p.dataset, f"pipeline-{pipeline_run}", params, tags)
+
+
+def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tuple[dict, bool]:
+    """The supernet of this data version and config: reused when one exists, else trained."""
+    logger = get_run_logger()
+    trained = reusable_supernet(p.store, p.dataset, version, cfg)
+    if trained is not None:
+        logger.info("stage 2/4: reusing supernet %s (same data version and config)", trained["run_id"])
+        return trained, True
+    logger.info(
+        "stage 2/4: train on %s with %d workers (warm start from the last supernet)", version, p.workers
+    )
+    trained = train_flow(
+        source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, epochs=p.epochs,
+        workers=p.workers, warm_start="last", version=version, parent_run=parent,
+    )  # fmt: skip
+    return trained, False
+
+
+def _specialize_stage(p: Retrain, targets_file: str, run_id: str) -> tuple[dict, Exception | None]:
+    """Every target in parallel; a failed target's error is kept to raise after registering the rest."""
+    try:
+        spec = specialize_flow.with_options(task_runner=task_runner())(
+            source=p.source, dataset=p.dataset, targets_file=targets_file, store=p.store,
+            run_id=run_id, samples=p.samples, score=p.score,
+        )  # fmt: skip
+        return spec, None
+    except SpecializationFailed as err:  # register what succeeded, then fail
+        return err.summary, err
+
+
+def _report_stage(p: Retrain, parent: str, spec: dict, trained_record: dict) -> tuple[dict, list[str]]:
+    get_run_logger().info("stage 4/4: register %d models in MLflow and draw the plots", len(spec["targets"]))
+    trained = load_supernet(p.store, trained_record["run_dir"])
+    registered = register_models(parent, p.dataset, spec["targets"], trained)
+    run_dir = open_storage(trained_record["run_dir"])
+    predictor = json.loads(run_dir.read_bytes(predictor_key(p.score, p.samples, 0).replace(".pt", ".json")))
+    history = json.loads(run_dir.read_bytes("result.json"))["history"]
+    return registered, draw_plots(parent, trained, spec, history, predictor)
+
+
+def _close(records, record: dict, parent: str, ok: bool, timings: dict[str, float]) -> None:
+    """Mark a failed run failed in the store, and end its MLflow run."""
+    try:
+        if not ok and record["status"] == "running":  # a stage raised: say so in the store too
+            records.write_bytes(
+                f"{record['pipeline_run']}.json",
+                json.dumps({**record, "status": "failed"}, indent=2).encode(),
+            )
+        tracking.finish_run(parent, ok, {f"seconds/{k}": v for k, v in timings.items()})
+    except Exception:
+        if ok:
+            raise
+        # A stage's error is on its way out: a failure to record it must not replace it.
+        get_run_logger().exception("could not record the failed pipeline run %s", record["pipeline_run"])
 
 
 def _target_row(row: dict, registration: dict) -> dict:

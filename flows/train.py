@@ -192,8 +192,7 @@ def train_flow(
     if version is None:
         version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     data = {"version": version}
-    overrides = {"epochs": epochs} if epochs else {}
-    cfg = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig(**overrides)
+    cfg = TrainConfig.load(config_file, epochs=epochs)
     warm = _resolve_warm_start(warm_start, store, dataset)
     run_id = new_run_id()
     logger.info("training run %s on %s %s with %d workers", run_id, dataset, data["version"], workers)

@@ -66,7 +66,7 @@ def tune_flow(
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
-    base = TrainConfig.from_yaml(config_file, epochs=epochs) if config_file else TrainConfig(epochs=epochs)
+    base = TrainConfig.load(config_file, epochs=epochs)
     sweep_id = new_run_id()
     sweep_dir = open_storage(store).child(f"tune/{sweep_id}")
     ray = start_ray()

@@ -33,7 +33,6 @@ SHARD_SCHEMA = pa.schema(
         ("pixels", pa.binary()),  # height x width x channels, uint8, row-major
     ]
 )
-INDEX_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != "pixels"]
 QUARANTINE_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("source_id", pa.string())])
 
 

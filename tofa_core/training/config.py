@@ -87,5 +87,12 @@ class TrainConfig(BaseModel):
         return max(MIN_STEPS_PER_EPOCH, math.ceil(images / per_step))
 
     @classmethod
+    def load(cls, path: str | Path | None = None, **overrides) -> TrainConfig:
+        """The `train:` section of a config file, or the defaults without one; overrides that
+        are None (an option not given) leave the file's value."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_yaml(path, **given) if path else cls(**given)
+
+    @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
         return config_files.load_section_model(cls, path, "train", **overrides)
