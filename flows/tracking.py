@@ -197,12 +197,7 @@ def register_target(
     only when it scores at least as well as the current champion, both scored here by the
     same `evaluate`; otherwise it is the `challenger` and the reason is recorded.
     """
-    import mlflow.onnx
-    import onnx
-    from mlflow.entities import Metric, Param
-    from mlflow.models import infer_signature
-
-    from tofa_core import onnx_runtime
+    from mlflow.entities import Metric
 
     client = _client()
     target = row["target"]
@@ -212,6 +207,40 @@ def register_target(
     if done is not None:  # a retry after these files were registered: the same answer, no new version
         return done
     about = json.loads((folder / "model.json").read_text())
+    run_id = _target_run(client, parent_run, dataset, row, about, fingerprint)
+    _log_model(client, run_id, folder, example, target)
+    name = model_name(dataset, target)
+    version = _new_version(client, name, run_id, dataset, target)
+    try:
+        decision = _promote(client, name, version, folder, about, evaluate, evaluation)
+    except Exception:
+        # No orphan version: a registration whose comparison could not be decided is undone
+        # (the retry registers it again).
+        client.delete_model_version(name, version)
+        client.set_terminated(run_id, "FAILED")
+        raise
+    for key, value in decision.items():
+        client.set_model_version_tag(name, version, f"tofa.{key}", str(value))
+    client.set_tag(run_id, "tofa.alias", decision["alias"])
+    client.set_tag(run_id, "tofa.reason", decision["reason"])
+    client.log_batch(run_id, metrics=[Metric("eval_acc", decision["eval_acc"], int(time.time() * 1000), 0)])
+    result = {
+        "model": name,
+        "version": int(version),
+        "uri": f"models:/{name}/{version}",
+        "mlflow_run_id": run_id,
+        **decision,
+    }
+    client.set_tag(run_id, RESULT_TAG, json.dumps(result))  # last: marks the target as registered
+    client.set_terminated(run_id)
+    return result
+
+
+def _target_run(client, parent_run: str, dataset: str, row: dict, about: dict, fingerprint: str) -> str:
+    """The target's run nested under the pipeline's, with its budget, arch and metrics."""
+    from mlflow.entities import Metric, Param
+
+    target = row["target"]
     run = client.create_run(
         experiment_id(client, dataset),
         run_name=f"target-{target}",
@@ -225,17 +254,27 @@ def register_target(
             FILES_TAG: fingerprint,
         },
     )
-    run_id = run.info.run_id
     params = {f"budget.{k}": v for k, v in row["constraints"].items()}
     params |= {"device": row.get("device") or "-", "arch": json.dumps(row["arch"])}
     params |= {f"arch.{k}": v for k, v in row["arch"].items()}
     now = int(time.time() * 1000)
     metrics = {k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))}
     client.log_batch(
-        run_id,
+        run.info.run_id,
         params=[Param(k, str(v)[:500]) for k, v in params.items()],
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
     )
+    return run.info.run_id
+
+
+def _log_model(client, run_id: str, folder: Path, example, target: str) -> None:
+    """The ONNX model in MLflow's onnx flavour (signature, input example) beside model.pt and model.json."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import infer_signature
+
+    from tofa_core import onnx_runtime
+
     logits = onnx_runtime.run(onnx_runtime.session(str(folder / "model.onnx")), example)
     with tempfile.TemporaryDirectory(prefix=f"tofa-mlflow-{target}-") as tmp:
         model_dir = Path(tmp) / "model"
@@ -250,7 +289,10 @@ def register_target(
             if (folder / extra).exists():
                 shutil.copy2(folder / extra, model_dir / extra)
         client.log_artifacts(run_id, str(model_dir), "model")
-    name = model_name(dataset, target)
+
+
+def _new_version(client, name: str, run_id: str, dataset: str, target: str) -> str:
+    """A new version of the target's registered model (the model created on first use)."""
     try:
         client.create_registered_model(
             name, description=f"TOFA subnet for target {target!r} on data set {dataset!r}"
@@ -258,32 +300,9 @@ def register_target(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(
+    return client.create_model_version(
         name, f"runs:/{run_id}/model", run_id=run_id, tags={"tofa.target": target}
     ).version
-    try:
-        decision = _promote(client, name, version, folder, about, evaluate, evaluation)
-    except Exception:
-        # No orphan version: a registration whose comparison could not be decided is undone
-        # (the retry registers it again).
-        client.delete_model_version(name, version)
-        client.set_terminated(run_id, "FAILED")
-        raise
-    for key, value in decision.items():
-        client.set_model_version_tag(name, version, f"tofa.{key}", str(value))
-    client.set_tag(run_id, "tofa.alias", decision["alias"])
-    client.set_tag(run_id, "tofa.reason", decision["reason"])
-    client.log_batch(run_id, metrics=[Metric("eval_acc", decision["eval_acc"], now, 0)])
-    result = {
-        "model": name,
-        "version": int(version),
-        "uri": f"models:/{name}/{version}",
-        "mlflow_run_id": run_id,
-        **decision,
-    }
-    client.set_tag(run_id, RESULT_TAG, json.dumps(result))  # last: marks the target as registered
-    client.set_terminated(run_id)
-    return result
 
 
 RESULT_TAG, FILES_TAG = "tofa.registered", "tofa.files_sha256"

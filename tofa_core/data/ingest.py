@@ -325,6 +325,32 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
     """Build the version's contents and quarantine; raise SourceError if the source fails as a whole."""
     listing, parent = plan.listing, plan.parent
     quarantine = [(path, reason, "") for path, reason in listing.rejected] + plan.repeats
+    new = _decoded_records(plan, decoded, quarantine)
+    kept = plan.known_rows
+    # Common case of new data arriving: every parent row is still there. Then the parent's
+    # counts and digest stand for them and this stage costs O(new), not O(data set).
+    whole_parent = parent is not None and len(kept) == len(parent.label) and bool(parent.manifest.digest)
+    classes = _classes(plan, config, _train_labels(new, parent, kept, whole_parent))
+    new, kept, parent_intact = _drop_unknown_labels(
+        plan, config, classes, new, kept, whole_parent, quarantine
+    )
+    new, kept, no_dropped = _drop_duplicates(parent, new, kept, quarantine)
+    counts, digest = _counts(new, parent, kept, whole_parent and parent_intact and no_dropped)
+    total = len(listing.items) + len(listing.rejected)
+    _check_source(listing.uri, counts, classes, quarantine, total, config)
+
+    digest_hex = f"{digest % 2**64:016x}"
+    version = _version_id(classes, digest_hex, config.channels)
+    exists = store.dataset(plan.dataset).exists(f"{version}/manifest.json")
+    channels = _version_channels(new, parent, kept, config, listing.uri)
+    by_split: dict[str, dict[str, int]] = {}
+    for (split, label), n in sorted(counts.items()):
+        by_split.setdefault(split, {})[label] = n
+    return Validated(plan, version, classes, kept, new, quarantine, by_split, exists, channels, digest_hex)
+
+
+def _decoded_records(plan: Plan, decoded: list[Decoded], quarantine: list) -> list[Record]:
+    """The new items that decoded; the others go to the quarantine with the decoder's reason."""
     by_id = {d.source_id: d for d in decoded}
     new: list[Record] = []
     for item in plan.new_items:
@@ -333,20 +359,25 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
             quarantine.append((item.path, d.error, item.source_id))
         else:
             new.append(Record(item.source_id, item.path, item.split, item.label, d))
-    kept = plan.known_rows
-    # Common case of new data arriving: every parent row is still there. Then the parent's
-    # counts and digest stand for them and this stage costs O(new), not O(data set).
-    whole_parent = parent is not None and len(kept) == len(parent.label) and bool(parent.manifest.digest)
+    return new
 
-    # Classes, and labels that are not among them.
+
+def _train_labels(new: list[Record], parent, kept: list[int], whole_parent: bool) -> set[str]:
     present = {r.label for r in new if r.split == "train"}
     if whole_parent:
         present |= set(parent.manifest.counts.get("train", {}))
     elif parent:
         _, splits, names = parent.columns(kept)
         present |= {name for split, name in zip(splits, names) if split == "train"}
-    classes = _classes(plan, config, present)
-    allowed = set(classes)
+    return present
+
+
+def _drop_unknown_labels(
+    plan: Plan, config: IngestConfig, classes: list[str], new, kept, whole_parent: bool, quarantine: list
+) -> tuple[list[Record], list[int], bool]:
+    """Records (new and the parent's) whose label is not among `classes` go to the quarantine;
+    the flag says whether the parent's rows all stayed."""
+    parent, allowed = plan.parent, set(classes)
 
     def unknown(label: str | None) -> bool:
         return label is not None and label not in allowed
@@ -354,25 +385,27 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
     for r in new:
         if unknown(r.label) and config.classes and r.label.isdigit() and int(r.label) < len(classes):
             r.label = classes[int(r.label)]  # a table may give class indices into ingest.classes
-    bad = [r for r in new if unknown(r.label)]
-    for r in bad:
-        quarantine.append(
-            (r.path, f"unknown label: {r.label!r} is not among the classes {classes}", r.source_id)
-        )
+    for r in new:
+        if unknown(r.label):
+            reason = f"unknown label: {r.label!r} is not among the classes {classes}"
+            quarantine.append((r.path, reason, r.source_id))
     new = [r for r in new if not unknown(r.label)]
     used = {c for split in parent.manifest.counts.values() for c in split} - {"-"} if whole_parent else None
     if parent and used is None:
         used = {parent.manifest.classes[lbl] for lbl in {parent.label[i] for i in kept} - {None}}
-    if parent and any(unknown(name) for name in used):
-        whole_parent = False
-        for i in kept:
-            if unknown(parent.names[i]):
-                reason = f"unknown label: {parent.names[i]!r} is not among the classes {classes}"
-                quarantine.append((parent.path[i], reason, parent.source_id[i]))
-        kept = [i for i in kept if not unknown(parent.names[i])]
+    if not parent or not any(unknown(name) for name in used):
+        return new, kept, True
+    for i in kept:
+        if unknown(parent.names[i]):
+            reason = f"unknown label: {parent.names[i]!r} is not among the classes {classes}"
+            quarantine.append((parent.path[i], reason, parent.source_id[i]))
+    return new, [i for i in kept if not unknown(parent.names[i])], False
 
-    # Duplicates (same pixels). The parent's rows are unique already, so only groups holding a
-    # new image need a look. One copy is kept, by split (test first), then the parent's, then path.
+
+def _drop_duplicates(parent, new: list[Record], kept: list[int], quarantine: list):
+    """Same pixels: one copy is kept, by split (test first), then the parent's, then path;
+    conflicting labels quarantine every copy. The parent's rows are unique already, so only
+    groups holding a new image need a look. Returns new, kept and whether no parent row went."""
     parent_by_hash = {parent.content_hash[i]: i for i in kept} if parent else {}
     groups: dict[str, list[Record]] = defaultdict(list)
     for r in new:
@@ -391,11 +424,9 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
         copies.sort(key=lambda c: c[:3])
         if len(labels) > 1:
             detail = ", ".join(f"{c[2]}={c[3]}" for c in copies if c[3] is not None)
-            drop = copies
-            reason = f"duplicate with conflicting labels: {detail}"
+            drop, reason = copies, f"duplicate with conflicting labels: {detail}"
         else:
-            drop = copies[1:]
-            reason = f"duplicate: same image as {copies[0][2]}"
+            drop, reason = copies[1:], f"duplicate: same image as {copies[0][2]}"
             if isinstance(copies[0][4], Record):
                 new.append(copies[0][4])
         for c in drop:
@@ -406,8 +437,11 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
                 quarantine.append((c[2], reason, parent.source_id[c[4]]))
     if dropped_rows:
         kept = [i for i in kept if i not in dropped_rows]
-        whole_parent = False
+    return new, kept, not dropped_rows
 
+
+def _counts(new: list[Record], parent, kept: list[int], whole_parent: bool) -> tuple[Counter, int]:
+    """Images per (split, label) and the content digest (a sum of per-record digests)."""
     counts: Counter = Counter((r.split, r.label or "-") for r in new)
     digest = sum(_record_digest(r.decoded.content_hash, r.split, r.label) for r in new)
     if whole_parent:
@@ -419,17 +453,7 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
         hashes, splits, names = parent.columns(kept)
         counts.update(zip(splits, [name or "-" for name in names]))
         digest += sum(_record_digest(h, s, n) for h, s, n in zip(hashes, splits, names))
-    total = len(listing.items) + len(listing.rejected)
-    _check_source(listing.uri, counts, classes, quarantine, total, config)
-
-    digest_hex = f"{digest % 2**64:016x}"
-    version = _version_id(classes, digest_hex, config.channels)
-    exists = store.dataset(plan.dataset).exists(f"{version}/manifest.json")
-    channels = _version_channels(new, parent, kept, config, listing.uri)
-    by_split: dict[str, dict[str, int]] = {}
-    for (split, label), n in sorted(counts.items()):
-        by_split.setdefault(split, {})[label] = n
-    return Validated(plan, version, classes, kept, new, quarantine, by_split, exists, channels, digest_hex)
+    return counts, digest
 
 
 def _version_channels(new: list[Record], parent, kept: list[int], config: IngestConfig, uri: str) -> int:
