@@ -513,13 +513,6 @@ def run(
     with prefect_api_starting():  # the API server comes up while this imports
         from flows.pipeline import retrain_flow
         from flows.specialize import SpecializationFailed
-        from tofa_core.costs import LatencyTableError
-        from tofa_core.data.sources import SourceError
-        from tofa_core.runlock import RunLocked
-        from tofa_core.search.evolution import InfeasibleTarget
-        from tofa_core.search.targets import TargetError
-        from tofa_core.storage import StorageError
-        from tofa_core.training.checkpoint import CheckpointError
 
     failed = None
     try:
@@ -531,22 +524,33 @@ def run(
     except SpecializationFailed as err:
         failed = err
         summary = None
-    except (
-        RunLocked,
-        ServiceUnavailable,
-        SourceError,
-        TargetError,
-        InfeasibleTarget,
-        LatencyTableError,
-        CheckpointError,
-        StorageError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
+    except _pipeline_errors() as err:
         fail(str(err))
     if failed is not None:
-        Console(stderr=True).print(f"[bold red]failed:[/] {failed}", highlight=False)
+        Console(stderr=True).print(f"[bold red]failed:[/] {escape(str(failed))}", highlight=False)
         raise typer.Exit(code=1)
+    _print_run(summary, summary_out)
+
+
+def _pipeline_errors() -> tuple[type[Exception], ...]:
+    """What a pipeline run raises for bad input or a missing service: a message, not a traceback."""
+    from flows.services import ServiceUnavailable
+    from tofa_core.costs import LatencyTableError
+    from tofa_core.data.sources import SourceError
+    from tofa_core.runlock import RunLocked
+    from tofa_core.search.evolution import InfeasibleTarget
+    from tofa_core.search.targets import TargetError
+    from tofa_core.storage import StorageError
+    from tofa_core.training.checkpoint import CheckpointError
+
+    return (
+        RunLocked, ServiceUnavailable, SourceError, TargetError, InfeasibleTarget, LatencyTableError,
+        CheckpointError, StorageError, FileNotFoundError, ValueError,
+    )  # fmt: skip
+
+
+def _print_run(summary: dict, summary_out: Path | None) -> None:
+    """The run's table of targets and where to find it in MLflow (and its summary JSON)."""
     if summary_out:
         summary_out.write_text(json.dumps(summary, indent=2))
     if summary["noop"]:
@@ -589,26 +593,10 @@ def baseline(
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the results here."),
 ) -> None:
     """The per-target baseline: train an architecture alone (same data, loss, schedule, evaluation)."""
-    from tofa_core.arch import Arch
     from tofa_core.data.sources import SourceError
     from tofa_core.storage import StorageError
 
-    if (arch is None) == (from_summary is None):
-        fail("give exactly one of --arch (one architecture) or --from-summary (each target's)")
-    if arch is not None:
-        text = Path(arch).read_text() if arch.endswith(".json") and Path(arch).exists() else arch
-        try:
-            archs = {"arch": Arch.from_json(text).to_dict()}
-        except (ValueError, TypeError) as err:
-            fail(f"--arch is not a valid Arch: {err}")
-    else:
-        try:
-            rows = json.loads(from_summary.read_text())["targets"]
-        except (OSError, ValueError, KeyError) as err:
-            fail(f"{from_summary} is not a `tofa run` or `tofa specialize` summary: {err}")
-        archs = {r["target"]: r["arch"] for r in rows if not target or r["target"] in target}
-        if missing := set(target or ()) - set(archs):
-            fail(f"{from_summary} has no target(s) {sorted(missing)}; it has {[r['target'] for r in rows]}")
+    archs = _baseline_archs(arch, from_summary, target)
     from flows.startup import prefect_api_starting
 
     with prefect_api_starting():  # the API server comes up while this imports and starts Ray
@@ -631,6 +619,28 @@ def baseline(
     for r in results:
         table.add_row(r["label"], f"{r['test_acc']:.1%}", f"{r['seconds']:.0f}", r["run_id"])
     console.print(table)
+
+
+def _baseline_archs(arch: str | None, from_summary: Path | None, target: list[str] | None) -> dict:
+    """label -> Arch dict: the one --arch, or each (chosen) target's arch in a summary."""
+    from tofa_core.arch import Arch
+
+    if (arch is None) == (from_summary is None):
+        fail("give exactly one of --arch (one architecture) or --from-summary (each target's)")
+    if arch is not None:
+        text = Path(arch).read_text() if arch.endswith(".json") and Path(arch).exists() else arch
+        try:
+            return {"arch": Arch.from_json(text).to_dict()}
+        except (ValueError, TypeError) as err:
+            fail(f"--arch is not a valid Arch: {err}")
+    try:
+        rows = json.loads(from_summary.read_text())["targets"]
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"{from_summary} is not a `tofa run` or `tofa specialize` summary: {err}")
+    archs = {r["target"]: r["arch"] for r in rows if not target or r["target"] in target}
+    if missing := set(target or ()) - set(archs):
+        fail(f"{from_summary} has no target(s) {sorted(missing)}; it has {[r['target'] for r in rows]}")
+    return archs
 
 
 stack_app = typer.Typer(

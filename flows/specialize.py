@@ -240,21 +240,8 @@ def specialize_flow(
     tables = latency_tables(targets, trained, tables_dir)
     prefix = f"exports/{dataset}/{record['run_id']}"
 
-    def run(target: Target):
-        options = {"retries": target.retries, "task_run_name": f"specialize-{target.name}"}
-        return specialize_target.with_options(**options, retry_condition_fn=_worth_retrying)
-
     measured = [Scored.from_dict(s) for s in report["scored"]]
-    args = (trained, predictor, measured, tables, store, prefix, score, seed)
-    # Targets whose latency is measured on this host run here, one at a time, after the
-    # others: timed beside parallel work (or on another Ray node) the figure would be wrong.
-    here = [t for t in targets if t.device == HOST_DEVICE]
-    states = {t.name: run(t).submit(t, *args) for t in targets if t not in here}
-    for future in states.values():
-        future.wait()
-    states = {name: future.state for name, future in states.items()}
-    for target in here:
-        states[target.name] = run(target)(target, *args, return_state=True)
+    states = _run_targets(targets, (trained, predictor, measured, tables, store, prefix, score, seed))
     done, failed = [], []
     for target in targets:
         state = states[target.name]
@@ -280,6 +267,25 @@ def specialize_flow(
     if failed:
         raise SpecializationFailed(summary)
     return summary
+
+
+def _run_targets(targets: list[Target], args: tuple) -> dict:
+    """Each target's final Prefect state, by name: in parallel on the task runner, except the
+    targets whose latency is measured on this host, which run here one at a time after the
+    others (timed beside parallel work, or on another Ray node, the figure would be wrong)."""
+
+    def task_for(target: Target):
+        options = {"retries": target.retries, "task_run_name": f"specialize-{target.name}"}
+        return specialize_target.with_options(**options, retry_condition_fn=_worth_retrying)
+
+    here = [t for t in targets if t.device == HOST_DEVICE]
+    futures = {t.name: task_for(t).submit(t, *args) for t in targets if t not in here}
+    for future in futures.values():
+        future.wait()
+    states = {name: future.state for name, future in futures.items()}
+    for target in here:
+        states[target.name] = task_for(target)(target, *args, return_state=True)
+    return states
 
 
 def default_targets() -> str:

@@ -263,13 +263,23 @@ def _worker_online(record: dict) -> bool:
     return any(w.get("name") == WORKER_NAME and w.get("status") == "ONLINE" for w in workers)
 
 
+# Usage reporting of every stack service off (a user's own setting stays in `base` too).
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
 def _commands(cfg: StackConfig, record: dict) -> dict[str, tuple[list[str], dict]]:
+    """Each service's command line and environment."""
     bin_dir = Path(sys.executable).parent
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_", "TOFA_"))}
+    keep = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k in keep or not k.startswith(("AWS_", "MLFLOW_", "PREFECT_", "TOFA_"))
+    }
+    base = QUIET | base
     s3_env = {"AWS_ACCESS_KEY_ID": record["access_key"], "AWS_SECRET_ACCESS_KEY": record["secret_key"]}
     prefect_env = {
         "PREFECT_HOME": str(cfg.home / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": client_env(record)["PREFECT_API_URL"],
     }
     weed = find_weed()
@@ -279,57 +289,36 @@ def _commands(cfg: StackConfig, record: dict) -> dict[str, tuple[list[str], dict
         )
     ports = record["ports"]
     (cfg.home / "s3").mkdir(parents=True, exist_ok=True)
+    mlflow = [
+        str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{cfg.home / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{BUCKET}/mlflow",
+    ]  # fmt: skip
+    prefect = [
+        str(bin_dir / "prefect"),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ports["prefect"]),
+    ]
+    worker = [
+        str(bin_dir / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
+        "--name", WORKER_NAME, "--install-policy", "never",
+    ]  # fmt: skip
     return {
         "s3": (
             weed_command(weed, cfg.home / "s3", cfg.home, ports["s3"], ports["weed_internal"]),
             base | s3_env,
         ),
         "mlflow": (
-            [
-                str(bin_dir / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports["mlflow"]),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{cfg.home / 'mlflow.db'}",
-                "--artifacts-destination",
-                f"s3://{BUCKET}/mlflow",
-            ],  # fmt: skip
+            mlflow,
             base | s3_env | {"MLFLOW_S3_ENDPOINT_URL": client_env(record)["AWS_ENDPOINT_URL_S3"]},
         ),
-        "prefect": (
-            [
-                str(bin_dir / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports["prefect"]),
-            ],
-            base | prefect_env,
-        ),
-        "worker": (
-            [
-                str(bin_dir / "prefect"),
-                "worker",
-                "start",
-                "--pool",
-                POOL,
-                "--type",
-                "process",
-                "--name",
-                WORKER_NAME,
-                "--install-policy",
-                "never",
-            ],  # fmt: skip
-            # Flow runs inherit this: the stack's store, tracking server and this machine's state.
-            base | prefect_env | client_env(record) | {"TOFA_HOME": str(state_dir())},
-        ),
+        "prefect": (prefect, base | prefect_env),
+        # Flow runs inherit the worker's: the stack's store, tracking server and this machine's state.
+        "worker": (worker, base | prefect_env | client_env(record) | {"TOFA_HOME": str(state_dir())}),
     }
 
 

@@ -60,7 +60,6 @@ def tune_flow(
 ) -> dict:
     """Sweep lr, lambda_u, tau and lambda_kd with ASHA; return and store the best config."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
@@ -73,30 +72,14 @@ def tune_flow(
     cpus = int(ray.available_resources().get("CPU", 1))
     parallel = concurrent or max(1, cpus // 2)
     threads = max(1, cpus // parallel)
-    param_space = {
-        "lr": tune.loguniform(0.01, 0.2),
-        "lambda_u": tune.uniform(0.0, 2.0),
-        "tau": tune.uniform(0.8, 0.99),
-        "lambda_kd": tune.uniform(0.0, 2.0),
+    param_space = _search_space(tune) | {
         "base": base.model_copy(update={"threads": threads}).model_dump(mode="json"),
         "store": store,
         "dataset": dataset,
         "version": data["version"],
         "sweep_dir": sweep_dir.root,
     }
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": threads}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric="val_acc/mean",
-            mode="max",
-            num_samples=trials,
-            max_concurrent_trials=parallel,
-            scheduler=ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2),
-        ),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=os.path.join(_local_ray_dir(store), "tune")),
-    )
-    results = tuner.fit()
+    results = _tuner(param_space, threads, trials, parallel, epochs, sweep_id, store).fit()
     best = results.get_best_result()
     if best.metrics is None or "val_acc/mean" not in best.metrics:
         raise RuntimeError(f"sweep {sweep_id}: no trial reported a result; see the Ray logs")
@@ -115,6 +98,37 @@ def tune_flow(
     summary["mlflow_run_id"] = log_sweep(summary)
     logger.info("sweep %s: best %s", sweep_id, summary["best"])
     return summary
+
+
+def _search_space(tune) -> dict:
+    """The swept settings and their ranges (SWEPT names them)."""
+    return {
+        "lr": tune.loguniform(0.01, 0.2),
+        "lambda_u": tune.uniform(0.0, 2.0),
+        "tau": tune.uniform(0.8, 0.99),
+        "lambda_kd": tune.uniform(0.0, 2.0),
+    }
+
+
+def _tuner(
+    param_space: dict, threads: int, trials: int, parallel: int, epochs: int, sweep_id: str, store: str
+):
+    """Ray Tune over `param_space` with ASHA stopping weak trials after their first epochs."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    return tune.Tuner(
+        tune.with_resources(_trial, {"cpu": threads}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric="val_acc/mean",
+            mode="max",
+            num_samples=trials,
+            max_concurrent_trials=parallel,
+            scheduler=ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=os.path.join(_local_ray_dir(store), "tune")),
+    )
 
 
 def _local_ray_dir(store: str) -> str:

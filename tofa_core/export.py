@@ -133,21 +133,7 @@ def verify(
         params = sum(p.numel() for p in scripted.parameters())
     else:
         params = sum(p.numel() for p in model.parameters())
-    macs, onnx_params = onnx_runtime.onnx_costs(onnx_file.read_bytes())
-    measured |= {"macs": macs, "params": params, "onnx_params": onnx_params}
-    expected = (count_macs(arch, space), count_params(arch, space), folded_params(arch, space))
-    if (macs, params, onnx_params) != expected:
-        raise VerificationError(
-            "costs-match-arch",
-            f"exported model has {macs:,} MACs / {params:,} params ({onnx_params:,} in ONNX); its arch "
-            f"implies {expected[0]:,} / {expected[1]:,} ({expected[2]:,})",
-        )
-    if target.max_macs is not None and macs > target.max_macs:
-        raise VerificationError("max_macs", f"exported model has {macs:,} MACs > {target.max_macs:,}")
-    if target.max_params is not None and max(params, onnx_params) > target.max_params:
-        raise VerificationError(
-            "max_params", f"exported model has {params:,} parameters > {target.max_params:,}"
-        )
+    measured |= _check_costs(onnx_file, params, arch, space, target)
     if target.device == HOST_DEVICE:
         one = at_resolution(data.calib[:1], arch.resolution).numpy()
         latency = onnx_runtime.model_latency_ms(str(onnx_file), one, latency_threads)
@@ -162,6 +148,25 @@ def verify(
         val = onnx_runtime.run(sess, at_resolution(data.val_x, arch.resolution).numpy())
         measured["val_acc"] = float((val.argmax(1) == data.val_y.numpy()).mean())
     return measured
+
+
+def _check_costs(onnx_file: Path, params: int, arch: Arch, space: SearchSpace, target: Target) -> dict:
+    """The file's MACs and parameters: equal to what the arch implies, and within the budget."""
+    macs, onnx_params = onnx_runtime.onnx_costs(onnx_file.read_bytes())
+    expected = (count_macs(arch, space), count_params(arch, space), folded_params(arch, space))
+    if (macs, params, onnx_params) != expected:
+        raise VerificationError(
+            "costs-match-arch",
+            f"exported model has {macs:,} MACs / {params:,} params ({onnx_params:,} in ONNX); its arch "
+            f"implies {expected[0]:,} / {expected[1]:,} ({expected[2]:,})",
+        )
+    if target.max_macs is not None and macs > target.max_macs:
+        raise VerificationError("max_macs", f"exported model has {macs:,} MACs > {target.max_macs:,}")
+    if target.max_params is not None and max(params, onnx_params) > target.max_params:
+        raise VerificationError(
+            "max_params", f"exported model has {params:,} parameters > {target.max_params:,}"
+        )
+    return {"macs": macs, "params": params, "onnx_params": onnx_params}
 
 
 def preprocess(images: torch.Tensor, about: dict) -> np.ndarray:

@@ -138,8 +138,8 @@ def _read_table(storage: Storage, name: str, uri: str) -> pa.Table:
         raise SourceError(f"{uri}: not a readable {name.rsplit('.', 1)[-1]} table ({err})") from None
 
 
-def _list_table(storage: Storage, name: str, uri: str) -> Listing:
-    table = _read_table(storage, name, uri)
+def _table_schema(table: pa.Table, uri: str) -> tuple[bool, bool]:
+    """Check the columns a table source needs; (images inline as bytes, has a split column)."""
     columns = set(table.column_names)
     missing = {"image", "label"} - columns
     if missing:
@@ -168,6 +168,12 @@ def _list_table(storage: Storage, name: str, uri: str) -> Listing:
         raise SourceError(
             f"{uri}: column 'split' has type {table.schema.field('split').type}; it must be text"
         )
+    return inline, has_split
+
+
+def _list_table(storage: Storage, name: str, uri: str) -> Listing:
+    table = _read_table(storage, name, uri)
+    inline, has_split = _table_schema(table, uri)
     images = table.column("image").to_pylist()
     labels = table.column("label").to_pylist()
     splits = table.column("split").to_pylist() if has_split else [None] * len(images)
