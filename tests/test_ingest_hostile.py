@@ -185,3 +185,34 @@ def test_names_that_would_leave_the_store_are_refused(store, name):
         store.manifest("digits", name or "v-../../etc")
     assert names.dataset_name("fmnist_v2-a") == "fmnist_v2-a"
     assert names.run_id("20261130-165657-b2be87") == "20261130-165657-b2be87"
+
+
+def test_a_damaged_shard_is_refused_when_read(src, store, tmp_path):
+    from tofa_core.data.loaders import load_splits
+    from tofa_core.storage import StorageError
+
+    result, _, _ = run(src, store)
+    shard = tmp_path / "store" / "datasets" / "hostile" / result.manifest.shards[0].path
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="does not match the SHA-256"):
+        load_splits(store, "hostile", val_fraction=0.0)
+
+
+def test_failed_writes_leave_no_temp_files(tmp_path, monkeypatch):
+    from tofa_core.storage import StorageError
+
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("a folder cannot be replaced by a file")
+    with pytest.raises(StorageError, match="cannot write"):
+        storage.write_bytes("taken", b"data")
+
+    def disk_full(fd):  # the OS failing mid-write: ENOSPC cannot be provoked safely here
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(StorageError, match="No space left"):
+        storage.write_bytes("new.bin", b"data")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["taken", "x"]

@@ -174,7 +174,7 @@ class LocalStorage(Storage):
         return data
 
     def _temp(self, key: str, data: bytes) -> Path:
-        target = self._file(key)
+        target, tmp = self._file(key), None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -183,12 +183,18 @@ class LocalStorage(Storage):
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
+            if tmp is not None:  # a full disk, say: no half-written temp file left behind
+                Path(tmp).unlink(missing_ok=True)
             raise StorageError(f"cannot write {self.uri(key)}: {err.strerror}") from None
         return Path(tmp)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         tmp = self._temp(key, data)
-        os.replace(tmp, self._file(key))
+        try:
+            os.replace(tmp, self._file(key))
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {self.uri(key)}: {err.strerror}") from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         tmp = self._temp(key, data)

@@ -10,15 +10,17 @@ parent's shards instead of copying them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from tofa_core import names
-from tofa_core.storage import NotFound, Storage
+from tofa_core.storage import NotFound, Storage, StorageError
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -124,7 +126,8 @@ class DatasetStore:
     def read_shards(self, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
         """All rows of a version (optionally only some columns), shard by shard in order."""
         ds = self.dataset(manifest.dataset)
-        tables = [ds.read_table(s.path, columns) for s in manifest.shards]
+        # Whole shards are checked against the manifest; a column read (an index) is not.
+        tables = [ds.read_table(s.path, columns) if columns else _read_shard(ds, s) for s in manifest.shards]
         if not tables:
             return SHARD_SCHEMA.empty_table().select(columns or SHARD_SCHEMA.names)
         return pa.concat_tables(tables)
@@ -133,6 +136,16 @@ class DatasetStore:
         if not manifest.quarantine.path:
             return QUARANTINE_SCHEMA.empty_table()
         return self.dataset(manifest.dataset).read_table(manifest.quarantine.path)
+
+
+def _read_shard(ds: Storage, shard: ShardRef) -> pa.Table:
+    data = ds.read_bytes(shard.path)
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise StorageError(
+            f"{ds.uri(shard.path)} does not match the SHA-256 its manifest recorded: the stored shard "
+            "is damaged or was changed; ingest the source again into a fresh store or data set name"
+        )
+    return pq.read_table(pa.BufferReader(data))
 
 
 def images_array(table: pa.Table, size: int | None = None, channels: int | None = None) -> np.ndarray:
