@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 from flows import plots, tracking
 from flows.ingest import ingest_flow
 from flows.services import check_services
-from flows.settings import dataset_name, latency_dir, store_uri
+from flows.settings import dataset_name, latency_dir, redact, store_uri
 from flows.specialize import (
     SpecializationFailed,
     default_targets,
@@ -242,7 +242,7 @@ def _retrain(p: Retrain) -> dict:
     parent = _start_parent(p, cfg, data["version"], targets_file, targets_text, pipeline_run)
     record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
     record |= {"data_version": data["version"], "data_created": data["created"]}
-    record["mlflow"] = {"tracking_uri": tracking.tracking_uri(), "parent_run_id": parent}
+    record["mlflow"] = {"tracking_uri": redact(tracking.tracking_uri()), "parent_run_id": parent}
     records = open_storage(p.store).child(f"pipelines/{p.dataset}")
     ok = False
     try:

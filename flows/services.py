@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
+from flows.settings import redact
+
 TIMEOUT_S = 3.0
 HINT = "start the local stack with `tofa stack up` and export what it prints, or unset {var} to use {default}"
 
@@ -39,7 +41,7 @@ def check_mlflow() -> None:
         return
     if why := _http_ok(uri.rstrip("/") + "/health"):
         raise ServiceUnavailable(
-            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer: {why}; "
+            f"the MLflow tracking server at {redact(uri)} (MLFLOW_TRACKING_URI) does not answer: {why}; "
             + HINT.format(var="MLFLOW_TRACKING_URI", default="a local SQLite file under .tofa/")
         )
 
@@ -50,7 +52,7 @@ def check_prefect() -> None:
         return
     if why := _http_ok(url.rstrip("/") + "/health"):
         raise ServiceUnavailable(
-            f"the Prefect API at {url} (PREFECT_API_URL) does not answer: {why}; "
+            f"the Prefect API at {redact(url)} (PREFECT_API_URL) does not answer: {why}; "
             + HINT.format(var="PREFECT_API_URL", default="Prefect's ephemeral API")
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from tofa_core import names
@@ -36,3 +37,8 @@ def latency_dir() -> Path:
     """TOFA_LATENCY_DIR: device latency tables (`<device>.json`); default the project's infra/latency."""
     default = Path(__file__).resolve().parents[1] / "infra" / "latency"
     return Path(os.environ.get("TOFA_LATENCY_DIR") or default)
+
+
+def redact(url: str) -> str:
+    """A URL as it may be shown, logged or recorded: `user:token@` in it becomes `***@`."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)

@@ -318,3 +318,15 @@ def test_names_that_would_leave_the_store_are_refused_before_anything_starts(tmp
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in result.output and shown in result.output
     assert not (tmp_path / "store").exists()
+
+
+def test_credentials_in_a_service_url_are_never_shown(monkeypatch):
+    from flows.services import ServiceUnavailable, check_mlflow
+    from flows.settings import redact
+
+    assert redact("http://alice:s3cret@127.0.0.1:1/x") == "http://***@127.0.0.1:1/x"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9")  # nothing listens on 9
+    with pytest.raises(ServiceUnavailable) as err:
+        check_mlflow()
+    assert "s3cret" not in str(err.value) and "***@127.0.0.1:9" in str(err.value)
