@@ -20,7 +20,7 @@ from tofa_core.data.store import DatasetStore
 from tofa_core.storage import open_storage
 from tofa_core.supernet import Supernet
 from tofa_core.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, space_dict
-from tofa_core.training.config import MIN_STEPS_PER_EPOCH, TrainConfig
+from tofa_core.training.config import TrainConfig
 from tofa_core.training.evaluate import recalibrate_bn
 from tofa_core.training.loop import allreduce_gradients, space_for, train_supernet, warm_start
 from tofa_core.training.loss import AdaptiveThreshold, student_loss, teacher_loss
@@ -353,8 +353,11 @@ def test_auto_schedule_is_one_pass_over_the_unlabelled_images_with_a_floor():
     assert cfg.steps_per_epoch == "auto"
     assert cfg.epoch_steps(labelled=1_000, unlabelled=9_000) == 94  # ceil(9000 / 96)
     assert cfg.epoch_steps(labelled=1_000, unlabelled=96 * 50) == 50
-    # Small sets keep the floor (digits: ~1,300 unlabelled images would give 14 steps).
-    assert cfg.epoch_steps(labelled=144, unlabelled=1_300) == MIN_STEPS_PER_EPOCH
+    # Small sets keep the floor: min_steps (400) over 30 epochs is 14 steps an epoch.
+    assert (cfg.epochs, cfg.min_steps) == (30, 400)
+    assert cfg.epoch_steps(labelled=144, unlabelled=500) == 14
+    assert cfg.epoch_steps(labelled=144, unlabelled=1_300) == 14  # digits: one pass is 14 steps too
+    assert TrainConfig(epochs=10).epoch_steps(labelled=144, unlabelled=500) == 40
     # Supervised (no unlabelled terms or images): passes over the labelled images.
     supervised = TrainConfig(lambda_u=0.0, lambda_kd=0.0)
     assert supervised.epoch_steps(labelled=3_200, unlabelled=9_000) == 100
@@ -380,11 +383,13 @@ def test_auto_space_follows_the_image_side(side, preset):
 
 def test_auto_schedule_trains_as_many_steps_as_the_data_asks(digits_store, tmp_path):
     # QUICK without its step count: epochs of one pass over digits' unlabelled share, floored.
-    cfg = QUICK.model_copy(update={"steps_per_epoch": "auto", "epochs": 1, "mu": 4, "batch_size": 8})
+    cfg = QUICK.model_copy(
+        update={"steps_per_epoch": "auto", "epochs": 1, "mu": 4, "batch_size": 8, "min_steps": 20}
+    )
     result = train_supernet(cfg, digits_store, "digits", open_storage(tmp_path))
     splits = load_splits(digits_store, "digits", val_fraction=cfg.val_fraction, seed=cfg.seed)
-    expected = max(MIN_STEPS_PER_EPOCH, -(-len(splits.unlabeled) // 32))
-    assert expected > MIN_STEPS_PER_EPOCH  # the test means something: the data sets the count
+    expected = max(cfg.min_steps, -(-len(splits.unlabeled) // 32))
+    assert expected > cfg.min_steps  # the test means something: the data sets the count
     assert result.history[0]["images_per_s"] > 0
     state = load_checkpoint(open_storage(tmp_path), "checkpoints/epoch-0001.pt")
     assert state["scheduler"]["last_epoch"] == expected

@@ -13,8 +13,6 @@ from tofa_core.data.augment import AugmentConfig
 
 # The largest input side a config may ask for: beyond it a value is a typo, not a network.
 MAX_SIDE = 1024
-# The floor of `steps_per_epoch: auto`: the schedule the small default data set was tuned on.
-MIN_STEPS_PER_EPOCH = 20
 
 
 class TrainConfig(BaseModel):
@@ -30,11 +28,14 @@ class TrainConfig(BaseModel):
         None, description="default: the image side only (upsampling adds cost, not information)"
     )
     # schedule
-    epochs: int = Field(20, ge=1, le=10_000)
+    epochs: int = Field(30, ge=1, le=10_000)
     steps_per_epoch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="auto: one pass over the unlabelled images (the labelled ones when training is "
-        "supervised), at least MIN_STEPS_PER_EPOCH",
+        "supervised), and at least min_steps over all epochs",
+    )
+    min_steps: int = Field(
+        400, ge=1, description="steps_per_epoch auto: the least training any data set gets, in steps"
     )
     batch_size: int = Field(32, ge=1, le=65_536, description="labelled images per step, over all workers")
     mu: int = Field(3, ge=0, description="unlabelled batch = mu x labelled batch")
@@ -75,8 +76,8 @@ class TrainConfig(BaseModel):
         """Steps per epoch for a data set of `labelled` and `unlabelled` training images.
 
         A fixed step count would train 1,000 images as long as 100,000; an epoch that is one pass
-        over the data makes the schedule grow with it, and the floor keeps small sets (digits:
-        ~1,400 unlabelled images, 15 steps a pass) from stopping before the network has learned.
+        over the data makes the schedule grow with it, and the floor (`min_steps` over all
+        epochs) keeps very small sets from stopping before the network has learned.
         """
         if self.steps_per_epoch != "auto":
             return self.steps_per_epoch
@@ -84,7 +85,7 @@ class TrainConfig(BaseModel):
             images, per_step = unlabelled, self.batch_size * self.mu
         else:
             images, per_step = labelled, self.batch_size
-        return max(MIN_STEPS_PER_EPOCH, math.ceil(images / per_step))
+        return max(math.ceil(self.min_steps / self.epochs), math.ceil(images / per_step))
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> TrainConfig:
