@@ -15,6 +15,7 @@ under the same folder between `down` and `up`:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -35,6 +36,8 @@ from flows.settings import state_dir
 
 SERVICES = ("s3", "mlflow", "prefect", "worker")
 BUCKET = "tofa"
+USER = "tofa"  # the stack's one user, of MLflow and Prefect
+CSRF_CLIENT = "tofa-stack"  # how `tofa stack` names itself to Prefect's CSRF protection
 POOL = "tofa"
 WORKER_NAME = "tofa-local-worker"
 REGION = "us-east-1"
@@ -198,6 +201,7 @@ def _load(cfg: StackConfig) -> dict:
 
 def _save(cfg: StackConfig, record: dict) -> None:
     cfg.home.mkdir(parents=True, exist_ok=True)
+    cfg.home.chmod(0o700)  # keys, passwords, the S3 volumes and the databases: the owner's only
     tmp = cfg.record.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.chmod(0o600)  # it holds the S3 secret
@@ -213,7 +217,10 @@ def client_env(record: dict) -> dict[str, str]:
         "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{record['ports']['s3']}",
         "AWS_DEFAULT_REGION": REGION,
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{record['ports']['mlflow']}",
+        "MLFLOW_TRACKING_USERNAME": USER,
+        "MLFLOW_TRACKING_PASSWORD": record["mlflow_password"],
         "PREFECT_API_URL": f"http://127.0.0.1:{record['ports']['prefect']}/api",
+        "PREFECT_API_AUTH_STRING": f"{USER}:{record['prefect_password']}",
     }
 
 
@@ -252,13 +259,28 @@ def _s3_ready(record: dict) -> bool:
         return False
 
 
+def prefect_request(record: dict, path: str, body: bytes | None = None):
+    """A call to the stack's Prefect API as its user: basic auth, and for a POST the CSRF token
+    the server asks of every state-changing request."""
+    api = f"http://127.0.0.1:{record['ports']['prefect']}/api"
+    auth = base64.b64encode(f"{USER}:{record['prefect_password']}".encode()).decode()
+    headers = {"Authorization": f"Basic {auth}"}
+    if body is not None:
+        token_url = f"{api}/csrf-token?client={CSRF_CLIENT}"
+        with urllib.request.urlopen(urllib.request.Request(token_url, headers=headers), timeout=2) as r:  # noqa: S310
+            token = json.loads(r.read())["token"]
+        headers |= {"Content-Type": "application/json", "Prefect-Csrf-Token": token}
+        headers["Prefect-Csrf-Client"] = CSRF_CLIENT
+    with urllib.request.urlopen(
+        urllib.request.Request(api + path, data=body, headers=headers), timeout=2
+    ) as r:  # noqa: S310
+        return json.loads(r.read())
+
+
 def _worker_online(record: dict) -> bool:
-    url = f"http://127.0.0.1:{record['ports']['prefect']}/api/work_pools/{POOL}/workers/filter"
-    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 - loopback http
-            workers = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
+        workers = prefect_request(record, f"/work_pools/{POOL}/workers/filter", b"{}")
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
         return False
     return any(w.get("name") == WORKER_NAME and w.get("status") == "ONLINE" for w in workers)
 
@@ -270,18 +292,6 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PREFECT_SERVE
 def _commands(cfg: StackConfig, record: dict) -> dict[str, tuple[list[str], dict]]:
     """Each service's command line and environment."""
     bin_dir = Path(sys.executable).parent
-    keep = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k in keep or not k.startswith(("AWS_", "MLFLOW_", "PREFECT_", "TOFA_"))
-    }
-    base = QUIET | base
-    s3_env = {"AWS_ACCESS_KEY_ID": record["access_key"], "AWS_SECRET_ACCESS_KEY": record["secret_key"]}
-    prefect_env = {
-        "PREFECT_HOME": str(cfg.home / "prefect"),
-        "PREFECT_API_URL": client_env(record)["PREFECT_API_URL"],
-    }
     weed = find_weed()
     if weed is None:
         raise StackError(
@@ -289,20 +299,16 @@ def _commands(cfg: StackConfig, record: dict) -> dict[str, tuple[list[str], dict
         )
     ports = record["ports"]
     (cfg.home / "s3").mkdir(parents=True, exist_ok=True)
+    envs = _envs(cfg, record)
     mlflow = [
-        str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{cfg.home / 'mlflow.db'}",
+        str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+        "--port", str(ports["mlflow"]), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{cfg.home / 'mlflow.db'}",
         "--artifacts-destination", f"s3://{BUCKET}/mlflow",
     ]  # fmt: skip
     prefect = [
-        str(bin_dir / "prefect"),
-        "server",
-        "start",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(ports["prefect"]),
-    ]
+        str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(ports["prefect"]),
+    ]  # fmt: skip
     worker = [
         str(bin_dir / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
         "--name", WORKER_NAME, "--install-policy", "never",
@@ -310,23 +316,82 @@ def _commands(cfg: StackConfig, record: dict) -> dict[str, tuple[list[str], dict
     return {
         "s3": (
             weed_command(weed, cfg.home / "s3", cfg.home, ports["s3"], ports["weed_internal"]),
-            base | s3_env,
+            envs["s3"],
         ),
-        "mlflow": (
-            mlflow,
-            base | s3_env | {"MLFLOW_S3_ENDPOINT_URL": client_env(record)["AWS_ENDPOINT_URL_S3"]},
-        ),
-        "prefect": (prefect, base | prefect_env),
-        # Flow runs inherit the worker's: the stack's store, tracking server and this machine's state.
-        "worker": (worker, base | prefect_env | client_env(record) | {"TOFA_HOME": str(state_dir())}),
+        "mlflow": (mlflow, envs["mlflow"]),
+        "prefect": (prefect, envs["prefect"]),
+        "worker": (worker, envs["worker"]),
     }
+
+
+def _envs(cfg: StackConfig, record: dict) -> dict[str, dict]:
+    """Each service's environment. Every service asks for credentials: S3 its keys, SeaweedFS's
+    own filer and volume ports a JWT signed with the stack's keys (its security.toml), MLflow
+    and Prefect basic auth. A user's own AWS_/MLFLOW_/PREFECT_/TOFA_ settings do not leak in."""
+    keep = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+    base = QUIET | {
+        k: v
+        for k, v in os.environ.items()
+        if k in keep or not k.startswith(("AWS_", "MLFLOW_", "PREFECT_", "TOFA_"))
+    }
+    client = client_env(record)
+    s3 = {"AWS_ACCESS_KEY_ID": record["access_key"], "AWS_SECRET_ACCESS_KEY": record["secret_key"]}
+    prefect = {"PREFECT_HOME": str(cfg.home / "prefect")} | {
+        k: client[k] for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")
+    }
+    server = {
+        "PREFECT_SERVER_API_AUTH_STRING": client["PREFECT_API_AUTH_STRING"],
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+    }
+    mlflow = {
+        "MLFLOW_S3_ENDPOINT_URL": client["AWS_ENDPOINT_URL_S3"],
+        "MLFLOW_AUTH_CONFIG_PATH": str(cfg.home / "mlflow-auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": record["mlflow_password"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": record["flask_secret"],
+    }
+    return {
+        "s3": base | s3,
+        "mlflow": base | s3 | mlflow,
+        "prefect": base | prefect | server,
+        # Flow runs inherit the worker's: the stack's store, tracking server and this machine's state.
+        "worker": base | prefect | client | {"TOFA_HOME": str(state_dir())},
+    }
+
+
+# security.toml sections whose signing keys guard SeaweedFS's filer and volume HTTP ports.
+JWT_KEYS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+
+
+def _private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds keys or passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+
+
+def _write_service_configs(cfg: StackConfig, record: dict) -> None:
+    """weed's security.toml (JWT keys: nothing reaches the filer or volume ports without
+    one) and MLflow's basic-auth config (no access for anyone but the stack's admin user)."""
+    toml = "".join(f'[{section}]\nkey = "{key}"\n' for section, key in record["jwt"].items())
+    _private(cfg.home / "s3" / "security.toml", toml + "[access]\nui = false\n")
+    _private(
+        cfg.home / "mlflow-auth.ini",
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{cfg.home / 'mlflow-auth.db'}\nadmin_username = {USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n",
+    )
 
 
 def up(cfg: StackConfig, timeout: float = 180.0, progress=lambda message: None) -> dict:
     """Start whatever of the stack is not running; return the client environment."""
     record = _load(cfg)
     record.setdefault("access_key", "TOFA" + secrets.token_hex(8).upper())
-    record.setdefault("secret_key", secrets.token_urlsafe(30))
+    for name in ("secret_key", "mlflow_password", "prefect_password", "flask_secret"):
+        record.setdefault(name, secrets.token_urlsafe(30))
+    record.setdefault("jwt", {k: secrets.token_urlsafe(32) for k in JWT_KEYS})
     record.setdefault("services", {})
     running = {n for n in SERVICES if _ours(record["services"].get(n))}
     if not running:  # ports are chosen while nothing runs; a running stack keeps its own
@@ -344,6 +409,7 @@ def up(cfg: StackConfig, timeout: float = 180.0, progress=lambda message: None) 
                 )
             sock.close()
     _save(cfg, record)
+    _write_service_configs(cfg, record)
     commands = _commands(cfg, record)
     started = []
     try:
@@ -352,7 +418,9 @@ def up(cfg: StackConfig, timeout: float = 180.0, progress=lambda message: None) 
                 progress(f"{name}: already running (pid {record['services'][name]['pid']})")
                 continue
             cmd, env = commands[name]
-            record["services"][name] = _launch(name, cmd, env, cfg, cwd=PROJECT_ROOT)
+            # weed finds its security.toml in its working folder
+            cwd = cfg.home / "s3" if name == "s3" else PROJECT_ROOT
+            record["services"][name] = _launch(name, cmd, env, cfg, cwd=cwd)
             started.append(name)
             _save(cfg, record)
             _wait(name, record, timeout)

@@ -8,11 +8,13 @@ MLflow's artifact store (S3 behind the server) run in ONNX Runtime, the store in
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 import torch
 from quick_config import config as quick_config
 
-from flows.stack import free_port_pairs
+from flows.stack import free_port_pairs, prefect_request
 
 pytestmark = pytest.mark.slow  # a real stack: S3, MLflow, Prefect server and worker
 
@@ -70,7 +72,62 @@ def test_stack_reports_healthy_services_on_loopback(stack):
         assert alive(pid)
 
 
-def test_deployment_run_through_the_worker(stack, tmp_path):
+def _status(url: str, auth: str | None = None, method: str = "GET", data: bytes | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data, headers, method=method), timeout=10
+        ) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_every_service_refuses_callers_without_credentials(stack):
+    """A local process without the stack's credentials can neither read nor plant anything:
+    not through S3, not through SeaweedFS's own filer port, not in MLflow or Prefect."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    env, home = stack["env"], stack["home"] / "stack"
+    record = json.loads((home / "stack.json").read_text())
+    s3 = {"endpoint_url": env["AWS_ENDPOINT_URL_S3"], "region_name": "us-east-1"}
+    right = boto3.client(
+        "s3",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        **s3,
+    )
+    right.put_object(Bucket="tofa", Key="probe.txt", Body=b"ours")
+    wrong = boto3.client(
+        "s3", aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="guess", **s3
+    )
+    with pytest.raises(ClientError):
+        wrong.get_object(Bucket="tofa", Key="probe.txt")
+
+    filer = f"http://127.0.0.1:{record['ports']['weed_internal'][2]}"
+    assert _status(f"{filer}/buckets/tofa/probe.txt") == 401
+    assert _status(f"{filer}/buckets/tofa/planted.txt", method="PUT", data=b"theirs") == 401
+    keys = [o["Key"] for o in right.list_objects_v2(Bucket="tofa").get("Contents", [])]
+    assert (
+        "planted.txt" not in keys
+        and right.get_object(Bucket="tofa", Key="probe.txt")["Body"].read() == b"ours"
+    )
+
+    mlflow = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _status(mlflow) == 401 and _status(mlflow, "tofa:guess") == 401
+    assert _status(mlflow, f"tofa:{env['MLFLOW_TRACKING_PASSWORD']}") == 200
+    prefect = env["PREFECT_API_URL"] + "/admin/version"
+    assert _status(prefect) == 401 and _status(prefect, "tofa:guess") == 401
+    assert _status(prefect, env["PREFECT_API_AUTH_STRING"]) == 200
+    assert isinstance(prefect_request(record, "/flows/filter", b"{}"), list)  # a POST with its CSRF token
+
+    assert home.stat().st_mode & 0o777 == 0o700
+    for name in ("stack.json", "env", "mlflow-auth.ini", "s3/security.toml"):
+        assert (home / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_deployment_run_through_the_worker(stack, tmp_path, monkeypatch):
     env = stack["env"]
     targets = tmp_path / "targets.yaml"
     targets.write_text("- {name: tiny, max_macs: 200000}\n- {name: lean, max_params: 150000}\n")
@@ -86,9 +143,9 @@ def test_deployment_run_through_the_worker(stack, tmp_path):
     )  # fmt: skip
     run_id = next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line)
     deadline, state = time.monotonic() + 600, None
+    record = json.loads((stack["home"] / "stack" / "stack.json").read_text())
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10) as r:
-            state = json.loads(r.read())["state"]
+        state = prefect_request(record, f"/flow_runs/{run_id}")["state"]
         if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         time.sleep(3)
@@ -99,6 +156,8 @@ def test_deployment_run_through_the_worker(stack, tmp_path):
     from mlflow.tracking import MlflowClient
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the server asks for them
+        monkeypatch.setenv(key, env[key])
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("tofa-digits")
     assert exp.artifact_location.startswith("mlflow-artifacts:")
