@@ -45,6 +45,7 @@ from tofa_core.arch import Arch
 from tofa_core.costs import count_macs
 from tofa_core.export import export_accuracy, preprocess
 from tofa_core.runlock import RunLock
+from tofa_core.runs import Runs
 from tofa_core.search.targets import load_targets, table_devices
 from tofa_core.specialize import Trained
 from tofa_core.storage import open_storage
@@ -66,16 +67,10 @@ def pipeline_key(version: str, cfg: TrainConfig, targets_text: str, samples: int
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _records(store: str, dataset: str, folder: str) -> list[dict]:
-    """The JSON records under `folder/<dataset>/`, oldest first (their names sort by time)."""
-    where = open_storage(store).child(f"{folder}/{dataset}")
-    return [json.loads(where.read_bytes(o.key)) for o in where.list() if o.key.endswith(".json")]
-
-
 @task(name="new-data-gate", cache_policy=NONE, retries=2, retry_delay_seconds=2)
 def last_completed(store: str, dataset: str, key: str) -> dict | None:
     """The newest completed pipeline run with this key, if any."""
-    done = [r for r in _records(store, dataset, "pipelines") if r.get("status") == "completed"]
+    done = [r for r in Runs(open_storage(store)).pipelines(dataset) if r.get("status") == "completed"]
     return done[-1] if done and done[-1]["key"] == key else None
 
 
@@ -83,7 +78,7 @@ def last_completed(store: str, dataset: str, key: str) -> dict | None:
 def reusable_supernet(store: str, dataset: str, version: str, cfg: TrainConfig) -> dict | None:
     """A supernet already trained on this data version with this config."""
     wanted = config_hash(cfg)
-    same = [r for r in _records(store, dataset, "supernets") if r["data_version"] == version]
+    same = [r for r in Runs(open_storage(store)).supernets(dataset) if r["data_version"] == version]
     same = [r for r in same if r.get("config_hash") == wanted]
     return same[-1] if same else None
 
@@ -243,7 +238,7 @@ def _retrain(p: Retrain) -> dict:
     record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
     record |= {"data_version": data["version"], "data_created": data["created"]}
     record["mlflow"] = {"tracking_uri": redact(tracking.tracking_uri()), "parent_run_id": parent}
-    records = open_storage(p.store).child(f"pipelines/{p.dataset}")
+    runs = Runs(open_storage(p.store))
     ok = False
     try:
         with _timed(timings, "train"):
@@ -267,14 +262,14 @@ def _retrain(p: Retrain) -> dict:
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "status": "failed" if failed_stage else "completed",
         }
-        records.write_bytes(f"{pipeline_run}.json", json.dumps(record, indent=2).encode())
+        runs.write_pipeline(p.dataset, record)
         tracking.log_dict(parent, record, "summary.json")
         _artifact(record)
         if failed_stage is not None:
             raise failed_stage
         ok = True
     finally:
-        _close(records, record, parent, ok, timings)
+        _close(runs, record, parent, ok, timings)
     logger.info("pipeline %s done in %.0f s", pipeline_run, timings["total"])
     return {**record, "noop": False}
 
@@ -350,14 +345,11 @@ def _report_stage(p: Retrain, parent: str, spec: dict, trained_record: dict) -> 
     return registered, draw_plots(parent, trained, spec, history, predictor)
 
 
-def _close(records, record: dict, parent: str, ok: bool, timings: dict[str, float]) -> None:
+def _close(runs: Runs, record: dict, parent: str, ok: bool, timings: dict[str, float]) -> None:
     """Mark a failed run failed in the store, and end its MLflow run."""
     try:
         if not ok and record["status"] == "running":  # a stage raised: say so in the store too
-            records.write_bytes(
-                f"{record['pipeline_run']}.json",
-                json.dumps({**record, "status": "failed"}, indent=2).encode(),
-            )
+            runs.write_pipeline(record["dataset"], {**record, "status": "failed"})
         tracking.finish_run(parent, ok, {f"seconds/{k}": v for k, v in timings.items()})
     except Exception:
         if ok:

@@ -24,15 +24,15 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.settings import dataset_name, latency_dir, state_dir, store_uri
-from tofa_core import names
 from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import VerificationError
+from tofa_core.runs import Runs
 from tofa_core.search.evolution import CostModel, InfeasibleTarget
 from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
 from tofa_core.search.targets import HOST_DEVICE, Target, TargetError, load_targets, table_devices
 from tofa_core.specialize import Trained, load_trained, specialize
-from tofa_core.storage import NotFound, open_storage
+from tofa_core.storage import open_storage
 from tofa_core.training.checkpoint import CheckpointError
 
 
@@ -50,14 +50,13 @@ class SpecializationFailed(RuntimeError):
 
 def last_supernet(store: str, dataset: str) -> dict:
     """The newest training record of `dataset` (written by tofa-train)."""
-    records = open_storage(store).child(f"supernets/{dataset}")
-    done = [o.key for o in records.list() if o.key.endswith(".json")]
-    if not done:
+    latest = Runs(open_storage(store)).latest_supernet(dataset)
+    if latest is None:
         raise FileNotFoundError(
             f"no trained supernet for data set {dataset!r} in {open_storage(store).uri()}; "
             f"run `tofa train --data {dataset}` (or `tofa run`) first"
         )
-    return json.loads(records.read_bytes(done[-1]))
+    return latest
 
 
 @task(name="load-supernet", cache_policy=NONE)
@@ -233,7 +232,8 @@ def specialize_flow(
     store = store_uri(store)
     tables_dir = str(latency_dir())
     targets = load_targets(targets_file or default_targets(), devices=table_devices(tables_dir))
-    record = last_supernet(store, dataset) if run_id is None else _record(store, dataset, run_id)
+    runs = Runs(open_storage(store))
+    record = last_supernet(store, dataset) if run_id is None else runs.supernet(dataset, run_id)
     run_dir = record["run_dir"]
     trained = load_supernet(store, run_dir)
     predictor, report = accuracy_predictor(trained, run_dir, samples, score, seed)
@@ -290,11 +290,3 @@ def _run_targets(targets: list[Target], args: tuple) -> dict:
 
 def default_targets() -> str:
     return str(Path(__file__).resolve().parents[1] / "infra" / "targets" / "default.yaml")
-
-
-def _record(store: str, dataset: str, run_id: str) -> dict:
-    try:
-        records = open_storage(store).child(f"supernets/{dataset}")
-        return json.loads(records.read_bytes(f"{names.run_id(run_id)}.json"))
-    except NotFound:
-        raise FileNotFoundError(f"no supernet run {run_id!r} of data set {dataset!r} in {store}") from None

@@ -9,6 +9,7 @@ RAY_ADDRESS when set, else starts a local instance.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from flows.ingest import ingest_flow
 from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
 from flows.train_worker import train_worker
+from tofa_core.runs import Runs, WarmStart
 from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
 from tofa_core.training.config import TrainConfig
 
@@ -84,7 +86,7 @@ def run_trainer(
     version: str,
     run_id: str,
     workers: int,
-    warm,
+    warm: WarmStart | None,
     fixed: dict | None = None,
 ) -> dict:
     """Train on Ray Train workers; `fixed`: one architecture alone (the baseline), else the supernet."""
@@ -107,7 +109,7 @@ def run_trainer(
             "dataset": dataset,
             "version": version,
             "run_dir": run_dir,
-            "warm": warm,
+            "warm": dataclasses.asdict(warm) if warm else None,
             "fixed": fixed,
         },
         scaling_config=ScalingConfig(
@@ -193,7 +195,8 @@ def train_flow(
         version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     data = {"version": version}
     cfg = TrainConfig.load(config_file, epochs=epochs)
-    warm = _resolve_warm_start(warm_start, store, dataset)
+    runs = Runs(open_storage(store))
+    warm = WarmStart.resolve(warm_start, runs, dataset)
     run_id = new_run_id()
     logger.info("training run %s on %s %s with %d workers", run_id, dataset, data["version"], workers)
     out = run_trainer(cfg, store, dataset, data["version"], run_id, workers, warm)
@@ -210,33 +213,9 @@ def train_flow(
         "warm_start": out["warm_start"],
         "config_hash": config_hash(cfg),
     }
-    records = open_storage(store).child(f"supernets/{dataset}")
     # The record first: an MLflow outage now never orphans a trained supernet (the next run reuses it).
-    records.write_bytes(f"{run_id}.json", _json(summary))
+    runs.write_supernet(dataset, summary)
     summary["mlflow_run_id"] = log_training(summary, cfg, out["history"], parent_run=parent_run)
-    records.write_bytes(f"{run_id}.json", _json(summary))
+    runs.write_supernet(dataset, summary)
     logger.info("trained: %s", summary)
     return summary
-
-
-def _json(data: dict) -> bytes:
-    return json.dumps(data, indent=2, default=str).encode()
-
-
-def _resolve_warm_start(warm_start: str | None, store: str, dataset: str):
-    """`last` (the newest supernet of this data set), a supernet URI (.pt), or an OFA weights file."""
-    if warm_start is None:
-        return None
-    if warm_start == "last":
-        done = [
-            o.key for o in open_storage(store).child(f"supernets/{dataset}").list() if o.key.endswith(".json")
-        ]
-        if not done:
-            return None
-        last = json.loads(open_storage(store).child(f"supernets/{dataset}").read_bytes(done[-1]))
-        folder, _, key = last["supernet"].rpartition("/")
-        return ("last", folder, key)
-    if warm_start.endswith(".pt") and (warm_start.startswith("s3://") or "runs/" in warm_start):
-        folder, _, key = warm_start.rpartition("/")
-        return ("tofa", folder, key)
-    return ("ofa", warm_start, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tofa_core.arch import Arch
 from tofa_core.data.store import DatasetStore
+from tofa_core.runs import WarmStart
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 
@@ -20,10 +21,10 @@ def train_worker(config: dict) -> None:
 
     cfg = TrainConfig(**config["train"])
     run_dir = open_storage(config["run_dir"])
+    start = WarmStart(**config["warm"]) if config.get("warm") else None
     warm = None
-    if config.get("warm"):
-        kind, where, key = config["warm"]
-        warm = (where, None) if kind == "ofa" else (open_storage(where), key)
+    if start is not None:
+        warm = (start.where, None) if start.kind == "ofa" else (open_storage(start.where), start.key)
     result = train_supernet(
         cfg,
         DatasetStore(open_storage(config["store"])),
@@ -34,6 +35,6 @@ def train_worker(config: dict) -> None:
         report=lambda metrics: ray.train.report(metrics),
         fixed=Arch.from_dict(config["fixed"]) if config.get("fixed") else None,
         # `last` is a default, not a request: a last supernet of another space is skipped.
-        warm_if_fits=bool(config.get("warm")) and config["warm"][0] == "last",
+        warm_if_fits=start is not None and start.kind == "last",
     )
     ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
