@@ -24,9 +24,10 @@ from prefect.cache_policies import NONE
 from flows.ingest import ingest_flow
 from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
-from flows.train_worker import train_worker
+from flows.train_worker import FATAL_KEY, train_worker
 from tofa_core.runs import Runs, WarmStart
 from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
+from tofa_core.training.checkpoint import CheckpointError, OtherSpaceError
 from tofa_core.training.config import TrainConfig
 
 
@@ -124,6 +125,7 @@ def run_trainer(
     )
     with _progress(open_storage(run_dir), cfg.epochs):
         trainer.fit()  # raises when the workers fail for good (after FailureConfig's restarts)
+    _raise_recurring(open_storage(run_dir))
     record = json.loads(open_storage(run_dir).read_bytes("result.json"))
     return {
         "run_dir": run_dir,
@@ -131,6 +133,16 @@ def run_trainer(
         "history": record["history"],
         "warm_start": record.get("warm_start"),
     }
+
+
+def _raise_recurring(run_dir) -> None:
+    """The error the workers stopped on, when it would recur on a restart (see train_worker)."""
+    try:
+        fatal = json.loads(run_dir.read_bytes(FATAL_KEY))
+    except NotFound:
+        return
+    kinds = {"CheckpointError": CheckpointError, "OtherSpaceError": OtherSpaceError}
+    raise kinds.get(fatal["type"], ValueError)(fatal["message"])
 
 
 @contextmanager

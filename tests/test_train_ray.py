@@ -68,6 +68,16 @@ def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(workspace):
     )
     assert other["warm_start"] is None and 0 <= other["test_acc/max"] <= 1
 
+    # Named explicitly, the same checkpoint is a request that cannot be met: one clear error,
+    # not three restarts by Ray's FailureConfig ending in its TrainingFailedError.
+    from tofa_core.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="search space|does not fit"):
+        train_flow(
+            source="digits", config_file=config(workspace, 1, 2, space="tiny"), workers=1,
+            warm_start=summary["supernet"],
+        )  # fmt: skip
+
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(workspace):
     from flows.train import train_flow
