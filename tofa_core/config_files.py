@@ -76,7 +76,11 @@ def read_yaml(path: str | Path, what: str = "config file") -> object:
     path = Path(path)
     text = _read_text(path, what)
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _StrictLoader(text)  # a SafeLoader: nothing but plain YAML types is built
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({short(str(err))})") from None
 
