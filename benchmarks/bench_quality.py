@@ -18,7 +18,8 @@ test accuracy and the references' (mean ± std over seeds), the gap to (a); writ
 JSON and a plot to --out.
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 3] [--first-seed 0] [--alone] \
-        [--ref-seconds N] [--threads 2] [--out docs/results/quality] [--refs-from FILE] [--quick]
+        [--ref-seconds N] [--threads 2] [--out docs/results/quality] [--refs-from FILE] [--quick] \
+        [--train '{"epochs": 40}']
 
 Run it alone: `tofa run` uses both cores, the references use --threads.
 """
@@ -58,11 +59,12 @@ REF_KEYS = ("ref_seconds", "plain", "semi", "plain_macs")
 PACE_STEPS = 20
 
 
-def run_tofa(folder: Path, work: Path, seed: int, quick: bool) -> dict:
+def run_tofa(folder: Path, work: Path, seed: int, quick: bool, train: dict | None = None) -> dict:
     """`tofa run` in its own folder (store, MLflow file, Prefect state); its summary and wall time."""
     work.mkdir(parents=True, exist_ok=True)
     config = work / "config.yaml"
-    config.write_text(f"train:\n  seed: {seed}\n" + ("  epochs: 1\n  steps_per_epoch: 3\n" if quick else ""))
+    settings = {"seed": seed} | (train or {}) | ({"epochs": 1, "steps_per_epoch": 3} if quick else {})
+    config.write_text(json.dumps({"train": settings}))  # JSON is YAML
     summary = work / "summary.json"
     command = [str(TOFA), "run", "--data", str(folder), "--targets", str(TARGETS)]
     command += ["--config", str(config), "--summary-out", str(summary)]
@@ -90,7 +92,7 @@ def train_cnn(splits: DataSplits, cfg: TrainConfig, seconds: float) -> float:
 
 def references(summary: dict, work: Path, seed: int, args) -> dict:
     store = DatasetStore(open_storage(str(work / ".tofa" / "store")))
-    cfg = TrainConfig(seed=seed)
+    cfg = TrainConfig(**(args.train | {"seed": seed}))  # (c) trains on TOFA's schedule
     # Clothing stays clothing when mirrored: the references get flips whatever TOFA's default.
     ref_cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"hflip": True})})
     splits = load_splits(
@@ -118,9 +120,10 @@ def references(summary: dict, work: Path, seed: int, args) -> dict:
 
 def one_seed(folder: Path, tmp: Path, seed: int, args) -> dict:
     work = tmp / f"seed-{seed}"
-    summary = run_tofa(folder, work, seed, args.quick)
+    summary = run_tofa(folder, work, seed, args.quick, args.train)
     row = {
         "seed": seed,
+        "train": args.train,
         "wall_seconds": round(summary["wall_seconds"], 1),
         "training_seconds": round(summary["training_seconds"], 1),
         "targets": {
@@ -236,6 +239,13 @@ def main() -> None:
         "--refs-from",
         help="a quality.json of an earlier run: reuse its references (a), (b) for the seeds it has "
         "(the same seed is the same split) instead of training them again",
+    )
+    parser.add_argument(
+        "--train",
+        type=json.loads,
+        default={},
+        help='train settings for `tofa run` besides the seed, as JSON, e.g. \'{"epochs": 40}\' '
+        "(a candidate default measured before it becomes one)",
     )
     args = parser.parse_args()
     if args.refs_from:

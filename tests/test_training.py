@@ -134,6 +134,35 @@ def test_student_matching_the_teacher_has_no_distillation_loss():
     assert logs2["student/kd"] > 0.01
 
 
+def test_weak_view_label_gives_pseudo_labels_and_trains_on_labelled_and_strong_rows():
+    x, y, u, us = batch(0)
+    archs = sandwich(SPACE, random.Random(0), 1)
+    torch.manual_seed(0)
+    net = Supernet(SPACE).eval()  # BN statistics frozen, dropout off: the comparison is exact
+    ref = Supernet(SPACE).eval()
+    ref.load_state_dict(net.state_dict())
+    train_step(net, archs, x, y, u, us, TrainConfig(weak_view="label", tau=0.0))
+    with torch.no_grad():
+        pseudo = ref(u, archs[0]).argmax(dim=1)
+    rows = torch.cat([x, us])
+    teacher = ref(rows, archs[0])
+    (F.cross_entropy(teacher[:8], y) + F.cross_entropy(teacher[8:], pseudo)).backward()
+    probs = teacher.detach().softmax(dim=1)
+    for arch in archs[1:]:
+        s = ref(rows, arch)
+        kd = F.kl_div(s.log_softmax(dim=1), probs, reduction="batchmean")
+        (F.cross_entropy(s[:8], y) + kd + F.cross_entropy(s[8:], pseudo)).backward()
+    ours, by_hand = grads(net), grads(ref)
+    assert ours.keys() == by_hand.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], by_hand[name], atol=1e-6, rtol=1e-5)
+    torch.manual_seed(0)
+    shared = Supernet(SPACE).eval()
+    train_step(shared, archs, x, y, u, us, TrainConfig(tau=0.0))  # weak_view: train
+    # the weak rows' distillation moves the students' gradients beyond the tolerance above
+    assert any(not torch.allclose(g, ours[n], atol=1e-6, rtol=1e-5) for n, g in grads(shared).items())
+
+
 def test_every_sampled_subnet_contributes_and_teacher_first():
     archs = sandwich(SPACE, random.Random(3), 2)
     assert archs[0] == SPACE.max_arch() and archs[1] == SPACE.min_arch() and len(archs) == 4

@@ -44,6 +44,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0)
     # the unified loss
     k_random: int = Field(1, ge=0, description="random subnets per step besides the largest and smallest")
+    weak_view: Literal["train", "label"] = Field(
+        "train",
+        description="the weak view of the unlabelled images: train (every subnet trains on it, "
+        "as FixMatch's shared batch) or label (it only gives the teacher's pseudo-labels, a "
+        "forward without gradient in its own batch; the students distil on the labelled and "
+        "strong views)",
+    )
     alpha: float = Field(1.0, ge=0, description="weight of the students' labelled cross-entropy")
     lambda_kd: float = Field(1.0, ge=0, description="weight of distillation from the largest subnet")
     lambda_u: float = Field(1.0, ge=0, description="weight of the pseudo-label term")

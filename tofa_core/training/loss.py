@@ -4,6 +4,7 @@ Teacher (largest subnet):  CE(f_max(weak x), y) + r * lambda_u * mean_u 1[max p_
                                * CE(f_max(strong u), argmax p_max(weak u))
 Student (any other):       alpha * CE(f_a(weak x), y)
                            + r * lambda_kd * KL(sg(p_max) || p_a) on weak x, weak u and strong u
+                             (on weak x and strong u only with `weak_view: label`)
                            + r * lambda_u * the same masked pseudo-label term (teacher's pseudo-labels)
 r (`ramp`, from the loop) grows linearly from 0 to 1 over the first `warmup` share of training:
 an untrained teacher's near-uniform outputs and guesses would only pull the students back.
@@ -29,6 +30,12 @@ class Targets:
     probs: torch.Tensor  # softmax of the teacher on every input row
     pseudo: torch.Tensor  # argmax on weak u
     mask: torch.Tensor  # float, 1 where the teacher is confident on weak u
+
+    def without_weak(self, n_x: int) -> Targets:
+        """The same targets for inputs that leave out the weak unlabelled rows (labelled, then strong)."""
+        n_u = len(self.pseudo)
+        probs = torch.cat([self.probs[:n_x], self.probs[n_x + n_u :]])
+        return Targets(probs, self.pseudo, self.mask)
 
 
 class AdaptiveThreshold:
@@ -102,7 +109,8 @@ def teacher_loss(
 def student_loss(
     logits, y, n_u: int, targets: Targets, cfg: TrainConfig, ramp: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    lx, _, ls = _split(logits, len(y), n_u)
+    # the strong rows are the last n_u: the weak ones may be left out (`weak_view: label`)
+    lx, ls = logits[: len(y)], logits[logits.shape[0] - n_u :]
     ce = F.cross_entropy(lx, y)
     loss = cfg.alpha * ce
     logs = {"student/ce": ce.item()}

@@ -36,10 +36,20 @@ def train_step(
     """
     use_u = cfg.semi_supervised and u_weak is not None and len(u_weak) > 0
     n_u = len(u_weak) if use_u else 0
-    inputs = torch.cat([x, u_weak, u_strong]) if use_u else x
-    loss, targets, logs = teacher_loss(net(inputs, archs[0]), y, n_u, cfg, ramp, adaptive)
+    if use_u and cfg.weak_view == "label":
+        inputs = torch.cat([x, u_strong])
+        with torch.no_grad():
+            weak = net(u_weak, archs[0])
+        logits = net(inputs, archs[0])
+        logits = torch.cat([logits[: len(x)], weak, logits[len(x) :]])
+    else:
+        inputs = torch.cat([x, u_weak, u_strong]) if use_u else x
+        logits = net(inputs, archs[0])
+    loss, targets, logs = teacher_loss(logits, y, n_u, cfg, ramp, adaptive)
     loss.backward()
     logs["teacher/loss"] = loss.item()
+    if use_u and cfg.weak_view == "label":
+        targets = targets.without_weak(len(x))
     student_logs: dict[str, float] = {}
     for arch in archs[1:]:
         loss, one = student_loss(net(inputs, arch), y, n_u, targets, cfg, ramp)
