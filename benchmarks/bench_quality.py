@@ -244,7 +244,7 @@ def main() -> None:
         "--train",
         type=json.loads,
         default={},
-        help='train settings for `tofa run` besides the seed, as JSON, e.g. \'{"epochs": 40}\' '
+        help="train settings for `tofa run` besides the seed, as JSON, e.g. '{\"epochs\": 40}' "
         "(a candidate default measured before it becomes one)",
     )
     args = parser.parse_args()

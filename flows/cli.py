@@ -716,6 +716,16 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
+def _budget_cell(field: str, value: float) -> str:
+    """160k macs, 75k params, 0.3ms, 32KB RAM: one constraint of the budget column."""
+    from tofa_core.constraints import BY_FIELD
+
+    c = BY_FIELD[field]
+    if c.kind is int:
+        return f"{_short(value)} {c.key}"
+    return f"{value:g}{c.unit}" + (f" {c.label}" if c.from_arch is not None else "")
+
+
 def targets_table(rows: list[dict], title: str) -> Table:
     table = Table(
         title=f"specialized subnets: {title}", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
@@ -728,10 +738,8 @@ def targets_table(rows: list[dict], title: str) -> Table:
     if registered:
         table.add_column("model", no_wrap=True)
     for r in rows:
-        budget = " ".join(
-            f"{v:g}ms" if k == "max_latency_ms" else f"{_short(v)} {k.removeprefix('max_')}"
-            for k, v in r["constraints"].items()
-        )
+        budget = " ".join(_budget_cell(k, v) for k, v in r["constraints"].items())
+        budget += " int8" if r.get("precision") == "int8" else ""
         latency = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
         pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
         cells = [

@@ -256,6 +256,7 @@ def _target_run(client, parent_run: str, dataset: str, row: dict, about: dict, f
     )
     params = {f"budget.{k}": v for k, v in row["constraints"].items()}
     params |= {"device": row.get("device") or "-", "arch": json.dumps(row["arch"])}
+    params["precision"] = row.get("precision", "fp32")
     params |= {f"arch.{k}": v for k, v in row["arch"].items()}
     now = int(time.time() * 1000)
     metrics = {k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))}
@@ -285,7 +286,7 @@ def _log_model(client, run_id: str, folder: Path, example, target: str) -> None:
             input_example=example,
             pip_requirements=["onnxruntime", "numpy"],  # explicit: inferring them takes seconds
         )
-        for extra in ("model.pt", "model.json"):
+        for extra in ("model.int8.onnx", "model.pt", "model.json"):
             if (folder / extra).exists():
                 shutil.copy2(folder / extra, model_dir / extra)
         client.log_artifacts(run_id, str(model_dir), "model")
@@ -326,12 +327,16 @@ def _registered_before(client, parent_run: str, dataset: str, target: str, finge
     return None
 
 
-METRIC_KEYS = ("test_acc", "val_acc", "macs", "params", "latency_ms", "predicted_score", "score", "seconds")
+# test_acc is the deployed file's (int8 for an int8 target); test_acc_fp32/int8 are per file.
+METRIC_KEYS = (
+    "test_acc", "val_acc", "test_acc_fp32", "test_acc_int8", "int8_agreement", "macs", "params",
+    "ram_kb", "flash_kb", "latency_ms", "predicted_score", "score", "seconds",
+)  # fmt: skip
 
 
 def _promote(client, name: str, version: str, folder: Path, about: dict, evaluate, evaluation: str) -> dict:
     """Move `champion` to `version` unless the current champion scores better on the same evaluation."""
-    new_acc = evaluate(folder / "model.onnx", about)
+    new_acc = evaluate(folder / about.get("deployed", "model.onnx"), about)  # at its precision
     current = client.get_registered_model(name).aliases.get("champion")
     current = None if current is None else int(current)  # a str over REST, an int from SQLite
     out = {"eval_acc": new_acc, "evaluation": evaluation, "champion_version": current, "champion_acc": None}
@@ -370,7 +375,8 @@ def _champion_accuracy(client, name: str, version: int, evaluate) -> float:
     when it cannot be: missing or malformed files, another input shape)."""
     with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
         local = Path(client.download_artifacts(client.get_model_version(name, version).run_id, "model", tmp))
-        return evaluate(local / "model.onnx", json.loads((local / "model.json").read_text()))
+        about = json.loads((local / "model.json").read_text())
+        return evaluate(local / about.get("deployed", "model.onnx"), about)
 
 
 def log_dict(run_id: str, data: dict, name: str) -> None:

@@ -19,8 +19,9 @@ from tofa_core.arch import Arch
 from tofa_core.costs import LatencyTable, arch_blocks, count_macs, count_params
 from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import VerificationError, at_resolution
+from tofa_core.export import VerificationError, at_resolution, export_accuracy
 from tofa_core.profiler import covering_archs
+from tofa_core.quantize import peak_activation_bytes
 from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
 from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
 from tofa_core.search.targets import Target
@@ -263,3 +264,72 @@ def test_flow_fans_out_on_ray_through_prefect_ray(trained, tmp_path, monkeypatch
         assert exports.exists("ray-a/model.onnx") and exports.exists("ray-b/model.json")
     finally:
         ray.shutdown()
+
+
+def test_an_int8_target_deploys_a_verified_int8_file_within_ram_and_flash(
+    trained, predictor, tmp_path, monkeypatch
+):
+    _, t = trained
+    # This supernet trained 80 steps: its outputs are near ties (test accuracy 60-80%), and
+    # int8 keeps the accuracy (within a point) but flips 2-4% of the top-1 picks; a trained
+    # one agrees on >= 98% (benchmarks/bench_edge.py). The gate itself is tested below.
+    target = Target(name="mcu", max_flash_kb=200.0, max_ram_kb=4.0, precision="int8", min_int8_agreement=0.9)
+    done = specialize(
+        t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path, classes=t.splits.classes,
+        evolution=FAST,
+    )  # fmt: skip
+    files, measured = done.exported.files, done.measured
+    assert {p.name for p in files.values()} == {"model.onnx", "model.int8.onnx", "model.pt", "model.json"}
+    int8 = files["model.int8.onnx"].read_bytes()
+    proto = onnx_runtime.onnx.load_from_string(int8)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    assert measured["flash_kb"] == len(int8) / 1024 <= 200.0
+    assert measured["ram_kb"] == peak_activation_bytes(int8, "int8") / 1024 <= 4.0
+    assert measured["int8_agreement"] >= 0.9
+    assert measured["test_acc"] == measured["test_acc_int8"]
+    assert abs(measured["test_acc_int8"] - measured["test_acc_fp32"]) <= 0.05
+    # the int8 file runs in ONNX Runtime on model.json's own preprocessing
+    about = json.loads(files["model.json"].read_text())
+    assert about["precision"] == "int8" and about["deployed"] == "model.int8.onnx"
+    assert about["quantization"]["calibration_images"] == 256 and "per output channel" in str(about)
+    labels = t.splits.test.labels
+    acc = export_accuracy(files["model.int8.onnx"], about, t.splits.test.images, labels, t.splits.classes)
+    assert acc == pytest.approx(measured["test_acc_int8"], abs=0.01)
+
+
+def test_an_int8_candidate_that_disagrees_gives_way_to_the_next(trained, predictor, tmp_path, monkeypatch):
+    from tofa_core import export
+
+    _, t = trained
+    real, calls = export._check_int8, []
+
+    def unlucky_first(int8_file, x, float_logits, least):  # as if the best candidate quantized badly
+        calls.append(int8_file)
+        if len(calls) == 1:
+            raise VerificationError("int8-agreement", "agrees on 90.0% of the images < 98%")
+        return real(int8_file, x, float_logits, least)
+
+    monkeypatch.setattr(export, "_check_int8", unlucky_first)
+    # a barely trained supernet (see above)
+    target = Target(name="mcu", max_macs=400_000, precision="int8", min_int8_agreement=0.9)
+    done = specialize(
+        t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path, classes=t.splits.classes,
+        evolution=FAST,
+    )  # fmt: skip
+    assert len(calls) == 2 and len(done.rejected) == 1 and "int8-agreement" in done.rejected[0]
+    assert done.measured["int8_agreement"] >= 0.9 and (tmp_path / "model.int8.onnx").exists()
+
+
+def test_int8_that_never_agrees_fails_verification_and_leaves_nothing(trained, predictor, tmp_path):
+    _, t = trained
+    # every top-1 must match: a barely trained supernet's near ties flip under int8 (see above)
+    target = Target(name="mcu", max_macs=400_000, precision="int8", min_int8_agreement=1.0)
+    with pytest.raises(VerificationError) as err:
+        specialize(
+            t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path,
+            classes=t.splits.classes, evolution=FAST,
+        )  # fmt: skip
+    # no predicted budget to tighten: one search, each of its candidates tried once
+    assert err.value.check == "int8-agreement" and "of 1 searches" in str(err.value)
+    assert str(err.value).count("int8-agreement") == 1 + str(err.value).count("; ") + 1
+    assert not list(tmp_path.glob("model.*"))

@@ -36,7 +36,10 @@ def test_default_targets_file_is_valid_and_spans_the_space():
     targets = load_targets(ROOT / "infra" / "targets" / "default.yaml", devices=devices)
     assert len(targets) >= 8
     kinds = {k for t in targets for k in t.constraints()}
-    assert kinds == {"max_macs", "max_params", "max_latency_ms"}
+    assert kinds == {"max_macs", "max_params", "max_latency_ms", "max_ram_kb", "max_flash_kb"}
+    # microcontrollers deploy int8 within their class's RAM and flash; hosts run float
+    assert all(t.precision == "int8" and t.max_ram_kb and t.max_flash_kb for t in targets if "mcu" in t.name)
+    assert all(t.precision == "fp32" for t in targets if t.device)
     costs = CostModel(SPACE)
     smallest, largest = SPACE.min_arch(), SPACE.max_arch()
     # every MAC/parameter budget is feasible, and they span the space from tight to loose

@@ -298,3 +298,81 @@ class LatencyTable:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(self.to_json())
         tmp.replace(path)
+
+
+# ----------------------------------------------------------------- memory: RAM and flash
+
+ELEMENT_BYTES = {"fp32": 4, "int8": 1}
+
+
+def _residual(block: Block, space: SearchSpace) -> bool:
+    """Whether a block adds its input to its output (stride 1 and, at full width, in == out)."""
+    if block.name == "stem":
+        return True  # the fixed first block: stem width in and out, stride 1
+    if not block.name.startswith("stages."):
+        return False
+    stage, index = (int(p) for p in block.name.split(".")[1:3])
+    if index:
+        return True
+    before = space.stages[stage - 1].width if stage else space.stem_width
+    return space.stages[stage].stride == 1 and before == space.stages[stage].width
+
+
+def _block_peak(block: Block, x: int, residual: bool) -> tuple[int, int]:
+    """(peak elements alive inside `block`, its output elements) for an input of `x` elements.
+
+    The runtime model `quantize.peak_activation_bytes` measures on the graph: an op's input and
+    output are alive while it runs, activations and the SE's scale work in place, a residual
+    block holds its input until the add, which writes in place."""
+    specs, peak = list(block.layers), 0
+    if block.name == "head":  # final 1x1 conv, global pool, then linears on the pooled vector
+        final = specs[0]
+        out = final.cout * final.out_size**2
+        peak = max([x + out, out + final.cout] + [s.cin + s.cout for s in specs[1:]])
+        return peak, specs[-1].cout
+    if block.name == "stem":  # the stem conv, then the fixed first block
+        stem = specs.pop(0)
+        peak = x + stem.cout * stem.out_size**2
+        x = stem.cout * stem.out_size**2
+    skip, held = (x if residual else 0), 0
+    for spec in specs:
+        if spec.kind == "se":  # pool (cin) -> reduce (cout) -> expand (cin) -> scale x in place
+            peak = max(peak, x + spec.cin + spec.cout + held)
+            continue
+        out = spec.cout * spec.out_size**2
+        peak = max(peak, x + out + held)
+        x, held = out, skip  # after the first op the block input is only held for the add
+    return max(peak, x + skip), x
+
+
+def peak_ram_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> int:
+    """Peak bytes of activations alive at once for one image, in forward order at `precision`."""
+    x = space.in_channels * arch.resolution**2
+    peak = x
+    for block in arch_blocks(arch, space):
+        inside, x = _block_peak(block, x, _residual(block, space))
+        peak = max(peak, inside)
+    return peak * ELEMENT_BYTES[precision]
+
+
+# Bytes of an exported ONNX file beyond its weights, fitted on 18 random subnets of tiny-fused,
+# small-fused and tiny (worst error 0.6% in fp32, 1.4% in int8; `benchmarks/bench_edge.py`
+# prints it for the default targets): per layer the graph's nodes and shapes (in int8 also the
+# Quantize/Dequantize pairs), per output channel the int8 bias and the weight's scale and zero
+# point. The verifier measures the file itself; this is what search prices candidates with.
+FLASH_FIT = {
+    "fp32": {"per_param": 4.0, "per_channel": 0.0, "per_layer": 528.0, "constant": -1164.0},
+    "int8": {"per_param": 1.0, "per_channel": 20.5, "per_layer": 639.0, "constant": 491.0},
+}
+
+
+def flash_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> int:
+    """Bytes of the exported ONNX file at `precision` (BatchNorm folded; int8 QDQ, compact names)."""
+    fit, specs = FLASH_FIT[precision], layers(arch, space)
+    channels = sum(s.cout for s in specs if s.kind != "se")
+    return round(
+        fit["per_param"] * folded_params(arch, space)
+        + fit["per_channel"] * channels
+        + fit["per_layer"] * len(specs)
+        + fit["constant"]
+    )

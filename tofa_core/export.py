@@ -21,12 +21,22 @@ from torch import nn
 
 from tofa_core import onnx_runtime
 from tofa_core.arch import Arch, SearchSpace
+from tofa_core.constraints import BY_FIELD, KB
 from tofa_core.costs import count_macs, count_params, folded_params
+from tofa_core.quantize import peak_activation_bytes, quantize_int8
 from tofa_core.search.targets import HOST_DEVICE, Target
 from tofa_core.training.evaluate import EvalData
 
 MAX_ABS_DIFF = 1e-4
-FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.pt"}
+# What model.json says about an int8 file: how it was made, so a runtime knows what it gets.
+INT8_SCHEME = {
+    "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around each op)",
+    "weights": "int8, symmetric, per output channel",
+    "activations": "int8, asymmetric, per tensor",
+    "calibration": "min-max over the training images of `calibration_images`",
+    "tool": "onnxruntime.quantization.quantize_static",
+}
 
 
 class VerificationError(RuntimeError):
@@ -60,8 +70,10 @@ def export_subnet(
     classes: list[str],
     formats: tuple[str, ...] = ("onnx", "torchscript"),
     about: dict | None = None,
+    precision: str = "fp32",
 ) -> Exported:
-    """Write `model` (a BN-recalibrated extracted subnet) into `folder`."""
+    """Write `model` (a BN-recalibrated extracted subnet) into `folder`: its `formats`, and
+    model.json naming the file deployed at `precision` (model.int8.onnx for int8)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval().to(memory_format=torch.contiguous_format)  # the layout ONNX describes
@@ -70,6 +82,11 @@ def export_subnet(
     if "onnx" in formats:
         files["model.onnx"] = folder / FILES["onnx"]
         files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
+    if "onnx-int8" in formats:
+        calibration = at_resolution(data.calib, arch.resolution).numpy()
+        files["model.int8.onnx"] = folder / FILES["onnx-int8"]
+        files["model.int8.onnx"].write_bytes(quantize_int8(files["model.onnx"].read_bytes(), calibration))
+        about = {"quantization": INT8_SCHEME | {"calibration_images": len(calibration)}} | (about or {})
     if "torchscript" in formats:
         # Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the
         # subnet's own resolution (any batch size); model.json says how to resize to it.
@@ -90,6 +107,8 @@ def export_subnet(
         },
         "normalisation": {"scale": 1 / 255, "mean": data.mean, "std": data.std},
         "output": {"name": "logits", "classes": list(classes)},
+        "precision": precision,
+        "deployed": FILES["onnx-int8" if precision == "int8" else "onnx"],
         **(about or {}),
     }
     files["model.json"] = folder / "model.json"
@@ -107,7 +126,10 @@ def verify(
     *,
     latency_threads: int = 1,
 ) -> dict:
-    """Check the exported files against PyTorch and the target's budget; return what was measured."""
+    """Check the exported files against PyTorch and the target's budget; return what was measured.
+
+    Accuracy, RAM, flash and latency are measured on the deployed file (model.int8.onnx for an
+    int8 target, else model.onnx); `test_acc` is the deployed file's, `test_acc_fp32` the float's."""
     model = model.eval().to(memory_format=torch.contiguous_format)
     x = at_resolution(data.test_x if len(data.test_y) else data.val_x, arch.resolution)
     if len(x) == 0:
@@ -115,8 +137,7 @@ def verify(
     with torch.no_grad():
         reference = model(x).numpy()
     onnx_file = exported.files["model.onnx"]
-    sess = onnx_runtime.session(str(onnx_file))
-    logits = onnx_runtime.run(sess, x.numpy().astype(np.float32))
+    logits = onnx_runtime.run(onnx_runtime.session(str(onnx_file)), x.numpy().astype(np.float32))
     diff = float(np.abs(logits - reference).max()) if len(x) else 0.0
     if not diff <= MAX_ABS_DIFF:
         raise VerificationError(
@@ -134,20 +155,72 @@ def verify(
     else:
         params = sum(p.numel() for p in model.parameters())
     measured |= _check_costs(onnx_file, params, arch, space, target)
+    deployed, logits = onnx_file, {"fp32": logits}
+    if "model.int8.onnx" in exported.files:
+        int8_file = exported.files["model.int8.onnx"]
+        logits["int8"], agreement = _check_int8(int8_file, x, logits["fp32"], target.min_int8_agreement)
+        measured["int8_agreement"] = agreement
+        deployed = exported.files["model.int8.onnx"] if target.precision == "int8" else onnx_file
+    measured |= _check_memory(deployed, target)
     if target.device == HOST_DEVICE:
-        one = at_resolution(data.calib[:1], arch.resolution).numpy()
-        latency = onnx_runtime.model_latency_ms(str(onnx_file), one, latency_threads)
-        measured["latency_ms"] = latency
-        if latency > target.max_latency_ms:
+        measured["latency_ms"] = _check_latency(deployed, data, arch, target, latency_threads)
+    _accuracies(measured, logits, target.precision, deployed, data, arch)
+    return measured
+
+
+def _check_int8(
+    int8_file: Path, x: torch.Tensor, float_logits: np.ndarray, least: float
+) -> tuple[np.ndarray, float]:
+    """The int8 file's logits on `x`, and its top-1 agreement with the float model's (>= least)."""
+    logits = onnx_runtime.run(onnx_runtime.session(str(int8_file)), x.numpy().astype(np.float32))
+    agreement = float((logits.argmax(1) == float_logits.argmax(1)).mean()) if len(x) else 1.0
+    if agreement < least:
+        raise VerificationError(
+            "int8-agreement",
+            f"the int8 model agrees with the float one on {agreement:.1%} of the images < {least:.0%} "
+            "(min_int8_agreement)",
+        )
+    return logits, agreement
+
+
+def _check_memory(deployed: Path, target: Target) -> dict:
+    """RAM (graph liveness at the target's precision) and flash (file bytes) of the deployed file."""
+    content = deployed.read_bytes()
+    measured = {
+        "ram_kb": peak_activation_bytes(content, target.precision) / KB,
+        "flash_kb": len(content) / KB,
+    }
+    for key, field in (("ram_kb", "max_ram_kb"), ("flash_kb", "max_flash_kb")):
+        budget = getattr(target, field)
+        if budget is not None and measured[key] > budget:
+            shown = BY_FIELD[field]
             raise VerificationError(
-                "max_latency_ms", f"measured {latency:.4f} ms > {target.max_latency_ms:g} ms on this host"
+                field, f"{deployed.name} needs {shown.show(measured[key])} > {budget:g} {shown.unit}"
             )
+    return measured
+
+
+def _check_latency(deployed: Path, data: EvalData, arch: Arch, target: Target, threads: int) -> float:
+    one = at_resolution(data.calib[:1], arch.resolution).numpy()
+    latency = onnx_runtime.model_latency_ms(str(deployed), one, threads)
+    if latency > target.max_latency_ms:
+        raise VerificationError(
+            "max_latency_ms", f"measured {latency:.4f} ms > {target.max_latency_ms:g} ms on this host"
+        )
+    return latency
+
+
+def _accuracies(measured: dict, logits: dict, precision: str, deployed: Path, data, arch) -> None:
+    """test_acc (the deployed file's), test_acc_<precision> per file, val_acc (deployed file)."""
     if len(data.test_y):
-        measured["test_acc"] = float((logits.argmax(1) == data.test_y.numpy()).mean())
+        truth = data.test_y.numpy()
+        for name, values in logits.items():
+            measured[f"test_acc_{name}"] = float((values.argmax(1) == truth).mean())
+        measured["test_acc"] = measured[f"test_acc_{precision}"]
     if len(data.val_y):
+        sess = onnx_runtime.session(str(deployed))
         val = onnx_runtime.run(sess, at_resolution(data.val_x, arch.resolution).numpy())
         measured["val_acc"] = float((val.argmax(1) == data.val_y.numpy()).mean())
-    return measured
 
 
 def _check_costs(onnx_file: Path, params: int, arch: Arch, space: SearchSpace, target: Target) -> dict:

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tofa_core.arch import Arch, SearchSpace
-from tofa_core.costs import LatencyModel, count_macs, count_params
+from tofa_core.constraints import BY_FIELD, BY_KEY, CONSTRAINTS, Constraint
+from tofa_core.costs import LatencyModel
 from tofa_core.search.targets import Target
 
 
@@ -24,29 +25,37 @@ class InfeasibleTarget(ValueError):
 
 
 class CostModel:
-    """The costs a target can constrain, for any arch of one space."""
+    """The costs a target can constrain (`tofa_core.constraints`), for any arch of one space."""
 
     def __init__(self, space: SearchSpace, latency: LatencyModel | None = None):
         self.space, self.latency = space, latency
 
-    def costs(self, arch: Arch) -> dict[str, float]:
-        out = {"macs": count_macs(arch, self.space), "params": count_params(arch, self.space)}
-        if self.latency is not None:
-            out["latency_ms"] = self.latency.latency_ms(arch, self.space)
-        return out
+    def value(self, c: Constraint, arch: Arch, precision: str = "fp32") -> float:
+        if c.from_arch is not None:
+            return c.from_arch(arch, self.space, precision)
+        if self.latency is None:
+            raise ValueError(f"{c.field} needs a latency table")
+        return self.latency.latency_ms(arch, self.space)
+
+    def costs(self, arch: Arch, precision: str = "fp32") -> dict[str, float]:
+        """Every constraint's value of `arch` that can be priced here, by measured key."""
+        return {
+            c.key: self.value(c, arch, precision)
+            for c in CONSTRAINTS
+            if c.from_arch is not None or self.latency is not None
+        }
 
     def violations(self, arch: Arch, target: Target) -> list[str]:
         """Which of the target's budgets `arch` exceeds, as readable phrases (empty = fits)."""
         out = []
-        if target.max_macs is not None and (v := count_macs(arch, self.space)) > target.max_macs:
-            out.append(f"MACs {v:,} > {target.max_macs:,}")
-        if target.max_params is not None and (v := count_params(arch, self.space)) > target.max_params:
-            out.append(f"params {v:,} > {target.max_params:,}")
-        if target.max_latency_ms is not None:
-            if self.latency is None or self.latency.device != target.device:
+        for name, budget in target.constraints().items():
+            c = BY_FIELD[name]
+            if c.from_arch is None and (self.latency is None or self.latency.device != target.device):
                 raise ValueError(f"target {target.name} needs the latency table of {target.device!r}")
-            if (v := self.latency.latency_ms(arch, self.space)) > target.max_latency_ms:
-                out.append(f"predicted latency {v:.4f} ms > {target.max_latency_ms:g} ms on {target.device}")
+            if (v := self.value(c, arch, target.precision)) > budget:
+                predicted = "predicted " if c.from_arch is None else ""
+                where = f" on {target.device}" if c.from_arch is None else ""
+                out.append(f"{predicted}{c.show(v)} > {c.show(budget).split(' ', 1)[1]}{where}")
         return out
 
     def fits(self, arch: Arch, target: Target) -> bool:
@@ -58,9 +67,7 @@ def check_feasible(target: Target, costs: CostModel) -> None:
     smallest = costs.space.min_arch()
     broken = costs.violations(smallest, target)
     if broken:
-        achievable = ", ".join(
-            f"{k} {v:.4f}" if k == "latency_ms" else f"{k} {v:,}" for k, v in costs.costs(smallest).items()
-        )
+        achievable = ", ".join(BY_KEY[k].show(v) for k, v in costs.costs(smallest, target.precision).items())
         raise InfeasibleTarget(
             f"target {target.name}: no subnet fits ({target.describe()}); the smallest subnet already has "
             f"{'; '.join(broken)}. Smallest achievable: {achievable}. Relax the budget or use a "

@@ -1,9 +1,10 @@
 """The registry of deployment targets: a YAML list, validated into pydantic models.
 
-A target is a name and a budget: any combination of MACs, parameters, and latency on a
-named device (a latency table under `infra/latency/`, or `host-cpu`, this machine, measured
-on demand). Errors name the file, the target and the field, so a typo in a registry of a
-hundred targets is found in one read.
+A target is a name and a budget: any combination of the registered constraints
+(`tofa_core.constraints`: MACs, parameters, latency on a named device (a latency table under
+`infra/latency/`, or `host-cpu`, this machine, measured on demand), peak RAM and flash at the
+target's precision, fp32 or int8). Errors name the file, the target and the field, so a typo
+in a registry of a hundred targets is found in one read.
 """
 
 from __future__ import annotations
@@ -12,54 +13,71 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from tofa_core import config_files
+from tofa_core.constraints import BY_FIELD, CONSTRAINTS, Constraint
 
 HOST_DEVICE = "host-cpu"  # the machine a command runs on; its table is built on demand
 FORMATS = ("onnx", "torchscript")
+FORMAT_CHOICES = ("onnx", "onnx-int8", "torchscript")
 
 
-class Target(BaseModel):
+def _budget(c: Constraint):
+    # strict: `true` is not a budget of 1, nor "5" one of 5; allow_inf_nan: `.inf` is no budget
+    if c.kind is int:
+        return (int | None, Field(None, gt=0, strict=True, description=c.description))
+    return (float | None, Field(None, gt=0, strict=True, allow_inf_nan=False, description=c.description))
+
+
+class _TargetFields(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    # strict: `true` is not a budget of 1, nor "5" one of 5; allow_inf_nan: `.inf` is no budget
-    max_macs: int | None = Field(None, gt=0, strict=True)
-    max_params: int | None = Field(None, gt=0, strict=True)
-    max_latency_ms: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
     device: str | None = Field(None, min_length=1, description="latency table the budget refers to")
-    formats: tuple[Literal["onnx", "torchscript"], ...] = Field(FORMATS, min_length=1)
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="the deployed model's numbers: fp32, or int8 (post-training quantized)"
+    )
+    formats: tuple[Literal["onnx", "onnx-int8", "torchscript"], ...] = Field(FORMATS, min_length=1)
+    min_int8_agreement: float = Field(
+        0.98,
+        gt=0,
+        le=1,
+        description="least share of test images on which the int8 file's top-1 equals the float "
+        "model's; a candidate below it gives way to the next",
+    )
     retries: int = Field(1, ge=0, le=10, description="re-runs of a failed specialization")
 
+
+# One budget field per registered constraint (max_macs, max_params, max_latency_ms, ...).
+_Budgets = create_model("_Budgets", __base__=_TargetFields, **{c.field: _budget(c) for c in CONSTRAINTS})
+
+
+class Target(_Budgets):
     @model_validator(mode="after")
     def _check(self) -> Target:
-        if self.max_macs is None and self.max_params is None and self.max_latency_ms is None:
-            raise ValueError("no constraint: give at least one of max_macs, max_params, max_latency_ms")
+        if not self.constraints():
+            fields = ", ".join(c.field for c in CONSTRAINTS)
+            raise ValueError(f"no constraint: give at least one of {fields}")
         if (self.max_latency_ms is None) != (self.device is None):
             raise ValueError("max_latency_ms and device go together (a latency is measured on a device)")
         if "onnx" not in self.formats:
             raise ValueError("formats must include onnx: verification runs the ONNX model")
+        if self.precision == "int8" and "onnx-int8" not in self.formats:
+            object.__setattr__(self, "formats", (*self.formats, "onnx-int8"))  # the deployed file
         return self
 
     def constraints(self) -> dict[str, float]:
-        """The budgets that are set, by name."""
-        out = {
-            "max_macs": self.max_macs,
-            "max_params": self.max_params,
-            "max_latency_ms": self.max_latency_ms,
-        }
-        return {k: v for k, v in out.items() if v is not None}
+        """The budgets that are set, by field name, in registry order."""
+        return {c.field: v for c in CONSTRAINTS if (v := getattr(self, c.field)) is not None}
 
     def describe(self) -> str:
         parts = []
-        if self.max_macs is not None:
-            parts.append(f"MACs <= {self.max_macs:,}")
-        if self.max_params is not None:
-            parts.append(f"params <= {self.max_params:,}")
-        if self.max_latency_ms is not None:
-            parts.append(f"latency <= {self.max_latency_ms:g} ms on {self.device}")
-        return ", ".join(parts)
+        for field, value in self.constraints().items():
+            c = BY_FIELD[field]
+            where = f" on {self.device}" if c.from_arch is None else ""
+            parts.append(c.show(value).replace(" ", " <= ", 1) + where)
+        return ", ".join(parts) + ("" if self.precision == "fp32" else " (int8)")
 
 
 class TargetError(ValueError):

@@ -1,0 +1,159 @@
+"""Models a device can run: float against int8 per default target, RAM and flash model against
+the files, ONNX Runtime latency float against int8 on this host.
+
+Runs the real `tofa run` (digits, `infra/targets/default.yaml`, defaults, 2 Ray workers, all in a
+fresh folder), then for every exported target reads its files:
+  - test accuracy of model.onnx (fp32) and, for int8 targets, model.int8.onnx, and their top-1
+    agreement; fp32 targets are also quantized here (the same quantizer and calibration
+    images) to show what int8 would cost them
+  - RAM: `costs.peak_ram_bytes` (from the Arch) against `quantize.peak_activation_bytes`
+    (liveness on the deployed graph); flash: `costs.flash_bytes` against the file's bytes
+  - latency at batch 1, one ONNX Runtime thread, float file against int8 file
+and, to check the RAM and flash models beyond the picks, 30 random subnets of the space.
+
+    .venv/bin/python benchmarks/bench_edge.py [--out docs/results/edge] [--random 30] [--summary FILE]
+
+`--summary` reuses the summary of an earlier `tofa run` (its store must still exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tofa_core import onnx_runtime
+from tofa_core.arch import Arch
+from tofa_core.constraints import KB
+from tofa_core.costs import flash_bytes, peak_ram_bytes
+from tofa_core.data.store import DatasetStore
+from tofa_core.export import at_resolution
+from tofa_core.quantize import peak_activation_bytes, quantize_int8
+from tofa_core.specialize import load_trained
+from tofa_core.storage import open_storage
+from tofa_core.training.evaluate import calibrated_subnet
+
+ROOT = Path(__file__).resolve().parents[1]
+TOFA = ROOT / ".venv" / "bin" / "tofa"
+
+
+def run_tofa(work: Path) -> dict:
+    summary = work / "summary.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TOFA_STORE", "MLFLOW_TRACKING_URI")}
+    start = time.perf_counter()
+    with open(work / "tofa.log", "w") as log:
+        subprocess.run(
+            [str(TOFA), "run", "--summary-out", str(summary)],
+            check=True, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return json.loads(summary.read_text()) | {"wall_seconds": time.perf_counter() - start}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def one_target(row: dict, trained, folder: Path) -> dict:
+    about = json.loads((folder / "model.json").read_text())
+    precision = about.get("precision", "fp32")
+    space, data = trained.net.space, trained.data
+    arch = Arch.from_dict(about["arch"])
+    x = at_resolution(data.test_x, arch.resolution).numpy()
+    labels = data.test_y.numpy()
+    fp32 = (folder / "model.onnx").read_bytes()
+    if (folder / "model.int8.onnx").exists():
+        int8 = (folder / "model.int8.onnx").read_bytes()
+    else:  # what int8 would cost an fp32 target: the same quantizer and calibration images
+        int8 = quantize_int8(fp32, at_resolution(data.calib, arch.resolution).numpy())
+    f = onnx_runtime.run(onnx_runtime.session(fp32), x)
+    q = onnx_runtime.run(onnx_runtime.session(int8), x)
+    deployed = int8 if precision == "int8" else fp32
+    one = x[:1]
+    return {
+        "target": row["target"],
+        "precision": precision,
+        "macs": row["macs"],
+        "fp32_acc": accuracy(f, labels),
+        "int8_acc": accuracy(q, labels),
+        "agreement": float((f.argmax(1) == q.argmax(1)).mean()),
+        "ram_model_kb": peak_ram_bytes(arch, space, precision) / KB,
+        "ram_graph_kb": peak_activation_bytes(deployed, precision) / KB,
+        "flash_model_kb": flash_bytes(arch, space, precision) / KB,
+        "flash_file_kb": len(deployed) / KB,
+        "budget": row["constraints"],
+        "latency_fp32_ms": onnx_runtime.model_latency_ms(fp32, one, 1),
+        "latency_int8_ms": onnx_runtime.model_latency_ms(int8, one, 1),
+    }
+
+
+def random_subnets(trained, count: int) -> dict:
+    """Worst relative error of the RAM and flash models over `count` random subnets."""
+    net, space = trained.net, trained.net.space
+    rng, worst = random.Random(0), {"ram": 0.0, "flash_fp32": 0.0, "flash_int8": 0.0}
+    for _ in range(count):
+        arch = space.sample(rng)
+        model = calibrated_subnet(net, arch, trained.data.calib[:64])
+        example = at_resolution(trained.data.calib[:1], arch.resolution)
+        fp32 = onnx_runtime.onnx_bytes(model, example)
+        int8 = quantize_int8(fp32, at_resolution(trained.data.calib[:128], arch.resolution).numpy())
+        for precision, content in (("fp32", fp32), ("int8", int8)):
+            ram = peak_ram_bytes(arch, space, precision) / peak_activation_bytes(content, precision)
+            flash = flash_bytes(arch, space, precision) / len(content)
+            worst["ram"] = max(worst["ram"], abs(ram - 1))
+            worst[f"flash_{precision}"] = max(worst[f"flash_{precision}"], abs(flash - 1))
+    return {"subnets": count, **{k: round(v, 4) for k, v in worst.items()}}
+
+
+def report(rows: list[dict], models: dict, wall: float | None) -> None:
+    print(f"tofa run (digits, default targets): {wall:.0f} s" if wall else "")
+    print("| target | precision | MACs | fp32 acc | int8 acc | agree | RAM KB model / graph | "
+          "flash KB model / file | latency ms fp32 / int8 |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['target']} | {r['precision']} | {r['macs'] / 1e6:.2f}M | {100 * r['fp32_acc']:.1f} "
+            f"| {100 * r['int8_acc']:.1f} | {100 * r['agreement']:.1f} "
+            f"| {r['ram_model_kb']:.1f} / {r['ram_graph_kb']:.1f} "
+            f"| {r['flash_model_kb']:.0f} / {r['flash_file_kb']:.0f} "
+            f"| {r['latency_fp32_ms']:.3f} / {r['latency_int8_ms']:.3f} |"
+        )
+    print(
+        f"RAM and flash models over {models['subnets']} random subnets, worst relative error: RAM "
+        f"{100 * models['ram']:.2f}%, flash fp32 {100 * models['flash_fp32']:.2f}%, "
+        f"int8 {100 * models['flash_int8']:.2f}%"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "edge"))
+    parser.add_argument("--random", type=int, default=30, help="random subnets for the RAM/flash models")
+    parser.add_argument("--summary", help="the summary JSON of an earlier `tofa run` (with --store)")
+    parser.add_argument("--store", help="that run's store folder [default: .tofa/store beside the summary]")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = json.loads(Path(args.summary).read_text()) if args.summary else run_tofa(Path(tmp))
+        where = Path(args.summary).parent if args.summary else Path(tmp)
+        store = DatasetStore(open_storage(args.store or str(where / ".tofa" / "store")))
+        run_dir = open_storage(summary["supernet"].rpartition("/")[0])
+        trained = load_trained(store, run_dir)
+        rows = [one_target(r, trained, Path(r["files"]["model.json"]).parent) for r in summary["targets"]]
+        models = random_subnets(trained, args.random)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"wall_seconds": summary.get("wall_seconds"), "targets": rows, "models": models}
+    (out / "edge.json").write_text(json.dumps(result, indent=1))
+    report(rows, models, summary.get("wall_seconds"))
+
+
+if __name__ == "__main__":
+    main()
