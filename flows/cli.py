@@ -94,6 +94,9 @@ ConfigOpt = typer.Option(
     None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.", callback=_config
 )
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override train.epochs.")
+GpusOpt = typer.Option(
+    None, "--gpus-per-worker", min=0, help="GPUs Ray gives each training worker (train.gpus_per_worker)."
+)
 WorkersOpt = typer.Option(2, "--workers", min=1, max=1024, help="Ray Train workers.")
 TargetsOpt = typer.Option(None, "--targets", help="Targets YAML \\[default: infra/targets/default.yaml].")
 SamplesOpt = typer.Option(300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor.")
@@ -268,6 +271,7 @@ def train(
     config: Path | None = ConfigOpt,
     epochs: int | None = EpochsOpt,
     workers: int = WorkersOpt,
+    gpus_per_worker: float | None = GpusOpt,
     warm_start: str | None = typer.Option(
         None,
         "--warm-start",
@@ -294,6 +298,7 @@ def train(
             epochs=epochs,
             workers=workers,
             warm_start=warm_start,
+            gpus_per_worker=gpus_per_worker,
         )
     except (SourceError, StorageError, CheckpointError, ValueError) as err:
         fail(str(err))
@@ -492,6 +497,7 @@ def run(
     config: Path | None = ConfigOpt,
     epochs: int | None = EpochsOpt,
     workers: int = WorkersOpt,
+    gpus_per_worker: float | None = GpusOpt,
     store: str | None = StoreOpt,
     samples: int = SamplesOpt,
     force: bool = typer.Option(False, "--force", help="Run every stage even when nothing is new."),
@@ -519,7 +525,7 @@ def run(
         summary = retrain_flow(
             source=data, dataset=dataset, targets_file=str(targets) if targets else None,
             config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
-            samples=samples, force=force, lock_wait=wait_lock,
+            samples=samples, force=force, lock_wait=wait_lock, gpus_per_worker=gpus_per_worker,
         )  # fmt: skip
     except SpecializationFailed as err:
         failed = err

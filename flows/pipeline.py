@@ -179,18 +179,31 @@ def retrain_flow(
     score: str = "agreement",
     force: bool = False,
     lock_wait: float = 0.0,
+    gpus_per_worker: float | None = None,
 ) -> dict:
     """Retrain on SOURCE when anything is new, then specialize and register every target.
 
     One run per data set at a time: a second one waits `lock_wait` seconds for the first to
-    finish, then fails naming it (RunLocked)."""
+    finish, then fails naming it (RunLocked). `gpus_per_worker` overrides train.gpus_per_worker."""
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     check_services(store, prefect=False)  # the API answered: this flow is running
     owner = f"tofa-retrain flow run {flow_run.get_name() or flow_run.get_id()}"
     with RunLock(open_storage(store), dataset, owner, wait=lock_wait):
         return _retrain(
-            Retrain(source, dataset, targets_file, config_file, epochs, workers, store, samples, score, force)
+            Retrain(
+                source,
+                dataset,
+                targets_file,
+                config_file,
+                epochs,
+                workers,
+                store,
+                samples,
+                score,
+                force,
+                gpus_per_worker,
+            )  # fmt: skip
         )
 
 
@@ -208,6 +221,7 @@ class Retrain:
     samples: int
     score: str
     force: bool
+    gpus_per_worker: float | None = None
 
 
 @contextmanager
@@ -224,7 +238,7 @@ def _retrain(p: Retrain) -> dict:
     targets_file = p.targets_file or default_targets()
     targets_text = Path(targets_file).read_text()
     load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails before training
-    cfg = TrainConfig.load(p.config_file, epochs=p.epochs)
+    cfg = TrainConfig.load(p.config_file, epochs=p.epochs, gpus_per_worker=p.gpus_per_worker)
 
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
     with _timed(timings, "ingest"):
@@ -319,6 +333,7 @@ def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tup
     trained = train_flow(
         source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, epochs=p.epochs,
         workers=p.workers, warm_start="last", version=version, parent_run=parent,
+        gpus_per_worker=p.gpus_per_worker,
     )  # fmt: skip
     return trained, False
 

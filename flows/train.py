@@ -79,6 +79,17 @@ def cpus_per_worker(node_cpus: list[int], workers: int) -> int:
     return 1
 
 
+def _gpus_per_worker(cfg: TrainConfig) -> float:
+    """What each Ray worker asks for: the config's GPUs, never the driver's view (a CPU head
+    node of a GPU cluster would ask for none, a GPU laptop driving a CPU cluster for some)."""
+    if cfg.device == "cuda" and cfg.gpus_per_worker == 0:
+        raise ValueError(
+            "train.device is cuda but no GPUs are requested: set --gpus-per-worker (or "
+            "train.gpus_per_worker) to the GPUs each training worker should get"
+        )
+    return 0.0 if cfg.device == "cpu" else cfg.gpus_per_worker
+
+
 @task(name="train-supernet", cache_policy=NONE)
 def run_trainer(
     cfg: TrainConfig,
@@ -92,12 +103,11 @@ def run_trainer(
 ) -> dict:
     """Train on Ray Train workers; `fixed`: one architecture alone (the baseline), else the supernet."""
     import ray
-    import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start_ray()
-    use_gpu = torch.cuda.is_available()
+    gpus = _gpus_per_worker(cfg)
     nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     threads = cfg.threads or cpus_per_worker(nodes, workers)
     run_dir = open_storage(store).child(f"runs/{run_id}").root
@@ -114,7 +124,9 @@ def run_trainer(
             "fixed": fixed,
         },
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": threads, **({"GPU": gpus} if gpus else {})},
         ),
         run_config=RunConfig(
             name=run_id,
@@ -195,18 +207,20 @@ def train_flow(
     warm_start: str | None = None,
     version: str | None = None,
     parent_run: str | None = None,
+    gpus_per_worker: float | None = None,
 ) -> dict:
     """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray.
 
     `version`: train on this stored data version (the caller ingested it); `parent_run`: the
-    MLflow run (a pipeline's) this training is nested under."""
+    MLflow run (a pipeline's) this training is nested under; `gpus_per_worker` overrides
+    train.gpus_per_worker."""
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     if version is None:
         version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     data = {"version": version}
-    cfg = TrainConfig.load(config_file, epochs=epochs)
+    cfg = TrainConfig.load(config_file, epochs=epochs, gpus_per_worker=gpus_per_worker)
     runs = Runs(open_storage(store))
     warm = WarmStart.resolve(warm_start, runs, dataset)
     run_id = new_run_id()

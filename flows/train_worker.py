@@ -22,6 +22,7 @@ FATAL_KEY = "fatal.json"  # in the run folder: why the workers stopped without a
 
 def train_worker(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     from tofa_core.training.loop import train_supernet
 
@@ -43,6 +44,8 @@ def train_worker(config: dict) -> None:
             fixed=Arch.from_dict(config["fixed"]) if config.get("fixed") else None,
             # `last` is a default, not a request: a last supernet of another space is skipped.
             warm_if_fits=start is not None and start.kind == "last",
+            # the GPU Ray assigned this worker (CPU when it asked for none)
+            device=ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else None,
         )
     except RECURRING as err:
         # A restart would fail the same way: leave the reason for the driver and end cleanly,

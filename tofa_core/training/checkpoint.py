@@ -30,9 +30,20 @@ def space_dict(space: SearchSpace) -> dict:
     return dataclasses.asdict(space)
 
 
+def _on_cpu(value):
+    """`value` with every tensor in it moved to the CPU: a checkpoint loads on any device."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(storage: Storage, key: str, state: dict) -> None:
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    torch.save({"format": FORMAT, **_on_cpu(state)}, buffer)
     storage.write_bytes(key, buffer.getvalue())
 
 

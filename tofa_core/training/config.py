@@ -73,6 +73,16 @@ class TrainConfig(BaseModel):
     calib_images: int = Field(512, ge=1, description="training images for BN recalibration of a subnet")
     seed: int = 0
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads per worker")
+    # where it runs
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: the GPU the worker was given (Ray), else its own CUDA device, else CPU"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    gpus_per_worker: float = Field(
+        0, ge=0, le=64, description="GPUs Ray reserves for each training worker (0: CPU workers)"
+    )
 
     @property
     def semi_supervised(self) -> bool:

@@ -30,8 +30,9 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256
         bn.momentum = None  # cumulative average over all batches, not an EMA
     was_training = model.training
     model.train()
+    device = next(model.parameters()).device
     for start in range(0, len(images), batch_size):
-        model(images[start : start + batch_size])
+        model(images[start : start + batch_size].to(device))
     model.train(was_training)
     for bn, momentum in zip(bns, saved):
         bn.momentum = momentum
@@ -67,9 +68,10 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         return float("nan")
     model.eval()
     correct = 0
+    device = next(model.parameters()).device
     for start in range(0, len(images), batch_size):
-        pred = model(images[start : start + batch_size]).argmax(dim=1)
-        correct += (pred == labels[start : start + batch_size]).sum().item()
+        pred = model(images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
+        correct += (pred == labels[start : start + batch_size].cpu()).sum().item()
     return correct / len(labels)
 
 

@@ -38,6 +38,7 @@ from tofa_core.training.checkpoint import (
     space_dict,
 )
 from tofa_core.training.config import TrainConfig
+from tofa_core.training.device import pick_device
 from tofa_core.training.evaluate import accuracy, calibrated_subnet, calibration_images
 from tofa_core.training.loss import AdaptiveThreshold
 from tofa_core.training.step import sandwich, train_step
@@ -144,6 +145,7 @@ class _Run:
     adaptive: AdaptiveThreshold | None
     about: dict  # what every checkpoint of this run says about itself (resume and warm start check it)
     steps_per_epoch: int
+    device: torch.device = torch.device("cpu")
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.LRScheduler = None
     history: list[dict] = field(default_factory=list)
@@ -157,17 +159,28 @@ class _Run:
         return (("max", self.space.max_arch()), ("min", self.space.min_arch()))
 
     def rng_state(self) -> dict:
+        cuda = self.device.type == "cuda"
         return {
             "torch": torch.get_rng_state(),
+            "device": self.device.type,  # the augmentation generator and dropout draw there
+            "cuda": torch.cuda.get_rng_state(self.device) if cuda else torch.zeros(0, dtype=torch.uint8),
             "aug": self.aug_gen.get_state(),
             "streams": [s.state_dict() for s in self.streams],
         }
 
     def set_rng_state(self, state: dict) -> None:
         torch.set_rng_state(state["torch"])
-        self.aug_gen.set_state(state["aug"])
         for stream, saved in zip(self.streams, state["streams"]):
             stream.load_state_dict(saved)
+        if state.get("device", "cpu") != self.device.type:
+            # A CUDA generator's state means nothing to a CPU one: the run continues with its
+            # weights, optimizer and batches restored, and fresh augmentation draws.
+            log.warning("resumed on %s from a %s checkpoint: augmentation draws start afresh",
+                        self.device.type, state.get("device", "cpu"))  # fmt: skip
+            return
+        self.aug_gen.set_state(state["aug"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
 def train_supernet(
@@ -181,6 +194,7 @@ def train_supernet(
     report: Callable[[dict], None] | None = None,
     fixed: Arch | None = None,
     warm_if_fits: bool = False,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train one supernet on `dataset` (latest version unless given); checkpoints under `run_dir`.
 
@@ -190,15 +204,16 @@ def train_supernet(
     are then reported for `arch` instead of `max`/`min`.
 
     `warm_if_fits`: a `warm` checkpoint of another search space (say the previous run's, before
-    the config changed its space) is skipped with a warning instead of failing the run."""
+    the config changed its space) is skipped with a warning instead of failing the run.
+    `device`: the one the launcher gave this worker (Ray's `get_device()`); see `pick_device`."""
     started = time.perf_counter()
-    run = _build(cfg, store, dataset, version, fixed)
+    run = _build(cfg, store, dataset, version, fixed, pick_device(cfg, device))
     resume = latest_key(run_dir, "checkpoints")
     if resume is not None:
         _resume(run, run_dir, resume)
     elif warm is not None:
         _warm_start(run, warm, warm_if_fits)
-    calib = calibration_images(run.splits, run.aug, cfg.calib_images, cfg.seed)
+    calib = calibration_images(run.splits, run.aug, cfg.calib_images, cfg.seed).to(run.device)
     for epoch in range(run.start_epoch, cfg.epochs):
         metrics = _epoch(run, epoch, calib)
         run.history.append(metrics)
@@ -210,7 +225,12 @@ def train_supernet(
 
 
 def _build(
-    cfg: TrainConfig, store: DatasetStore, dataset: str, version: str | None, fixed: Arch | None
+    cfg: TrainConfig,
+    store: DatasetStore,
+    dataset: str,
+    version: str | None,
+    fixed: Arch | None,
+    device: torch.device,
 ) -> _Run:
     """The data, network, batch streams, optimizer and schedule of a fresh run on this worker."""
     rank, world = _world()
@@ -223,12 +243,13 @@ def _build(
     if fixed is not None:
         space.validate(fixed)
     torch.manual_seed(cfg.seed)
-    net = Supernet(space)
+    net = Supernet(space).to(device)
     per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
-    streams = [BatchStream(splits.train, per_rank, seed=seed + rank)]
+    streams = [BatchStream(splits.train, per_rank, seed=seed + rank, device=device)]
     if cfg.semi_supervised and len(splits.unlabeled):
         share = splits.unlabeled.shard(rank, world, seed=cfg.seed)
-        streams.append(BatchStream(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank))
+        unlabelled = BatchStream(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
+        streams.append(unlabelled)
     adaptive = None
     if cfg.threshold == "adaptive" and len(streams) > 1:
         adaptive = AdaptiveThreshold(len(splits.classes), cfg.threshold_momentum)
@@ -243,9 +264,9 @@ def _build(
     run = _Run(
         cfg, rank, world, splits, space, fixed, net, streams,
         aug=Augmenter(cfg.augment, splits.channels),
-        aug_gen=torch.Generator().manual_seed(seed + 2 * STREAM_OFFSET + rank),
+        aug_gen=torch.Generator(device=device).manual_seed(seed + 2 * STREAM_OFFSET + rank),
         sampler=random.Random(cfg.seed), adaptive=adaptive, about=about,
-        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)),
+        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)), device=device,
     )  # fmt: skip
     run.optimizer, run.scheduler = _optimizer(cfg, net, cfg.epochs * run.steps_per_epoch)
     return run

@@ -56,8 +56,9 @@ class AdaptiveThreshold:
         """Fold in the teacher's probabilities on one batch of weak unlabelled images."""
         stats = torch.cat([probs.max(dim=1).values.mean().reshape(1), probs.mean(dim=0)]).float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+            dist.all_reduce(stats)  # on the training device (NCCL reduces GPU tensors only)
             stats /= dist.get_world_size()
+        stats = stats.cpu()  # the thresholds are a few numbers, kept where checkpoints are
         m = self.momentum
         self.confidence = m * self.confidence + (1 - m) * stats[0]
         self.class_probs = m * self.class_probs + (1 - m) * stats[1:]
@@ -92,7 +93,7 @@ def teacher_loss(
         tau = cfg.tau
         if adaptive is not None and n_u:
             adaptive.update(probs[len(y) : len(y) + n_u])
-            tau = adaptive.thresholds()[pseudo]
+            tau = adaptive.thresholds().to(pseudo.device)[pseudo]
         mask = (confidence >= tau).float()
     targets = Targets(probs, pseudo, mask)
     ce = F.cross_entropy(lx, y)

@@ -9,6 +9,7 @@ import torch
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.supernet import Supernet
 from tofa_core.training.config import TrainConfig
+from tofa_core.training.device import autocast
 from tofa_core.training.loss import AdaptiveThreshold, student_loss, teacher_loss
 
 
@@ -36,15 +37,20 @@ def train_step(
     """
     use_u = cfg.semi_supervised and u_weak is not None and len(u_weak) > 0
     n_u = len(u_weak) if use_u else 0
+
+    def forward(inputs: torch.Tensor, arch: Arch) -> torch.Tensor:  # bf16 where cfg asks, fp32 out
+        with autocast(cfg, inputs.device):
+            return net(inputs, arch).float()
+
     if use_u and cfg.weak_view == "label":
         inputs = torch.cat([x, u_strong])
         with torch.no_grad():
-            weak = net(u_weak, archs[0])
-        logits = net(inputs, archs[0])
+            weak = forward(u_weak, archs[0])
+        logits = forward(inputs, archs[0])
         logits = torch.cat([logits[: len(x)], weak, logits[len(x) :]])
     else:
         inputs = torch.cat([x, u_weak, u_strong]) if use_u else x
-        logits = net(inputs, archs[0])
+        logits = forward(inputs, archs[0])
     loss, targets, logs = teacher_loss(logits, y, n_u, cfg, ramp, adaptive)
     loss.backward()
     logs["teacher/loss"] = loss.item()
@@ -52,7 +58,7 @@ def train_step(
         targets = targets.without_weak(len(x))
     student_logs: dict[str, float] = {}
     for arch in archs[1:]:
-        loss, one = student_loss(net(inputs, arch), y, n_u, targets, cfg, ramp)
+        loss, one = student_loss(forward(inputs, arch), y, n_u, targets, cfg, ramp)
         loss.backward()
         one["student/loss"] = loss.item()
         for key, value in one.items():
