@@ -25,7 +25,7 @@ from tofa_core.quantize import peak_activation_bytes
 from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
 from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
 from tofa_core.search.targets import Target
-from tofa_core.specialize import load_trained, rank_candidates, specialize
+from tofa_core.specialize import int8_scores, load_trained, rank_candidates, specialize
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.loop import train_supernet
@@ -333,3 +333,20 @@ def test_int8_that_never_agrees_fails_verification_and_leaves_nothing(trained, p
     assert err.value.check == "int8-agreement" and "of 1 searches" in str(err.value)
     assert str(err.value).count("int8-agreement") == 1 + str(err.value).count("; ") + 1
     assert not list(tmp_path.glob("model.*"))
+
+
+def test_int8_targets_are_ranked_by_their_int8_models(trained, predictor):
+    _, t = trained
+    target = Target(name="t", max_macs=400_000, precision="int8")
+    costs = CostModel(t.net.space)
+    found = evolve(target, costs, predictor[0].predict, FAST)
+    ranked = rank_candidates(t.net, target, found, costs, t.data, reference=t.reference)
+    as_float = target.model_copy(update={"precision": "fp32"})
+    floats = {
+        s.arch: s for s in rank_candidates(t.net, as_float, found, costs, t.data, reference=t.reference)
+    }
+    assert {s.arch for s in ranked} == set(floats) and len(ranked) == 3
+    assert ranked == int8_scores(t.net, [s.arch for s in ranked], t.data, t.reference)
+    assert [s.agreement for s in ranked] == sorted((s.agreement for s in ranked), reverse=True)
+    assert any(s.agreement != floats[s.arch].agreement for s in ranked)  # int8 moves the scores
+    assert all(abs(s.agreement - floats[s.arch].agreement) < 0.1 for s in ranked)

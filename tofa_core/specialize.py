@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from tofa_core import onnx_runtime
 from tofa_core.arch import Arch
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import Exported, VerificationError, export_subnet, verify
+from tofa_core.export import Exported, VerificationError, at_resolution, export_subnet, verify
+from tofa_core.quantize import quantize_int8
 from tofa_core.search.evolution import CostModel, EvolutionConfig, InfeasibleTarget, SearchResult, evolve
 from tofa_core.search.predictor import AccuracyPredictor, Scored, score_subnets, teacher_labels
 from tofa_core.search.targets import Target
@@ -159,7 +161,31 @@ def rank_candidates(
 
     fitting = [s for s in measured if s.arch not in picks and costs.fits(s.arch, target)]
     real += sorted(fitting, key=order, reverse=True)[: len(picks)]
+    if target.precision == "int8":  # quantization error differs between subnets: rank what deploys
+        real = int8_scores(net, [s.arch for s in real], data, reference)
     return sorted(real, key=order, reverse=True)
+
+
+def int8_scores(
+    net: Supernet, archs: list[Arch], data: EvalData, reference: torch.Tensor | None
+) -> list[Scored]:
+    """Both scores of each arch's int8 model (exported, quantized as export does, run in ONNX
+    Runtime): agreement with the largest subnet on the unlabelled pool, validation accuracy."""
+    if reference is None:
+        reference = teacher_labels(net, data)
+    out = []
+    for arch in archs:
+        model = calibrated_subnet(net, arch, data.calib).to(memory_format=torch.contiguous_format)
+        calib = at_resolution(data.calib, arch.resolution)
+        sess = onnx_runtime.session(quantize_int8(onnx_runtime.onnx_bytes(model, calib[:1]), calib.numpy()))
+        pool = onnx_runtime.run(sess, at_resolution(data.pool, arch.resolution).numpy()).argmax(1)
+        agreement = float((torch.from_numpy(pool) == reference).float().mean())
+        val = 0.0
+        if len(data.val_y):
+            logits = onnx_runtime.run(sess, at_resolution(data.val_x, arch.resolution).numpy())
+            val = float((torch.from_numpy(logits.argmax(1)) == data.val_y).float().mean())
+        out.append(Scored(arch, val, agreement))
+    return out
 
 
 def _export_verify(
