@@ -181,7 +181,7 @@ def publish(files: dict[str, Path], out) -> dict[str, str]:
     folder with a model.json always holds one complete, verified export."""
     if out.exists("model.json"):
         out.delete("model.json")
-    for stale in ("model.onnx", "model.int8.onnx", "model.pt"):
+    for stale in ("model.onnx", "model.int8.onnx", "model.pt", "model.pt2"):
         if stale not in files and out.exists(stale):
             out.delete(stale)
     uris = {}

@@ -286,7 +286,7 @@ def _log_model(client, run_id: str, folder: Path, example, target: str) -> None:
             input_example=example,
             pip_requirements=["onnxruntime", "numpy"],  # explicit: inferring them takes seconds
         )
-        for extra in ("model.int8.onnx", "model.pt", "model.json"):
+        for extra in ("model.int8.onnx", "model.pt", "model.pt2", "model.json"):
             if (folder / extra).exists():
                 shutil.copy2(folder / extra, model_dir / extra)
         client.log_artifacts(run_id, str(model_dir), "model")

@@ -350,3 +350,20 @@ def test_int8_targets_are_ranked_by_their_int8_models(trained, predictor):
     assert [s.agreement for s in ranked] == sorted((s.agreement for s in ranked), reverse=True)
     assert any(s.agreement != floats[s.arch].agreement for s in ranked)  # int8 moves the scores
     assert all(abs(s.agreement - floats[s.arch].agreement) < 0.1 for s in ranked)
+
+
+def test_pt2_format_is_a_torch_export_program_with_any_batch(trained, predictor, tmp_path):
+    _, t = trained
+    target = Target(name="t", max_macs=250_000, formats=("onnx", "pt2"))
+    done = specialize(
+        t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path, classes=t.splits.classes,
+        evolution=FAST,
+    )  # fmt: skip
+    files = done.exported.files
+    assert {p.name for p in files.values()} == {"model.onnx", "model.pt2", "model.json"}
+    assert done.measured["pt2_max_abs_diff"] <= 1e-4
+    program = torch.export.load(str(files["model.pt2"])).module()
+    x = at_resolution(t.data.test_x[:5], done.arch.resolution)
+    onnx_logits = onnx_runtime.run(onnx_runtime.session(str(files["model.onnx"])), x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(program(x).numpy(), onnx_logits, atol=1e-4)

@@ -28,7 +28,7 @@ from tofa_core.search.targets import HOST_DEVICE, Target
 from tofa_core.training.evaluate import EvalData
 
 MAX_ABS_DIFF = 1e-4
-FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.pt"}
+FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.pt", "pt2": "model.pt2"}
 # What model.json says about an int8 file: how it was made, so a runtime knows what it gets.
 INT8_SCHEME = {
     "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around each op)",
@@ -95,6 +95,9 @@ def export_subnet(
             scripted = torch.jit.trace(model, example, check_trace=False)
         files["model.pt"] = folder / FILES["torchscript"]
         scripted.save(str(files["model.pt"]))
+    if "pt2" in formats:
+        files["model.pt2"] = folder / FILES["pt2"]
+        _save_pt2(model, at_resolution(data.calib[:2], arch.resolution), files["model.pt2"])
     description = {
         "arch": arch.to_dict(),
         "input": {
@@ -114,6 +117,25 @@ def export_subnet(
     files["model.json"] = folder / "model.json"
     files["model.json"].write_text(json.dumps(description, indent=2))
     return Exported(folder, files, description)
+
+
+def _save_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """torch.export's ExportedProgram with a dynamic batch dimension (the example has 2 images:
+    torch.export fixes a dimension of size 1)."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with onnx_runtime.EXPORT_LOCK, torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, str(path))
+
+
+def _check_pt2(path: Path, x: torch.Tensor, reference: np.ndarray) -> float:
+    """Largest difference between the saved ExportedProgram's outputs and PyTorch's."""
+    program = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        diff = float((program(x) - torch.from_numpy(reference)).abs().max()) if len(x) else 0.0
+    if not diff <= MAX_ABS_DIFF:
+        raise VerificationError("pt2-matches-pytorch", f"the torch.export program differs by {diff:.2e}")
+    return diff
 
 
 def verify(
@@ -154,6 +176,8 @@ def verify(
         params = sum(p.numel() for p in scripted.parameters())
     else:
         params = sum(p.numel() for p in model.parameters())
+    if "model.pt2" in exported.files:
+        measured["pt2_max_abs_diff"] = _check_pt2(exported.files["model.pt2"], x, reference)
     measured |= _check_costs(onnx_file, params, arch, space, target)
     deployed, logits = onnx_file, {"fp32": logits}
     if "model.int8.onnx" in exported.files:

@@ -20,7 +20,6 @@ from tofa_core.constraints import BY_FIELD, CONSTRAINTS, Constraint
 
 HOST_DEVICE = "host-cpu"  # the machine a command runs on; its table is built on demand
 FORMATS = ("onnx", "torchscript")
-FORMAT_CHOICES = ("onnx", "onnx-int8", "torchscript")
 
 
 def _budget(c: Constraint):
@@ -38,7 +37,7 @@ class _TargetFields(BaseModel):
     precision: Literal["fp32", "int8"] = Field(
         "fp32", description="the deployed model's numbers: fp32, or int8 (post-training quantized)"
     )
-    formats: tuple[Literal["onnx", "onnx-int8", "torchscript"], ...] = Field(FORMATS, min_length=1)
+    formats: tuple[Literal["onnx", "onnx-int8", "torchscript", "pt2"], ...] = Field(FORMATS, min_length=1)
     min_int8_agreement: float = Field(
         0.98,
         gt=0,
