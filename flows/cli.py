@@ -94,6 +94,12 @@ ConfigOpt = typer.Option(
     None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.", callback=_config
 )
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override train.epochs.")
+BudgetOpt = typer.Option(
+    None,
+    "--budget",
+    min=0.01,
+    help="Minutes of training at most: the epochs that fit at the first epoch's pace (train.budget_minutes).",
+)
 GpusOpt = typer.Option(
     None, "--gpus-per-worker", min=0, help="GPUs Ray gives each training worker (train.gpus_per_worker)."
 )
@@ -272,6 +278,7 @@ def train(
     epochs: int | None = EpochsOpt,
     workers: int = WorkersOpt,
     gpus_per_worker: float | None = GpusOpt,
+    budget: float | None = BudgetOpt,
     warm_start: str | None = typer.Option(
         None,
         "--warm-start",
@@ -299,6 +306,7 @@ def train(
             workers=workers,
             warm_start=warm_start,
             gpus_per_worker=gpus_per_worker,
+            budget_minutes=budget,
         )
     except (SourceError, StorageError, CheckpointError, ValueError) as err:
         fail(str(err))
@@ -498,6 +506,7 @@ def run(
     epochs: int | None = EpochsOpt,
     workers: int = WorkersOpt,
     gpus_per_worker: float | None = GpusOpt,
+    budget: float | None = BudgetOpt,
     store: str | None = StoreOpt,
     samples: int = SamplesOpt,
     force: bool = typer.Option(False, "--force", help="Run every stage even when nothing is new."),
@@ -526,6 +535,7 @@ def run(
             source=data, dataset=dataset, targets_file=str(targets) if targets else None,
             config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
             samples=samples, force=force, lock_wait=wait_lock, gpus_per_worker=gpus_per_worker,
+            budget_minutes=budget,
         )  # fmt: skip
     except SpecializationFailed as err:
         failed = err

@@ -180,11 +180,13 @@ def retrain_flow(
     force: bool = False,
     lock_wait: float = 0.0,
     gpus_per_worker: float | None = None,
+    budget_minutes: float | None = None,
 ) -> dict:
     """Retrain on SOURCE when anything is new, then specialize and register every target.
 
     One run per data set at a time: a second one waits `lock_wait` seconds for the first to
-    finish, then fails naming it (RunLocked). `gpus_per_worker` overrides train.gpus_per_worker."""
+    finish, then fails naming it (RunLocked). `gpus_per_worker` and `budget_minutes` override
+    the config's train.gpus_per_worker and train.budget_minutes."""
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     check_services(store, prefect=False)  # the API answered: this flow is running
@@ -203,6 +205,7 @@ def retrain_flow(
                 score,
                 force,
                 gpus_per_worker,
+                budget_minutes,
             )  # fmt: skip
         )
 
@@ -222,6 +225,16 @@ class Retrain:
     score: str
     force: bool
     gpus_per_worker: float | None = None
+    budget_minutes: float | None = None
+
+    def train_config(self) -> TrainConfig:
+        """The config file's train section with this run's overrides."""
+        return TrainConfig.load(
+            self.config_file,
+            epochs=self.epochs,
+            gpus_per_worker=self.gpus_per_worker,
+            budget_minutes=self.budget_minutes,
+        )
 
 
 @contextmanager
@@ -238,7 +251,7 @@ def _retrain(p: Retrain) -> dict:
     targets_file = p.targets_file or default_targets()
     targets_text = Path(targets_file).read_text()
     load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails before training
-    cfg = TrainConfig.load(p.config_file, epochs=p.epochs, gpus_per_worker=p.gpus_per_worker)
+    cfg = p.train_config()
 
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
     with _timed(timings, "ingest"):
@@ -333,7 +346,7 @@ def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tup
     trained = train_flow(
         source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, epochs=p.epochs,
         workers=p.workers, warm_start="last", version=version, parent_run=parent,
-        gpus_per_worker=p.gpus_per_worker,
+        gpus_per_worker=p.gpus_per_worker, budget_minutes=p.budget_minutes,
     )  # fmt: skip
     return trained, False
 

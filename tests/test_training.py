@@ -282,6 +282,30 @@ def test_unified_loss_logs_every_term(digits_store, tmp_path):
     assert {"val_acc/max", "val_acc/min"} <= row.keys()
 
 
+def test_a_time_budget_keeps_the_epochs_that_fit_and_ends_the_schedule_there(digits_store, tmp_path):
+    cfg = QUICK.model_copy(update={"epochs": 4, "budget_minutes": 1e-6})  # only the first epoch fits
+    short = train_supernet(cfg, digits_store, "digits", open_storage(tmp_path / "short"))
+    assert short.epochs == 1 and [h["epoch"] for h in short.history] == [1]
+    saved = load_checkpoint(open_storage(tmp_path / "short"), "checkpoints/epoch-0001.pt")
+    assert saved["epochs_planned"] == 1 and saved["scheduler"]["T_max"] == 2  # 1 epoch x 2 steps
+    # A cosine schedule whose end moves mid-run still reaches 0 at its new end.
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+    for step in range(4):
+        if step == 2:
+            cosine.T_max = 4
+        opt.step()
+        cosine.step()
+    assert cosine.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+    roomy = train_supernet(
+        cfg.model_copy(update={"budget_minutes": 60.0}),
+        digits_store,
+        "digits",
+        open_storage(tmp_path / "roomy"),
+    )
+    assert roomy.epochs == 4 and len(roomy.history) == 4 and roomy.history[0]["lr"] > 0.01
+
+
 def test_resume_refuses_a_checkpoint_of_another_data_version(digits_store, tmp_path):
     run = open_storage(tmp_path)
     train_supernet(QUICK.model_copy(update={"epochs": 1}), digits_store, "digits", run)

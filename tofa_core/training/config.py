@@ -37,6 +37,13 @@ class TrainConfig(BaseModel):
     min_steps: int = Field(
         400, ge=1, description="steps_per_epoch auto: the least training any data set gets, in steps"
     )
+    budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="cap on training time: after the first epoch the run keeps as many of its "
+        "epochs as fit (at least one), and the learning-rate schedule ends with the last",
+    )
     batch_size: int = Field(32, ge=1, le=65_536, description="labelled images per step, over all workers")
     mu: int = Field(3, ge=0, description="unlabelled batch = mu x labelled batch")
     lr: float = Field(0.05, gt=0)

@@ -145,6 +145,7 @@ class _Run:
     adaptive: AdaptiveThreshold | None
     about: dict  # what every checkpoint of this run says about itself (resume and warm start check it)
     steps_per_epoch: int
+    epochs: int  # planned: cfg.epochs, or fewer once a time budget has measured the pace
     device: torch.device = torch.device("cpu")
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.LRScheduler = None
@@ -214,11 +215,17 @@ def train_supernet(
     elif warm is not None:
         _warm_start(run, warm, warm_if_fits)
     calib = calibration_images(run.splits, run.aug, cfg.calib_images, cfg.seed).to(run.device)
-    for epoch in range(run.start_epoch, cfg.epochs):
+    epoch = run.start_epoch
+    while epoch < run.epochs:
+        epoch_started = time.perf_counter()
         metrics = _epoch(run, epoch, calib)
         run.history.append(metrics)
-        _checkpoint(run, run_dir, epoch + 1)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        epoch += 1
+        if epoch == 1 and cfg.budget_minutes is not None:
+            now = time.perf_counter()
+            _fit_budget(run, now - started, now - epoch_started)
+        _checkpoint(run, run_dir, epoch)
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
         if report is not None:
             report(metrics)
     return _finish(run, run_dir, calib, time.perf_counter() - started)
@@ -266,7 +273,8 @@ def _build(
         aug=Augmenter(cfg.augment, splits.channels),
         aug_gen=torch.Generator(device=device).manual_seed(seed + 2 * STREAM_OFFSET + rank),
         sampler=random.Random(cfg.seed), adaptive=adaptive, about=about,
-        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)), device=device,
+        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)), epochs=cfg.epochs,
+        device=device,
     )  # fmt: skip
     run.optimizer, run.scheduler = _optimizer(cfg, net, cfg.epochs * run.steps_per_epoch)
     return run
@@ -309,6 +317,8 @@ def _resume(run: _Run, run_dir: Storage, key: str) -> None:
     ranks = state["rng"]
     run.set_rng_state(ranks[run.rank] if len(ranks) == run.world else ranks[0])
     run.start_epoch, run.history = state["epoch"], list(state["history"])
+    run.epochs = state.get("epochs_planned", run.epochs)
+    run.scheduler.T_max = run.epochs * run.steps_per_epoch
     run.about["warm_start"] = state.get("warm_start")
     log.info("resumed %s at epoch %d", run_dir.uri(key), run.start_epoch)
 
@@ -331,7 +341,7 @@ def _epoch(run: _Run, epoch: int, calib: torch.Tensor) -> dict:
     net.train()
     sums: dict[str, float] = {}
     started, images = time.perf_counter(), 0
-    total = cfg.epochs * run.steps_per_epoch
+    total = run.epochs * run.steps_per_epoch
     for i in range(run.steps_per_epoch):
         x, y = next(run.streams[0])
         xw = aug.weak(x, gen)
@@ -359,6 +369,22 @@ def _epoch(run: _Run, epoch: int, calib: torch.Tensor) -> dict:
     return metrics
 
 
+def _fit_budget(run: _Run, spent: float, per_epoch: float) -> None:
+    """Keep as many epochs as fit `budget_minutes` (`spent` seconds gone, the first epoch done)
+    at the first epoch's pace, the slowest rank's (all ranks must agree), and end the cosine
+    schedule with the last of them."""
+    fit = torch.tensor([max(1, 1 + int((run.cfg.budget_minutes * 60 - spent) / per_epoch))])
+    if run.world > 1:
+        dist.all_reduce(fit, op=dist.ReduceOp.MIN)
+    epochs = min(run.epochs, int(fit.item()))
+    if epochs < run.epochs:
+        log.info("budget %.1f min at %.0f s per epoch: %d of %d epochs", run.cfg.budget_minutes, per_epoch,
+                 epochs, run.epochs)  # fmt: skip
+        run.epochs = epochs
+        # CosineAnnealingLR steps by ratios of its curve: with the new end it reaches 0 there
+        run.scheduler.T_max = epochs * run.steps_per_epoch
+
+
 def _checkpoint(run: _Run, run_dir: Storage, epoch: int) -> None:
     """Everything a restart needs, with every rank's RNG state (written by rank 0)."""
     rng = [run.rng_state()]
@@ -377,6 +403,7 @@ def _checkpoint(run: _Run, run_dir: Storage, epoch: int) -> None:
         **({"threshold": run.adaptive.state_dict()} if run.adaptive is not None else {}),
         "rng": rng,
         "epoch": epoch,
+        "epochs_planned": run.epochs,
         "history": run.history,
     }
     save_checkpoint(run_dir, f"checkpoints/epoch-{epoch:04d}.pt", state)
@@ -397,7 +424,7 @@ def _finish(run: _Run, run_dir: Storage, calib: torch.Tensor, seconds: float) ->
     result = TrainResult(
         run_dir.root,
         run.splits.version,
-        run.cfg.epochs,
+        run.epochs,
         seconds,
         run.history,
         final,
