@@ -268,6 +268,43 @@ def ingest(
 
 
 @app.command()
+def gc(
+    dataset: str = typer.Option(
+        ..., "--dataset", help="Data set name in the store.", callback=_name(names.dataset_name)
+    ),
+    store: str | None = StoreOpt,
+    older_than: float = typer.Option(
+        24.0,
+        "--older-than",
+        min=0,
+        help="Hours: files younger than this are kept (an ingest may be writing).",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+) -> None:
+    """Remove a data set's files that no committed version refers to: shards of ingests killed
+    before their commit, temp files of interrupted writes. Holds the data set's run lock."""
+    from flows.settings import store_uri
+    from tofa_core.data.store import DatasetStore
+    from tofa_core.runlock import RunLock, RunLocked
+    from tofa_core.storage import StorageError, open_storage
+
+    root = open_storage(store_uri(store))
+    ds = DatasetStore(root)
+    try:
+        with RunLock(root, dataset, f"tofa gc (pid {os.getpid()})"):
+            if dry_run:
+                keys = ds.garbage(dataset, older_than * 3600)
+            else:
+                keys = ds.collect_garbage(dataset, older_than * 3600)
+    except (RunLocked, StorageError) as err:
+        fail(str(err))
+    for key in keys:
+        console.print(f"  {ds.dataset(dataset).uri(key)}", highlight=False)
+    what = "would be removed" if dry_run else "removed"
+    console.print(f"data set {dataset!r}: {len(keys)} unreferenced file(s) {what}", highlight=False)
+
+
+@app.command()
 def train(
     data: str = typer.Option(
         "digits", "--data", help="Source to train on (ingested first; a no-op if stored)."

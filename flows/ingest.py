@@ -40,13 +40,13 @@ def list_source(source: str, dataset: str, store: DatasetStore, config: stages.I
 
 
 @storage_task(name="decode")
-def decode(plan: stages.Plan, config: stages.IngestConfig) -> list:
+def decode(plan: stages.Plan, config: stages.IngestConfig) -> stages.Staged:
     return stages.decode_items(plan, config)
 
 
 @task(name="validate", cache_policy=NONE)
 def validate(
-    plan: stages.Plan, decoded: list, config: stages.IngestConfig, store: DatasetStore
+    plan: stages.Plan, decoded: stages.Staged, config: stages.IngestConfig, store: DatasetStore
 ) -> stages.Validated:
     validated = stages.validate(plan, decoded, config, store)
     get_run_logger().info(
@@ -84,17 +84,18 @@ def ingest_flow(
     config = stages.IngestConfig.from_yaml(config_file) if config_file else stages.IngestConfig()
     ds = DatasetStore(open_storage(store_uri(store)))
     plan = list_source(source, dataset, ds, config)
-    decoded = decode(plan, config)
-    validated = validate(plan, decoded, config, ds)
-    if validated.exists:
-        manifest = select_existing(validated, ds)
-        result = stages.IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine)
-    else:
-        shards, reused = write_shards(validated, ds, config)
-        manifest = commit_manifest(validated, shards, ds, config)
-        result = stages.IngestResult(
-            manifest, True, len(decoded), reused, len(shards) - reused, validated.quarantine
-        )
+    with decode(plan, config) as decoded:  # the spill of decoded pixels goes with it
+        validated = validate(plan, decoded, config, ds)
+        if validated.exists:
+            manifest = select_existing(validated, ds)
+            result = stages.IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine)
+        else:
+            shards, reused = write_shards(validated, ds, config)
+            manifest = commit_manifest(validated, shards, ds, config)
+            stages.tidy(ds, dataset)
+            result = stages.IngestResult(
+                manifest, True, len(decoded), reused, len(shards) - reused, validated.quarantine
+            )
     get_run_logger().info(result.summary())
     return {
         "dataset": dataset,

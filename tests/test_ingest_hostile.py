@@ -21,6 +21,7 @@ from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.sources import clean_label
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import LocalStorage, NotRegular, TooLarge, open_storage
+from tofa_core.storage import StorageError as StorageErrorType
 
 CONFIG = IngestConfig(min_per_class=1, workers=1, max_quarantine_fraction=1.0)
 HANG = pytest.mark.timeout(60)  # reading a FIFO would block forever
@@ -216,3 +217,95 @@ def test_failed_writes_leave_no_temp_files(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="No space left"):
         storage.write_bytes("new.bin", b"data")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["taken", "x"]
+
+
+def test_a_link_swapped_in_after_any_check_still_cannot_lead_out(tmp_path, monkeypatch):
+    """No check-then-open window: even with every path check fooled (as if the swap came right
+    after it), the open itself walks the path link by link and refuses to leave the root."""
+    root = tmp_path / "src"
+    write(root / "sub" / "x.png", png(1))
+    secret = write(tmp_path / "outside" / "x.png", b"secret")
+    storage = LocalStorage(root, confined=True)
+    monkeypatch.setattr(os.path, "realpath", lambda p, **kw: str(root / "sub" / "x.png"))
+    (root / "sub" / "x.png").unlink()
+    os.symlink(secret, root / "sub" / "x.png")  # the file itself swapped
+    with pytest.raises(NotRegular, match="outside"):
+        storage.read_bytes("sub/x.png")
+    os.unlink(root / "sub" / "x.png")
+    os.rename(root / "sub", root / "old")
+    os.symlink(tmp_path / "outside", root / "sub")  # a folder on the way swapped
+    with pytest.raises(NotRegular, match="outside"):
+        storage.read_bytes("sub/x.png")
+    os.symlink("../outside", root / "rel")  # relative links resolve against the root too
+    with pytest.raises(NotRegular, match="outside"):
+        storage.read_bytes("rel/x.png")
+    with pytest.raises(NotRegular, match="outside"):
+        storage.read_bytes("../outside/x.png")
+
+
+def test_links_inside_the_root_resolve_and_loops_end(tmp_path):
+    root = tmp_path / "src"
+    write(root / "a" / "x.png", b"inside")
+    os.symlink("../a/x.png", write(root / "b" / "keep", b"").parent / "rel.png")
+    os.symlink(root / "a", root / "abs")  # absolute, but inside
+    os.symlink("loop2", root / "loop1")
+    os.symlink("loop1", root / "loop2")
+    os.mkfifo(root / "a" / "pipe")
+    storage = LocalStorage(root, confined=True)
+    assert storage.read_bytes("b/rel.png") == b"inside"
+    assert storage.read_bytes("abs/x.png") == b"inside"
+    assert storage.read_bytes("a/../a/./x.png") == b"inside"
+    with pytest.raises(StorageErrorType, match="loop"):
+        storage.read_bytes("loop1")
+    with pytest.raises(NotRegular, match="not a regular file"):
+        storage.read_bytes("abs/pipe")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("a/missing.png")
+
+
+def test_orphans_of_a_killed_ingest_are_removed_by_the_next_and_by_gc(src, store, tmp_path, monkeypatch):
+    """Files no committed version lists go once they are older than the grace period; the
+    committed versions, young files (an ingest may be writing them) and refs stay."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    first, _, _ = run(src, store)
+    folder = tmp_path / "store" / "datasets" / "hostile"
+    old = time.time() - 2 * 24 * 3600
+    orphans = [
+        write(folder / "v-0123456789abcdef" / "shard-aa.parquet", b"killed before its commit"),
+        write(folder / first.manifest.version / ".shard-bb.parquet.x1.tmp", b"killed mid-write"),
+    ]
+    young = write(folder / "v-fedcba9876543210" / "shard-cc.parquet", b"being written now")
+    for path in orphans:
+        os.utime(path, (old, old))
+    os.utime(folder / first.manifest.shards[0].path, (old, old))  # old but listed: kept
+    assert store.garbage("hostile", 24 * 3600) == sorted(str(p.relative_to(folder)) for p in orphans)
+
+    write(src / "train" / "a" / "new.png", png(99))
+    second, _, _ = run(src, store)
+    assert second.created and all(not p.exists() for p in orphans) and young.exists()
+    assert store.manifest("hostile", first.manifest.version) == first.manifest
+    assert len(store.read_shards(first.manifest)) == 4 and len(store.read_shards(second.manifest)) == 5
+
+    runner, args = CliRunner(), ["gc", "--dataset", "hostile", "--store", str(tmp_path / "store")]
+    dry = runner.invoke(app, [*args, "--older-than", "0", "--dry-run"])
+    assert dry.exit_code == 0 and "1 unreferenced file(s) would be removed" in dry.output and young.exists()
+    done = runner.invoke(app, [*args, "--older-than", "0"])
+    assert done.exit_code == 0 and "1 unreferenced file(s) removed" in done.output and not young.exists()
+    assert len(store.read_shards(second.manifest)) == 5 and store.latest("hostile") == second.manifest
+
+
+def test_gc_waits_for_no_one_while_a_run_holds_the_lock(src, store, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tofa_core.runlock import RunLock
+
+    run(src, store)
+    with RunLock(store.storage, "hostile", "pipeline test"):
+        out = CliRunner().invoke(app, ["gc", "--dataset", "hostile", "--store", str(tmp_path / "store")])
+    assert out.exit_code == 2 and "pipeline test" in out.output

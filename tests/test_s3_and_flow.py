@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,16 @@ def test_ingest_flow_on_s3_source_and_store(s3_env, s3_bucket, prefect_server):
     assert (pixels[rows.index("train/c2/010.png"), 0] == expected).all()
     splits = load_splits(store, "shapes", val_fraction=0.25)
     assert splits.sizes() == {"train": 12, "val": 3, "unlabeled": 1, "test": 1}
+
+    # An orphan shard of a killed ingest: S3 gives its age, and gc removes only it.
+    ds = store.dataset("shapes")
+    ds.write_bytes("v-0123456789abcdef/shard-aa.parquet", b"killed before its commit")
+    assert store.garbage("shapes", 3600) == []  # young: an ingest may still be writing it
+    in_an_hour = time.time() + 3600 + 60
+    assert store.garbage("shapes", 3600, at=in_an_hour) == ["v-0123456789abcdef/shard-aa.parquet"]
+    ds.delete("v-0123456789abcdef/shard-aa.parquet")
+    assert store.garbage("shapes", 0, at=in_an_hour) == []
+    assert len(store.read_shards(store.manifest("shapes"))) == 17
 
 
 def test_ingest_flow_fails_on_bad_source_and_keeps_the_store(tmp_path, prefect_server):

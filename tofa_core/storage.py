@@ -9,6 +9,7 @@ never print a secret.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -20,6 +21,9 @@ from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+# Links followed while resolving one confined path (Linux's own limit is 40).
+MAX_LINKS = 40
 
 
 class StorageError(RuntimeError):
@@ -43,6 +47,15 @@ class ObjectInfo(NamedTuple):  # a tuple: listings make tens of thousands of the
     key: str
     size: int
     tag: str  # changes when the object changes: mtime for files, ETag for S3 objects
+    modified: float = 0.0  # when it last changed, epoch seconds
+
+
+def _link_target(name: str, dir_fd: int, err: OSError) -> str:
+    """The target of link `name`; `err` again when `name` is not a link."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        raise err from None
 
 
 def _by_key(o: ObjectInfo) -> str:
@@ -90,9 +103,12 @@ class Storage:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
-    def walk(self, prefix: str = "", rejected: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
+    def walk(
+        self, prefix: str = "", rejected: list[tuple[str, str]] | None = None, hidden: bool = False
+    ) -> Iterator[ObjectInfo]:
         """Objects under `prefix` (recursively), in no particular order. Entries that are not
-        objects to read (see LocalStorage) are skipped, with (key, reason) added to `rejected`."""
+        objects to read (see LocalStorage) are skipped, with (key, reason) added to `rejected`;
+        so are hidden files (temp files of writes in progress) unless `hidden`."""
         raise NotImplementedError
 
     def stat(self, keys: list[str], rejected: list[tuple[str, str]] | None = None) -> dict[str, ObjectInfo]:
@@ -144,18 +160,58 @@ class LocalStorage(Storage):
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
     def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
-        path = str(self._file(key))
-        if self.confined and not self._inside(os.path.realpath(path)):
-            raise NotRegular(f"{self.uri(key)} is a link to outside {self.root}: not followed")
         try:
-            # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            if self.confined:
+                fd = self._open_beneath(key)
+            else:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
+                fd = os.open(self._file(key), os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise NotFound(f"{self.uri(key)} does not exist") from None
         except OSError as err:
             raise StorageError(f"cannot read {self.uri(key)}: {err.strerror}") from None
         with os.fdopen(fd, "rb") as f:
             return self._read_open(f, key, max_bytes)
+
+    def _open_beneath(self, key: str) -> int:
+        """Open `key` without ever leaving the root, race-free: each component is opened with
+        O_NOFOLLOW relative to its parent's open descriptor, and links are resolved here against
+        the root, so a component swapped for a link after any check cannot lead outside (what
+        Linux's openat2 RESOLVE_BENEATH does; Python does not expose it)."""
+        parts = [p for p in key.split("/") if p not in ("", ".")]
+        fds = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)]
+        links = 0
+        try:
+            while parts:
+                name = parts.pop(0)
+                if name == "..":
+                    if len(fds) == 1:
+                        raise NotRegular(f"{self.uri(key)} leads to outside {self.root}: not followed")
+                    os.close(fds.pop())
+                    continue
+                flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_NONBLOCK if not parts else os.O_DIRECTORY)
+                try:
+                    fds.append(os.open(name, flags, dir_fd=fds[-1]))
+                    continue
+                except OSError as err:
+                    # O_NOFOLLOW on a link fails with ELOOP (ENOTDIR with O_DIRECTORY).
+                    if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    target = _link_target(name, fds[-1], err)
+                links += 1
+                if links > MAX_LINKS:
+                    raise StorageError(f"cannot read {self.uri(key)}: a loop of symbolic links")
+                if target.startswith("/"):
+                    if not self._inside(target):
+                        raise NotRegular(f"{self.uri(key)} is a link to outside {self.root}: not followed")
+                    for fd in fds[1:]:
+                        os.close(fd)
+                    del fds[1:]
+                    target = target[len(self.root) :]
+                parts[:0] = [p for p in target.split("/") if p not in ("", ".")]
+            return fds.pop()
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _read_open(self, f, key: str, max_bytes: int | None) -> bytes:
         mode, size = (st := os.fstat(f.fileno())).st_mode, st.st_size
@@ -216,7 +272,9 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise NotFound(f"{self.uri(key)} does not exist") from None
 
-    def walk(self, prefix: str = "", rejected: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
+    def walk(
+        self, prefix: str = "", rejected: list[tuple[str, str]] | None = None, hidden: bool = False
+    ) -> Iterator[ObjectInfo]:
         base = self._file(prefix) if prefix else self.path
         if not base.is_dir():
             return
@@ -230,14 +288,14 @@ class LocalStorage(Storage):
                 _note(rejected, folder[skip:], f"unreadable folder: {err.strerror}")
                 continue
             for entry in entries:
-                if entry.name[0] == ".":
+                if entry.name[0] == "." and not hidden:
                     continue  # temp files of interrupted writes, hidden files
                 key = entry.path[skip:] if os.sep == "/" else entry.path[skip:].replace(os.sep, "/")
                 kind, found = self._classify(entry)
                 if kind == "folder":
                     stack.append(entry.path)
                 elif kind == "file" and _utf8(key):
-                    yield ObjectInfo(key, found.st_size, str(found.st_mtime_ns))
+                    yield ObjectInfo(key, found.st_size, str(found.st_mtime_ns), found.st_mtime)
                 elif kind == "file":
                     _note(rejected, os.fsencode(key).decode("utf-8", "backslashreplace"), _NOT_UTF8)
                 elif kind == "rejected":
@@ -279,7 +337,7 @@ class LocalStorage(Storage):
             except OSError:
                 continue  # missing: the decode step reports it
             if stat.S_ISREG(st.st_mode):
-                out[key] = ObjectInfo(key, st.st_size, str(st.st_mtime_ns))
+                out[key] = ObjectInfo(key, st.st_size, str(st.st_mtime_ns), st.st_mtime)
             elif not stat.S_ISDIR(st.st_mode):
                 _note(rejected, key, "not a regular file: a FIFO, socket or device is not opened")
         return out
@@ -398,7 +456,9 @@ class S3Storage(Storage):
                 return False
             raise translated from None
 
-    def walk(self, prefix: str = "", rejected: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
+    def walk(
+        self, prefix: str = "", rejected: list[tuple[str, str]] | None = None, hidden: bool = False
+    ) -> Iterator[ObjectInfo]:
         full = self._key(prefix)
         if full and not full.endswith("/"):
             full += "/"
@@ -410,7 +470,8 @@ class S3Storage(Storage):
                 for obj in page.get("Contents", []):
                     key = obj["Key"][skip:]
                     if key and not key.endswith("/"):
-                        yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'))
+                        modified = obj["LastModified"].timestamp()
+                        yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'), modified)
         except Exception as err:
             raise self._error(err, prefix, "list") from None
 

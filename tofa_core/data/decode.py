@@ -24,7 +24,7 @@ _COLOUR = {"RGB": "RGB", "RGBA": "RGB", "P": "RGB", "PA": "RGB", "CMYK": "RGB", 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 
 
-@dataclass
+@dataclass(slots=True)
 class Decoded:
     source_id: str
     content_hash: str = ""
@@ -33,6 +33,7 @@ class Decoded:
     channels: int = 0
     pixels: bytes = b""  # HWC uint8
     error: str = ""  # non-empty: the quarantine reason
+    offset: int = -1  # where the ingest parked `pixels` in its spill file (then pixels is empty)
 
 
 def content_hash(pixels: np.ndarray) -> str:

@@ -18,10 +18,11 @@ import json
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tofa_core import config_files, names
 from tofa_core.data.decode import Decoded, decode_bytes, from_array
 from tofa_core.data.sources import Item, Listing, SourceError, list_source
+from tofa_core.data.spill import Spill
 from tofa_core.data.store import (
     QUARANTINE_SCHEMA,
     SHARD_SCHEMA,
@@ -45,6 +47,14 @@ from tofa_core.storage import NotFound, NotRegular, StorageError, TooLarge, open
 
 log = logging.getLogger(__name__)
 _SPLIT_PRIORITY = {"test": 0, "train": 1, "unlabeled": 2}  # which copy of a duplicate is kept
+# Decoding goes in chunks of this many images; each worker has at most CHUNKS_AHEAD chunks
+# queued, so the pixels in flight are bounded by workers x CHUNKS_AHEAD x DECODE_CHUNK images.
+DECODE_CHUNK = 64
+CHUNKS_AHEAD = 2
+PARALLEL_FROM = 512  # fewer new images than this decode in-process: workers cost more to start
+# A shard is cut at shard_rows rows or at this many pixel bytes, whichever comes first, so
+# writing one holds a bounded amount of large images.
+SHARD_MAX_BYTES = 64 * 2**20
 
 
 class IngestConfig(BaseModel):
@@ -156,6 +166,7 @@ class Validated:
     exists: bool
     channels: int = 1
     digest: str = ""
+    staged: Staged | None = None  # the new images' pixels
 
     @property
     def num_images(self) -> int:
@@ -287,27 +298,90 @@ def _decode_chunk(storage_uri: str | None, entries: list, limits: Limits) -> lis
     return out
 
 
-def decode_items(plan: Plan, config: IngestConfig) -> list[Decoded]:
-    """Decode the plan's new items; several processes when there are enough to pay for them."""
+@dataclass
+class Staged:
+    """The decoded new items: their metadata here, their pixels in a local spill file, so the
+    ingest process never holds the data set's pixels. `close()` frees the spill."""
+
+    items: list[Decoded]
+    spill: Spill
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def pixels(self, d: Decoded) -> bytes:
+        return self.spill.read(d.offset, d.height * d.width * d.channels)
+
+    def close(self) -> None:
+        self.spill.close()
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def decode_items(plan: Plan, config: IngestConfig) -> Staged:
+    """Decode the plan's new items chunk by chunk (several processes when there are enough to
+    pay for them), parking each chunk's pixels in the spill as it arrives."""
     storage = plan.listing.storage
     uri = storage.root if storage is not None else None
     entries = [(it.source_id, it.key, it.data, it.array) for it in plan.new_items]
+    chunks = [entries[i : i + DECODE_CHUNK] for i in range(0, len(entries), DECODE_CHUNK)]
     limits = Limits(config.max_pixels, config.max_file_bytes, config.image_size)
     workers = config.workers or os.cpu_count() or 1
-    if workers == 1 or len(entries) < 512 or plan.listing.kind == "digits":
-        return _decode_chunk(uri, entries, limits)
-    size = max(64, -(-len(entries) // (workers * 4)))
-    chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
-    # forkserver: safe beside the threads of Prefect, torch and boto3 (fork is not).
+    staged = Staged([], Spill())
     try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
-            parts = pool.map(_decode_chunk, [uri] * len(chunks), chunks, [limits] * len(chunks))
-            return [d for part in parts for d in part]
-    except BrokenProcessPool:
-        # Worker processes cannot start when __main__ is not a re-importable file (code
-        # piped to python, some embedded interpreters): decode here instead, just slower.
-        log.warning("decode workers could not start; decoding %d images in this process", len(entries))
-        return _decode_chunk(uri, entries, limits)
+        if workers == 1 or len(entries) < PARALLEL_FROM or plan.listing.kind == "digits":
+            parts = (_decode_chunk(uri, chunk, limits) for chunk in chunks)
+            _stage(parts, staged)
+            return staged
+        try:
+            _decode_parallel(uri, chunks, limits, workers, staged)
+        except BrokenProcessPool:
+            # Worker processes cannot start when __main__ is not a re-importable file (code
+            # piped to python, some embedded interpreters): decode here instead, just slower.
+            log.warning("decode workers could not start; decoding %d images in this process", len(entries))
+            staged.items.clear()
+            _stage((_decode_chunk(uri, chunk, limits) for chunk in chunks), staged)
+        return staged
+    except BaseException:
+        staged.close()
+        raise
+
+
+def _decode_parallel(uri, chunks: list, limits: Limits, workers: int, staged: Staged) -> None:
+    """At most CHUNKS_AHEAD chunks per worker are submitted and not yet staged, so decoded
+    pixels in flight stay bounded however slow staging is."""
+    # forkserver: safe beside the threads of Prefect, torch and boto3 (fork is not).
+    with ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) as pool:
+        todo = iter(chunks)
+        pending = deque(
+            pool.submit(_decode_chunk, uri, c, limits) for c in islice(todo, workers * CHUNKS_AHEAD)
+        )
+
+        def results():
+            while pending:
+                part = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_decode_chunk, uri, nxt, limits))
+                yield part
+
+        _stage(results(), staged)
+
+
+def _stage(parts, staged: Staged) -> None:
+    for part in parts:
+        for d in part:
+            if not d.error:
+                d.offset = staged.spill.append(d.pixels)
+                d.pixels = b""
+            staged.items.append(d)
 
 
 # ----------------------------------------------------------------------------- validate
@@ -321,7 +395,7 @@ def _classes(plan: Plan, config: IngestConfig, present: set[str]) -> list[str]:
     return order + [c for c in plan.listing.classes if c not in order and c in present]
 
 
-def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: DatasetStore) -> Validated:
+def validate(plan: Plan, decoded: Staged, config: IngestConfig, store: DatasetStore) -> Validated:
     """Build the version's contents and quarantine; raise SourceError if the source fails as a whole."""
     listing, parent = plan.listing, plan.parent
     quarantine = [(path, reason, "") for path, reason in listing.rejected] + plan.repeats
@@ -346,10 +420,12 @@ def validate(plan: Plan, decoded: list[Decoded], config: IngestConfig, store: Da
     by_split: dict[str, dict[str, int]] = {}
     for (split, label), n in sorted(counts.items()):
         by_split.setdefault(split, {})[label] = n
-    return Validated(plan, version, classes, kept, new, quarantine, by_split, exists, channels, digest_hex)
+    return Validated(
+        plan, version, classes, kept, new, quarantine, by_split, exists, channels, digest_hex, decoded
+    )
 
 
-def _decoded_records(plan: Plan, decoded: list[Decoded], quarantine: list) -> list[Record]:
+def _decoded_records(plan: Plan, decoded: Staged, quarantine: list) -> list[Record]:
     """The new items that decoded; the others go to the quarantine with the decoder's reason."""
     by_id = {d.source_id: d for d in decoded}
     new: list[Record] = []
@@ -518,44 +594,75 @@ def _version_id(classes: list[str], digest: str, channels: int | None = None) ->
 def write_shards(
     validated: Validated, store: DatasetStore, config: IngestConfig
 ) -> tuple[list[ShardRef], int]:
-    """Write the version's shards; return them and how many were the parent's, reused as they are."""
+    """Write the version's shards; return them and how many were the parent's, reused as they are.
+    Rows stream through one shard's buffer: memory is bounded by a shard, not the data set."""
     plan, parent = validated.plan, validated.plan.parent
     ds = store.dataset(plan.dataset)
     index = {c: i for i, c in enumerate(validated.classes)}
-    shards: list[ShardRef] = []
-    fresh: list[dict] = []
+    writer = _ShardWriter(ds, validated.version, config.shard_rows)
+    reused: list[ShardRef] = []
     if parent:
-        remap = [index.get(c) for c in parent.manifest.classes]  # parent label index -> ours
-        by_shard: dict[int, list[int]] = defaultdict(list)
-        for i in validated.kept_rows:
-            by_shard[parent.shard[i]].append(i)
-        for s, ref in enumerate(parent.manifest.shards):
-            rows = by_shard.get(s, [])
-            labels = {parent.label[i] for i in rows} - {None}
-            if len(rows) == ref.rows and all(remap[lbl] == lbl for lbl in labels):
-                shards.append(ref)  # unchanged: the child lists the parent's shard
-            elif rows:  # thinned or relabelled: copy its rows (no decoding)
-                table = ds.read_table(ref.path).take(pa.array([parent.row[i] for i in rows]))
-                for row in table.to_pylist():
-                    row["label"] = None if row["label"] is None else remap[row["label"]]
-                    fresh.append(row)
-    reused = len(shards)
+        reused = _parent_rows(validated, ds, index, writer)
+    staged = validated.staged
     for r in sorted(validated.new, key=lambda r: (r.split, r.label or "", r.path)):
         d = r.decoded
-        fresh.append(
+        pixels = staged.pixels(d) if d.offset >= 0 else d.pixels
+        writer.add(
             {
                 "content_hash": d.content_hash, "source_id": r.source_id, "path": r.path, "split": r.split,
                 "label": index[r.label] if r.label is not None else None,
-                "height": d.height, "width": d.width, "channels": d.channels, "pixels": d.pixels,
+                "height": d.height, "width": d.width, "channels": d.channels, "pixels": pixels,
             }
         )  # fmt: skip
-    for start in range(0, len(fresh), config.shard_rows):
-        rows = fresh[start : start + config.shard_rows]
+    writer.flush()
+    return reused + writer.shards, len(reused)
+
+
+def _parent_rows(validated: Validated, ds, index: dict[str, int], writer: _ShardWriter) -> list[ShardRef]:
+    """The parent's shards whose rows all stay unchanged (returned: the child lists them as they
+    are); rows of thinned or relabelled shards are copied to `writer` without decoding."""
+    parent = validated.plan.parent
+    remap = [index.get(c) for c in parent.manifest.classes]  # parent label index -> ours
+    by_shard: dict[int, list[int]] = defaultdict(list)
+    for i in validated.kept_rows:
+        by_shard[parent.shard[i]].append(i)
+    reused = []
+    for s, ref in enumerate(parent.manifest.shards):
+        rows = by_shard.get(s, [])
+        labels = {parent.label[i] for i in rows} - {None}
+        if len(rows) == ref.rows and all(remap[lbl] == lbl for lbl in labels):
+            reused.append(ref)
+        elif rows:
+            table = ds.read_table(ref.path).take(pa.array([parent.row[i] for i in rows]))
+            for row in table.to_pylist():
+                row["label"] = None if row["label"] is None else remap[row["label"]]
+                writer.add(row)
+    return reused
+
+
+class _ShardWriter:
+    """Buffers rows and writes a shard every `max_rows` rows or SHARD_MAX_BYTES pixel bytes."""
+
+    def __init__(self, ds, version: str, max_rows: int):
+        self.ds, self.version, self.max_rows = ds, version, max_rows
+        self.rows: list[dict] = []
+        self.bytes = 0
+        self.shards: list[ShardRef] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.bytes += len(row["pixels"])
+        if len(self.rows) >= self.max_rows or self.bytes >= SHARD_MAX_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows, self.bytes = self.rows, [], 0
         name = hashlib.blake2b("".join(r["content_hash"] for r in rows).encode(), digest_size=8).hexdigest()
-        key = f"{validated.version}/shard-{name}.parquet"
-        data = ds.write_table(key, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
-        shards.append(ShardRef(path=key, sha256=hashlib.sha256(data).hexdigest(), rows=len(rows)))
-    return shards, reused
+        key = f"{self.version}/shard-{name}.parquet"
+        data = self.ds.write_table(key, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+        self.shards.append(ShardRef(path=key, sha256=hashlib.sha256(data).hexdigest(), rows=len(rows)))
 
 
 def commit(
@@ -594,6 +701,16 @@ def commit(
     return manifest
 
 
+def tidy(store: DatasetStore, dataset: str) -> list[str]:
+    """After a commit: remove what earlier ingests, killed before theirs, left unreferenced
+    (older than the store's grace period). A failure here is logged, never the ingest's."""
+    try:
+        return store.collect_garbage(dataset)
+    except StorageError as err:
+        log.warning("data set %s: could not remove unreferenced files: %s", dataset, err)
+        return []
+
+
 def select_existing(validated: Validated, store: DatasetStore) -> Manifest:
     """The source's content is stored already: make that version the latest (if it is not)."""
     dataset = validated.plan.dataset
@@ -610,13 +727,14 @@ def ingest(
     config = config or IngestConfig()
     clock = _Clock()
     plan = clock("plan", plan_ingest, source, dataset, store, config)
-    decoded = clock("decode", decode_items, plan, config)
-    validated = clock("validate", validate, plan, decoded, config, store)
-    if validated.exists:
-        manifest = select_existing(validated, store)
-        return IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine, clock.seconds)
-    shards, reused = clock("write", write_shards, validated, store, config)
+    with clock("decode", decode_items, plan, config) as decoded:
+        validated = clock("validate", validate, plan, decoded, config, store)
+        if validated.exists:
+            manifest = select_existing(validated, store)
+            return IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine, clock.seconds)
+        shards, reused = clock("write", write_shards, validated, store, config)
     manifest = clock("commit", commit, validated, shards, store, config)
+    tidy(store, dataset)
     return IngestResult(
         manifest, True, len(decoded), reused, len(shards) - reused, validated.quarantine, clock.seconds
     )

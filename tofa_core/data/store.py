@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -21,6 +23,10 @@ from pydantic import BaseModel, ConfigDict
 
 from tofa_core import names
 from tofa_core.storage import NotFound, Storage, StorageError
+
+log = logging.getLogger(__name__)
+# Unreferenced files younger than this are left alone: they may be an ingest still writing.
+GC_GRACE_SECONDS = 24 * 3600.0
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -131,6 +137,37 @@ class DatasetStore:
         if not tables:
             return SHARD_SCHEMA.empty_table().select(columns or SHARD_SCHEMA.names)
         return pa.concat_tables(tables)
+
+    def garbage(self, name: str, older_than: float, at: float | None = None) -> list[str]:
+        """Keys of the data set no committed version refers to: shards and quarantine tables of
+        ingests killed before their commit, and temp files of interrupted writes. Only what last
+        changed over `older_than` seconds ago counts, so an ingest still writing is left alone."""
+        ds = self.dataset(name)
+        listed = set()
+        for m in self.versions(name):
+            listed.update(s.path for s in m.shards)
+            listed.add(m.quarantine.path)
+        cutoff = (time.time() if at is None else at) - older_than
+        out = []
+        for o in ds.walk(hidden=True):
+            folder, _, file = o.key.rpartition("/")
+            if o.modified > cutoff or "/" in folder or not folder.startswith("v-"):
+                continue  # new, or not inside a version folder (refs, locks)
+            if file.endswith(".parquet") and not file.startswith(".") and o.key not in listed:
+                out.append(o.key)
+            elif file.startswith(".") and file.endswith(".tmp"):
+                out.append(o.key)
+        return sorted(out)
+
+    def collect_garbage(self, name: str, older_than: float = GC_GRACE_SECONDS) -> list[str]:
+        """Delete `garbage(name, older_than)`; returns the deleted keys."""
+        ds = self.dataset(name)
+        keys = self.garbage(name, older_than)
+        for key in keys:
+            ds.delete(key)
+        if keys:
+            log.info("data set %s: removed %d unreferenced file(s) of unfinished ingests", name, len(keys))
+        return keys
 
     def read_quarantine(self, manifest: Manifest) -> pa.Table:
         if not manifest.quarantine.path:
