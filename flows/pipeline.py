@@ -43,7 +43,7 @@ from flows.specialize import (
 from flows.train import config_hash, new_run_id, train_flow
 from tofa_core.arch import Arch
 from tofa_core.costs import count_macs
-from tofa_core.export import export_accuracy, preprocess
+from tofa_core.export import Evaluation, preprocess
 from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
 from tofa_core.search.targets import load_targets, table_devices
@@ -83,13 +83,13 @@ def reusable_supernet(store: str, dataset: str, version: str, cfg: TrainConfig) 
     return same[-1] if same else None
 
 
-def _evaluation(trained: Trained):
+def _evaluation(trained: Trained) -> Evaluation:
     """The images every model of this run is judged on, champions included: the test split
     (the validation split when the data set has no test split)."""
     splits = trained.splits
     part, name = (splits.test, "test") if len(splits.test) else (splits.val, "validation")
     label = f"{name} split of {splits.version} ({len(part)} images)"
-    return part.images, part.labels, list(splits.classes), label
+    return Evaluation(label, part.images, part.labels, tuple(splits.classes))
 
 
 # Retried: a tracking server can drop a request; targets registered before the failure are
@@ -98,11 +98,7 @@ def _evaluation(trained: Trained):
 def register_models(parent: str, dataset: str, rows: list[dict], trained: Trained) -> dict[str, dict]:
     """Each target: a nested MLflow run, a new registered model version, its alias decision."""
     logger = get_run_logger()
-    images, labels, classes, evaluation = _evaluation(trained)
-
-    def evaluate(onnx_file: Path, about: dict) -> float:
-        return export_accuracy(onnx_file, about, images, labels, classes)
-
+    evaluation = _evaluation(trained)
     out = {}
     for row in rows:
         with tempfile.TemporaryDirectory(prefix=f"tofa-{row['target']}-") as tmp:
@@ -110,8 +106,8 @@ def register_models(parent: str, dataset: str, rows: list[dict], trained: Traine
             for name, uri in row["files"].items():
                 where, _, key = uri.rpartition("/")
                 (folder / name).write_bytes(open_storage(where).read_bytes(key))
-            example = preprocess(images[:1], json.loads((folder / "model.json").read_text()))
-            done = tracking.register_target(parent, dataset, row, folder, example, evaluate, evaluation)
+            example = preprocess(evaluation.images[:1], json.loads((folder / "model.json").read_text()))
+            done = tracking.register_target(parent, dataset, row, folder, example, evaluation)
         logger.info(
             "%s: %s version %d is %s (%s)",
             row["target"],

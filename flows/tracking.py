@@ -14,12 +14,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
 from flows.settings import state_dir
+from tofa_core.export import Evaluation
 from tofa_core.training.config import TrainConfig
 
 
@@ -185,17 +185,16 @@ def register_target(
     row: dict,
     folder: Path,
     example,
-    evaluate: Callable[[Path, dict], float],
-    evaluation: str,
+    evaluation: Evaluation,
 ) -> dict:
     """Log one specialized target as a nested run, register it as a new model version, and
     decide its alias.
 
     `folder` holds the target's model.onnx, model.pt and model.json; `example` is one real
-    preprocessed input (the logged input example); `evaluate(onnx_file, about)` scores an
-    exported model on the evaluation named `evaluation`. The new version becomes `champion`
-    only when it scores at least as well as the current champion, both scored here by the
-    same `evaluate`; otherwise it is the `challenger` and the reason is recorded.
+    preprocessed input (the logged input example); `evaluation` holds the labelled images every
+    exported model is scored on. The new version becomes `champion` only when it scores at
+    least as well as the current champion, both scored here on the same images; otherwise it
+    is the `challenger` and the reason is recorded.
     """
     from mlflow.entities import Metric
 
@@ -212,7 +211,7 @@ def register_target(
     name = model_name(dataset, target)
     version = _new_version(client, name, run_id, dataset, target)
     try:
-        decision = _promote(client, name, version, folder, about, evaluate, evaluation)
+        decision = _promote(client, name, version, folder, about, evaluation)
     except Exception:
         # No orphan version: a registration whose comparison could not be decided is undone
         # (the retry registers it again).
@@ -334,49 +333,79 @@ METRIC_KEYS = (
 )  # fmt: skip
 
 
-def _promote(client, name: str, version: str, folder: Path, about: dict, evaluate, evaluation: str) -> dict:
-    """Move `champion` to `version` unless the current champion scores better on the same evaluation."""
-    new_acc = evaluate(folder / about.get("deployed", "model.onnx"), about)  # at its precision
+def _promote(client, name: str, version: str, folder: Path, about: dict, evaluation: Evaluation) -> dict:
+    """Move `champion` to `version` unless the current champion scores better on the same
+    evaluation. A champion that does not know every class of today's data is compared on the
+    images of the classes it knows (both models scored on those); one that cannot be run on
+    them at all (missing or malformed files, another input shape, none of the classes) is
+    replaced, with the reason."""
+    new_file = folder / about.get("deployed", "model.onnx")  # at its precision
+    new_acc = evaluation.accuracy(new_file, about)
     current = client.get_registered_model(name).aliases.get("champion")
     current = None if current is None else int(current)  # a str over REST, an int from SQLite
-    out = {"eval_acc": new_acc, "evaluation": evaluation, "champion_version": current, "champion_acc": None}
+    out = {
+        "eval_acc": new_acc,
+        "evaluation": evaluation.label,
+        "champion_version": current,
+        "champion_acc": None,
+    }
     if current is None:
         client.set_registered_model_alias(name, "champion", version)
-        return {**out, "alias": "champion", "reason": f"first version; {evaluation} accuracy {new_acc:.4f}"}
+        return {
+            **out,
+            "alias": "champion",
+            "reason": f"first version; {evaluation.label} accuracy {new_acc:.4f}",
+        }
     try:
-        champion_acc = _champion_accuracy(client, name, current, evaluate)
+        champion_acc, shared = _champion_accuracy(client, name, current, evaluation)
     except Exception as err:  # noqa: BLE001 - whatever broke it, it must not jam every later run
-        client.set_registered_model_alias(name, "champion", version)
-        if client.get_registered_model(name).aliases.get("challenger") is not None:
-            client.delete_registered_model_alias(name, "challenger")
+        _set_champion(client, name, version)
         detail = f"{type(err).__name__}: {err}"[:300]
         reason = (
-            f"champion v{current} cannot be evaluated on {evaluation} ({detail}); replaced by this "
-            f"version ({evaluation} accuracy {new_acc:.4f})"
+            f"champion v{current} cannot be evaluated on {evaluation.label} ({detail}); replaced by this "
+            f"version ({evaluation.label} accuracy {new_acc:.4f})"
         )
         return {**out, "alias": "champion", "reason": reason, "replaced_unusable": current}
     out["champion_acc"] = champion_acc
-    if new_acc >= champion_acc:
-        client.set_registered_model_alias(name, "champion", version)
-        if client.get_registered_model(name).aliases.get("challenger") is not None:
-            client.delete_registered_model_alias(name, "challenger")
-        reason = f"{evaluation} accuracy {new_acc:.4f} >= champion v{current}'s {champion_acc:.4f}"
+    compared, note = new_acc, ""
+    if shared is not None:
+        compared = evaluation.accuracy(new_file, about, shared)
+        missing = ", ".join(c for c in evaluation.classes if c not in shared)[:200]
+        note = f" (both on the images of the {len(shared)} classes the champion knows; it lacks {missing})"
+        out["compared_on_classes"] = len(shared)
+    if compared >= champion_acc:
+        _set_champion(client, name, version)
+        reason = (
+            f"{evaluation.label} accuracy {compared:.4f} >= champion v{current}'s {champion_acc:.4f}{note}"
+        )
         return {**out, "alias": "champion", "reason": reason}
     client.set_registered_model_alias(name, "challenger", version)
     reason = (
-        f"kept as challenger: {evaluation} accuracy {new_acc:.4f} < champion v{current}'s "
-        f"{champion_acc:.4f}; champion stays v{current}"
+        f"kept as challenger: {evaluation.label} accuracy {compared:.4f} < champion v{current}'s "
+        f"{champion_acc:.4f}{note}; champion stays v{current}"
     )
     return {**out, "alias": "challenger", "reason": reason}
 
 
-def _champion_accuracy(client, name: str, version: int, evaluate) -> float:
+def _set_champion(client, name: str, version: str) -> None:
+    client.set_registered_model_alias(name, "champion", version)
+    if client.get_registered_model(name).aliases.get("challenger") is not None:
+        client.delete_registered_model_alias(name, "challenger")
+
+
+def _champion_accuracy(client, name: str, version: int, evaluation: Evaluation) -> tuple[float, list | None]:
     """The champion's score on today's evaluation: its artifacts, run on today's images (raises
-    when it cannot be: missing or malformed files, another input shape)."""
+    when it cannot be: missing or malformed files, another input shape, none of today's
+    classes), and the classes it was scored on when it lacks some (None: all)."""
     with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
         local = Path(client.download_artifacts(client.get_model_version(name, version).run_id, "model", tmp))
-        about = json.loads((local / "model.json").read_text())
-        return evaluate(local / about.get("deployed", "model.onnx"), about)
+        champion = json.loads((local / "model.json").read_text())
+        known = set(champion["output"]["classes"])
+        shared = [c for c in evaluation.classes if c in known]
+        if not shared:
+            raise ValueError("it knows none of today's classes")
+        shared = None if len(shared) == len(evaluation.classes) else shared
+        return evaluation.accuracy(local / champion.get("deployed", "model.onnx"), champion, shared), shared
 
 
 def log_dict(run_id: str, data: dict, name: str) -> None:

@@ -208,12 +208,16 @@ def test_new_data_makes_new_versions_and_champion_moves_only_when_better(world, 
         assert tags["tofa.alias"] == reg["alias"] and tags["tofa.reason"] == reg["reason"]
 
 
-def registration_kit(world, first, target: str, folder_name: str, rename_classes: bool = False):
+def registration_kit(
+    world, first, target: str, folder_name: str, rename_classes: bool = False, rename_first: bool = False,
+    as_target: str | None = None,
+):  # fmt: skip
     """A first-run target's exported files copied into a folder (class names replaced by unknown
-    ones when asked), and a function registering them under a parent run as the pipeline does."""
+    ones when asked: all, or only the first), and a function registering them under a parent
+    run as the pipeline does (as another target's model when asked)."""
     from flows import tracking
     from flows.pipeline import _evaluation, load_supernet
-    from tofa_core.export import export_accuracy, preprocess
+    from tofa_core.export import preprocess
     from tofa_core.storage import open_storage
 
     row = next(r for r in first["targets"] if r["target"] == target)
@@ -223,20 +227,24 @@ def registration_kit(world, first, target: str, folder_name: str, rename_classes
         where, _, key = uri.rpartition("/")
         (folder / name).write_bytes(open_storage(where).read_bytes(key))
     about = json.loads((folder / "model.json").read_text())
-    if rename_classes:
-        about["output"]["classes"] = [f"not-{name}" for name in about["output"]["classes"]]
+    if rename_classes or rename_first:
+        known = about["output"]["classes"]
+        about["output"]["classes"] = [
+            f"not-{c}" if rename_classes or i == 0 else c for i, c in enumerate(known)
+        ]
         (folder / "model.json").write_text(json.dumps(about))
+    row = {**row, "target": as_target or row["target"]}
     trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
         (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
     )["run_dir"])  # fmt: skip
-    images, labels, classes, evaluation = _evaluation(trained)
+    evaluation = _evaluation(trained)
 
     def register(parent: str) -> dict:
         return tracking.register_target(
-            parent, "shapes", row, folder, preprocess(images[:1], about),
-            lambda f, a: export_accuracy(f, a, images, labels, classes), evaluation,
-        )  # fmt: skip
+            parent, "shapes", row, folder, preprocess(evaluation.images[:1], about), evaluation
+        )
 
+    register.score = evaluation.accuracy
     return row, register
 
 
@@ -251,6 +259,27 @@ def test_a_worse_model_stays_challenger(world, first):
     assert done["alias"] == "challenger" and "kept as challenger" in done["reason"]
     aliases = c.get_registered_model("tofa-shapes-small").aliases
     assert aliases["champion"] == champion_before and aliases["challenger"] == done["version"]
+
+
+def test_a_champion_lacking_a_class_is_compared_on_the_classes_it_knows(world, first):
+    """Today's data has a class the champion never saw: both are scored on the images of the
+    classes the champion knows, so the champion is not charged for images it could never get
+    right, and nothing jams."""
+    c = client()
+    exp = c.get_experiment_by_name("tofa-shapes").experiment_id
+    _, old = registration_kit(world, first, "small", "partial-old", rename_first=True, as_target="partial")
+    champion = old(c.create_run(exp, run_name="partial-old").info.run_id)
+    assert champion["alias"] == "champion" and champion["version"] == 1
+    _, new = registration_kit(world, first, "small", "partial-new", as_target="partial")
+    done = new(c.create_run(exp, run_name="partial-new").info.run_id)
+    about = json.loads((world["root"] / "partial-new" / "model.json").read_text())
+    shared = about["output"]["classes"][1:]
+    same_file = world["root"] / "partial-new" / about.get("deployed", "model.onnx")
+    # The same weights: on the classes the champion knows they score the same.
+    assert done["champion_acc"] == pytest.approx(new.score(same_file, about, shared))
+    assert done["compared_on_classes"] == len(shared) and "classes the champion knows" in done["reason"]
+    assert done["alias"] == "champion" and f"it lacks {about['output']['classes'][0]}" in done["reason"]
+    assert c.get_registered_model("tofa-shapes-partial").aliases == {"champion": done["version"]}
 
 
 def test_an_unusable_champion_is_replaced_not_a_jam(world, first):
@@ -277,7 +306,7 @@ def test_an_unusable_champion_is_replaced_not_a_jam(world, first):
 def test_a_registration_that_cannot_be_decided_leaves_no_version(world, first):
     """(On `small`: a deleted version leaves a gap in the numbers that `lean`'s tests count on.)"""
     from flows import tracking
-    from tofa_core.export import preprocess
+    from tofa_core.export import Evaluation, preprocess
 
     c = client()
     row, _ = registration_kit(world, first, "small", "undecided")
@@ -287,12 +316,14 @@ def test_a_registration_that_cannot_be_decided_leaves_no_version(world, first):
     versions = len(c.search_model_versions("name = 'tofa-shapes-small'"))
     aliases = c.get_registered_model("tofa-shapes-small").aliases
 
-    def broken(onnx_file, about):
-        raise RuntimeError("evaluation images unreadable")
+    class Broken(Evaluation):
+        def accuracy(self, model_file, about, only=None):
+            raise RuntimeError("evaluation images unreadable")
 
+    broken = Broken("test", torch.zeros(0), torch.zeros(0), ())
     parent = c.create_run(c.get_experiment_by_name("tofa-shapes").experiment_id).info.run_id
     with pytest.raises(RuntimeError, match="unreadable"):
-        tracking.register_target(parent, "shapes", row, folder, example, broken, "test")
+        tracking.register_target(parent, "shapes", row, folder, example, broken)
     assert len(c.search_model_versions("name = 'tofa-shapes-small'")) == versions
     assert c.get_registered_model("tofa-shapes-small").aliases == aliases
 

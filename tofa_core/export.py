@@ -276,16 +276,34 @@ def preprocess(images: torch.Tensor, about: dict) -> np.ndarray:
     return at_resolution(x, int(about["input"]["resolution"])).numpy().astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """The labelled images every exported model of a run is judged on, champions included."""
+
+    label: str  # what they are, for reasons and MLflow: "test split of v-... (360 images)"
+    images: torch.Tensor
+    labels: torch.Tensor  # indices into `classes`
+    classes: tuple[str, ...]
+
+    def accuracy(self, model_file: str | Path, about: dict, only=None) -> float:
+        """`export_accuracy` on these images (only those of the classes `only`, when given)."""
+        return export_accuracy(model_file, about, self.images, self.labels, list(self.classes), only)
+
+
 def export_accuracy(
-    onnx_file: str | Path, about: dict, images: torch.Tensor, labels, classes: list[str]
+    onnx_file: str | Path, about: dict, images: torch.Tensor, labels, classes: list[str], only=None
 ) -> float:
     """Accuracy of an exported ONNX model on labelled images whose label indices refer to
-    `classes`. Outputs map to classes by name (model.json), so a model exported from another
-    data version is judged on the same images, right or wrong, as the current one."""
+    `classes` (only the images of the classes `only`, when given). Outputs map to classes by
+    name (model.json), so a model exported from another data version is judged on the same
+    images, right or wrong, as the current one."""
+    truth = np.array([classes[int(i)] for i in labels])
+    if only is not None:
+        keep = np.isin(truth, list(only))
+        images, truth = images[torch.from_numpy(keep)], truth[keep]
     if len(images) == 0:
         raise ValueError("no labelled images to evaluate an exported model on")
     names = about["output"]["classes"]
-    truth = np.array([classes[int(i)] for i in labels])
     sess = onnx_runtime.session(str(onnx_file))
     predicted = np.asarray(names)[onnx_runtime.run(sess, preprocess(images, about)).argmax(1)]
     return float((predicted == truth).mean())
