@@ -36,10 +36,10 @@ from PIL import Image
 
 from tofa_core import names
 from tofa_core.config_files import MAX_BYTES, ConfigError
-from tofa_core.data.ingest import IngestConfig, ingest
+from tofa_core.data.ingest import IngestConfig, decode_items, ingest, plan_ingest
 from tofa_core.data.loaders import load_splits
 from tofa_core.data.sources import SourceError
-from tofa_core.data.store import DatasetStore
+from tofa_core.data.store import GC_GRACE_SECONDS, DatasetStore
 from tofa_core.runlock import RunLock, RunLocked
 from tofa_core.search.targets import TargetError, load_targets
 from tofa_core.storage import StorageError, open_storage
@@ -166,6 +166,36 @@ def lock_stale(ctx):
     return "survived", "a killed run's lock taken over after its lease"
 
 
+def folder_swapped_mid_ingest(ctx):
+    """A class folder replaced by a link to look-alike files outside the source after listing."""
+    src = folder(ctx["root"], lambda s: None)
+    plan = plan_ingest(str(src), "chaos", ctx["store"], CONFIG)
+    decoy = ctx["root"] / "decoy"
+    for i in (0, 1):
+        put(decoy / f"g{i}.png", png(100 + i))
+    os.rename(src / "train" / "a", src / "moved")
+    (src / "train" / "a").symlink_to(decoy)
+    with decode_items(plan, CONFIG) as staged:
+        errors = [d.error for d in staged if d.error]
+    if len(errors) != 2:
+        raise AssertionError(f"read through the swapped folder: {errors}")
+    return "quarantined", errors[0]
+
+
+def orphans_of_a_killed_ingest(ctx):
+    src = folder(ctx["root"], lambda s: None)
+    first = ingest(str(src), "chaos", ctx["store"], CONFIG).manifest
+    ds, key = ctx["store"].dataset("chaos"), "v-0123456789abcdef/shard-00.parquet"
+    ds.write_bytes(key, b"written, never committed")
+    old = time.time() - 2 * GC_GRACE_SECONDS
+    os.utime(ctx["root"] / "store" / "datasets" / "chaos" / key, (old, old))
+    put(src / "train" / "a" / "new.png", png(77))
+    ingest(str(src), "chaos", ctx["store"], CONFIG)
+    if ds.exists(key) or len(ctx["store"].read_shards(first)) != 4:
+        raise AssertionError("the orphan shard is still there, or the first version lost rows")
+    return "survived", "the next ingest removed the orphan shard; the committed versions are whole"
+
+
 LAUGHS = "a: &a [1,1,1,1,1,1,1,1,1]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
 )
@@ -270,6 +300,8 @@ CASES: list[tuple[str, Callable]] = [
     ("damaged shard", damaged_shard),
     ("second run while one holds the lock", lock_held),
     ("stale lock of a killed run", lock_stale),
+    ("class folder swapped for a link out mid-ingest", folder_swapped_mid_ingest),
+    ("orphan shard of a killed ingest", orphans_of_a_killed_ingest),
 ]
 
 
