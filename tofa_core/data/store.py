@@ -133,7 +133,7 @@ class DatasetStore:
         """All rows of a version (optionally only some columns), shard by shard in order."""
         ds = self.dataset(manifest.dataset)
         # Whole shards are checked against the manifest; a column read (an index) is not.
-        tables = [ds.read_table(s.path, columns) if columns else _read_shard(ds, s) for s in manifest.shards]
+        tables = [ds.read_table(s.path, columns) if columns else read_shard(ds, s) for s in manifest.shards]
         if not tables:
             return SHARD_SCHEMA.empty_table().select(columns or SHARD_SCHEMA.names)
         return pa.concat_tables(tables)
@@ -175,7 +175,7 @@ class DatasetStore:
         return self.dataset(manifest.dataset).read_table(manifest.quarantine.path)
 
 
-def _read_shard(ds: Storage, shard: ShardRef) -> pa.Table:
+def read_shard(ds: Storage, shard: ShardRef) -> pa.Table:
     data = ds.read_bytes(shard.path)
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         raise StorageError(
@@ -185,22 +185,33 @@ def _read_shard(ds: Storage, shard: ShardRef) -> pa.Table:
     return pq.read_table(pa.BufferReader(data))
 
 
-def images_array(table: pa.Table, size: int | None = None, channels: int | None = None) -> np.ndarray:
+def common_shape(heights: np.ndarray, widths: np.ndarray) -> tuple[int, int]:
+    """The most common (height, width): what images of other sizes are resized to by default."""
+    pairs, counts = np.unique(np.stack([heights, widths], 1), axis=0, return_counts=True)
+    h, w = (int(v) for v in pairs[counts.argmax()])
+    return h, w
+
+
+def images_array(
+    table: pa.Table, size: int | None = None, channels: int | None = None, hw: tuple[int, int] | None = None
+) -> np.ndarray:
     """Stack a shard table's images into one (N, C, H, W) uint8 array.
 
-    Images of another size are resized (bilinear) to `size` (default: the most common
-    size); grayscale images are repeated to 3 channels when `channels` is 3, and colour
-    ones averaged when it is 1.
+    Images of another size are resized (bilinear) to `size` (or to `hw`; default: the most
+    common size); grayscale images are repeated to 3 channels when `channels` is 3, and
+    colour ones averaged when it is 1.
     """
     n = table.num_rows
     heights = table.column("height").to_numpy()
     widths = table.column("width").to_numpy()
     chans = table.column("channels").to_numpy()
     if n == 0:
-        return np.zeros((0, channels or 1, size or 1, size or 1), dtype=np.uint8)
-    if size is None:
-        pairs, counts = np.unique(np.stack([heights, widths], 1), axis=0, return_counts=True)
-        h, w = (int(v) for v in pairs[counts.argmax()])
+        h, w = hw or (size or 1, size or 1)
+        return np.zeros((0, channels or 1, h, w), dtype=np.uint8)
+    if hw is not None:
+        h, w = hw
+    elif size is None:
+        h, w = common_shape(heights, widths)
     else:
         h = w = size
     c = channels or int(chans.max())

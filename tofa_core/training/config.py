@@ -75,6 +75,12 @@ class TrainConfig(BaseModel):
     )
     # data
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    in_memory_mb: float = Field(
+        1024,
+        ge=0,
+        description="a training split (labelled or unlabelled) with more pixel MiB than this is "
+        "streamed from the store a few shards at a time instead of held in memory",
+    )
     # no flips (a mirrored digit is another or no class), no cutout: it erases a quarter of an 8 px digit
     augment: AugmentConfig = AugmentConfig(hflip=False, cutout=0.0)
     calib_images: int = Field(512, ge=1, description="training images for BN recalibration of a subnet")

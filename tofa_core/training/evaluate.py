@@ -10,7 +10,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tofa_core.arch import Arch
 from tofa_core.data.augment import Augmenter
-from tofa_core.data.loaders import DataSplits
+from tofa_core.data.loaders import DataSplits, take
 from tofa_core.supernet import Supernet
 from tofa_core.supernet.static import ConvBNAct
 from tofa_core.training.config import TrainConfig
@@ -93,15 +93,15 @@ class EvalData:
 
 def calibration_images(splits: DataSplits, aug: Augmenter, count: int, seed: int) -> torch.Tensor:
     """A fixed sample of training images (labelled and unlabelled), normalised."""
-    pool = torch.cat([splits.train.images, splits.unlabeled.images])
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]
-    return aug.normalize(pool[pick])
+    total = len(splits.train) + len(splits.unlabeled)
+    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+    return aug.normalize(take([splits.train, splits.unlabeled], pick))
 
 
 def eval_data(splits: DataSplits, cfg: TrainConfig, pool_images: int = 1024) -> EvalData:
     """What evaluation, search and export need from a data version, split as training split it."""
     aug = Augmenter(cfg.augment, splits.channels)
-    pool = splits.unlabeled.images if len(splits.unlabeled) else splits.train.images
+    pool = splits.unlabeled if len(splits.unlabeled) else splits.train
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + 1))[:pool_images]
     channels = splits.channels
     return EvalData(
@@ -110,7 +110,7 @@ def eval_data(splits: DataSplits, cfg: TrainConfig, pool_images: int = 1024) -> 
         val_y=splits.val.labels,
         test_x=aug.normalize(splits.test.images),
         test_y=splits.test.labels,
-        pool=aug.normalize(pool[pick]),
+        pool=aug.normalize(pool.take(pick)),
         size=splits.size,
         channels=channels,
         mean=aug.mean,

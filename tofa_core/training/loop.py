@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.data.augment import Augmenter
-from tofa_core.data.loaders import BatchStream, DataSplits, load_splits
+from tofa_core.data.loaders import BatchStream, DataSplits, ShardStream, load_splits, stream_of
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet, load_ofa_weights
@@ -138,7 +138,7 @@ class _Run:
     space: SearchSpace
     fixed: Arch | None
     net: Supernet
-    streams: list[BatchStream]  # labelled, then unlabelled when semi-supervised
+    streams: list[BatchStream | ShardStream]  # labelled, then unlabelled when semi-supervised
     aug: Augmenter
     aug_gen: torch.Generator
     sampler: random.Random  # the same on every rank: all ranks train the same subnets
@@ -245,17 +245,19 @@ def _build(
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world} workers")
-    splits = load_splits(store, dataset, version, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = load_splits(
+        store, dataset, version, val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory_mb=cfg.in_memory_mb
+    )
     space = space_for(cfg, splits)
     if fixed is not None:
         space.validate(fixed)
     torch.manual_seed(cfg.seed)
     net = Supernet(space).to(device)
     per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
-    streams = [BatchStream(splits.train, per_rank, seed=seed + rank, device=device)]
+    streams = [stream_of(splits.train, per_rank, seed=seed + rank, device=device)]
     if cfg.semi_supervised and len(splits.unlabeled):
         share = splits.unlabeled.shard(rank, world, seed=cfg.seed)
-        unlabelled = BatchStream(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
+        unlabelled = stream_of(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
         streams.append(unlabelled)
     adaptive = None
     if cfg.threshold == "adaptive" and len(streams) > 1:

@@ -1,0 +1,150 @@
+"""Training splits larger than memory: a StreamedSet is read a window of shards at a time by
+ShardStream, never whole. It holds the same images as the in-memory split; the same seed draws
+the same batches; a resumed stream continues exactly, so training on streamed splits resumes
+after a crash to the same weights as an unbroken run."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tofa_core.data.ingest import IngestConfig, ingest
+from tofa_core.data.loaders import ImageSet, ShardStream, StreamedSet, load_splits, take
+from tofa_core.data.store import DatasetStore
+from tofa_core.storage import open_storage
+from tofa_core.training.checkpoint import load_checkpoint
+from tofa_core.training.config import TrainConfig
+from tofa_core.training.loop import train_supernet
+
+SIDE, UNLABELLED, SHARD_ROWS = 12, 600, 40
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two classes of 20 labelled images, 600 unlabelled, 10 test; shards of 40 rows (17 shards)."""
+    root = tmp_path_factory.mktemp("streaming")
+    rng = np.random.default_rng(0)
+
+    def save(path, cls: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 120, (SIDE, SIDE, 3), dtype=np.uint8)
+        img[:, cls * 6 : cls * 6 + 6] += 120  # a learnable half
+        Image.fromarray(img).save(path)
+
+    for i in range(40):
+        save(root / "src" / "train" / f"c{i % 2}" / f"{i}.png", i % 2)
+    for i in range(10):
+        save(root / "src" / "test" / f"c{i % 2}" / f"{i}.png", i % 2)
+    for i in range(UNLABELLED):
+        save(root / "src" / "unlabeled" / f"{i:04d}.png", i % 2)
+    store = DatasetStore(open_storage(root / "store"))
+    ingest(str(root / "src"), "big", store, IngestConfig(workers=1, shard_rows=SHARD_ROWS))
+    return store
+
+
+def digest(images: torch.Tensor) -> list[str]:
+    return [hashlib.blake2b(x.numpy().tobytes(), digest_size=8).hexdigest() for x in images]
+
+
+def test_large_training_splits_stream_and_hold_the_same_images(store):
+    held = load_splits(store, "big")
+    streamed = load_splits(store, "big", in_memory_mb=0)
+    assert isinstance(streamed.unlabeled, StreamedSet) and isinstance(streamed.train, StreamedSet)
+    assert isinstance(streamed.val, ImageSet) and isinstance(streamed.test, ImageSet)  # labelled: held
+    assert streamed.sizes() == held.sizes() == {"train": 36, "val": 4, "unlabeled": UNLABELLED, "test": 10}
+    for name in ("train", "unlabeled"):
+        s, h = getattr(streamed, name), getattr(held, name)
+        everything = torch.arange(len(h))
+        assert torch.equal(s.take(everything), h.images)
+        assert torch.equal(torch.cat([torch.from_numpy(x) for x in s.labels]), h.labels)
+    pick = torch.randperm(36 + UNLABELLED, generator=torch.Generator().manual_seed(3))[:50]
+    both = torch.cat([held.train.images, held.unlabeled.images])[pick]
+    assert torch.equal(take([streamed.train, streamed.unlabeled], pick), both)
+    assert load_splits(store, "big", in_memory_mb=1).unlabeled.__class__ is ImageSet  # 0.25 MiB fits
+
+
+def test_a_pass_draws_every_image_once_reading_each_shard_once(store, monkeypatch):
+    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    reads = []
+    original = StreamedSet.read
+    monkeypatch.setattr(StreamedSet, "read", lambda self, i: reads.append(i) or original(self, i))
+    stream = ShardStream(data, 64, seed=1, window=2)
+    seen, held = [], 0
+    while len(seen) < UNLABELLED:
+        x, y = next(stream)
+        assert x.shape == (64, 3, SIDE, SIDE) and (y == -1).all()
+        seen += digest(x)
+        held = max(held, len(stream._x))
+    first_pass = seen[:UNLABELLED]
+    assert sorted(first_pass) == sorted(digest(data.take(torch.arange(UNLABELLED))))
+    assert held <= 2 * SHARD_ROWS  # a window of two shards, never the split
+    assert sorted(reads[: len(data.shards)]) == list(range(len(data.shards)))  # each shard once a pass
+
+
+def test_memory_stays_at_a_window_whatever_the_split(store):
+    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    split_bytes = UNLABELLED * 3 * SIDE * SIDE
+    stream = ShardStream(data, 32, seed=0, window=2)
+    next(stream)
+    tracemalloc.start()
+    try:
+        for _ in range(2 * UNLABELLED // 32):  # two passes
+            next(stream)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * split_bytes, peak  # two windows of two 40-row shards are 27% of it
+
+
+def test_same_seed_same_batches_and_a_resumed_stream_continues_exactly(store):
+    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    a, b = ShardStream(data, 48, seed=5), ShardStream(data, 48, seed=5)
+    for _ in range(20):  # across a pass boundary
+        assert torch.equal(next(a)[0], next(b)[0])
+    assert a.passes == 2
+    state = a.state_dict()
+    expected = [next(a)[0] for _ in range(15)]
+    resumed = ShardStream(data, 48, seed=5)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(next(resumed)[0], x) for x in expected)
+    assert not torch.equal(next(ShardStream(data, 48, seed=6))[0], next(ShardStream(data, 48, seed=5))[0])
+
+
+@pytest.mark.parametrize("world", [2, 3, 40])
+def test_workers_share_the_rows_without_overlap(store, world):
+    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    shares = [data.shard(rank, world, seed=0) for rank in range(world)]
+    rows = [digest(s.take(torch.arange(len(s)))) for s in shares]
+    assert sorted(sum(rows, [])) == sorted(digest(data.take(torch.arange(len(data)))))
+    sizes = [len(s) for s in shares]
+    assert max(sizes) - min(sizes) <= (SHARD_ROWS if world <= len(data.shards) else 1)
+    with pytest.raises(ValueError, match="rank"):
+        data.shard(world, world)
+
+
+def test_training_on_streamed_splits_resumes_exactly(store, tmp_path):
+    cfg = TrainConfig(
+        epochs=2, steps_per_epoch=3, batch_size=8, mu=4, k_random=1, resolutions=(8,), calib_images=32,
+        threads=1, in_memory_mb=0,
+    )  # fmt: skip
+    straight = train_supernet(cfg, store, "big", open_storage(tmp_path / "a"))
+    assert len(straight.history) == 2 and 0 <= straight.final["test_acc/max"] <= 1
+
+    def crash(metrics):
+        if metrics["epoch"] == 1:
+            raise RuntimeError("killed")
+
+    run_b = open_storage(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="killed"):
+        train_supernet(cfg, store, "big", run_b, report=crash)
+    resumed = train_supernet(cfg, store, "big", run_b)
+    a = load_checkpoint(open_storage(tmp_path / "a"), "supernet.pt")["model"]
+    b = load_checkpoint(run_b, "supernet.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert resumed.final == straight.final
