@@ -54,7 +54,7 @@ CHUNKS_AHEAD = 2
 PARALLEL_FROM = 512  # fewer new images than this decode in-process: workers cost more to start
 # A shard is cut at shard_rows rows or at this many pixel bytes, whichever comes first, so
 # writing one holds a bounded amount of large images.
-SHARD_MAX_BYTES = 64 * 2**20
+SHARD_MAX_BYTES = 32 * 2**20
 
 
 class IngestConfig(BaseModel):

@@ -38,7 +38,7 @@ from tofa_core.storage import Storage
 
 META_COLUMNS = ["content_hash", "split", "label", "height", "width", "channels"]
 # Shards a ShardStream shuffles together; it holds this many and reads as many ahead.
-WINDOW_SHARDS = 3
+WINDOW_SHARDS = 2
 
 
 @dataclass
@@ -83,8 +83,7 @@ class StreamedSet:
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Shard i's rows of this split: (images (n, C, H, W) uint8, labels)."""
-        table = read_shard(self.ds, self.shards[i]).take(pa.array(self.rows[i]))
-        images = images_array(table, channels=self.channels, hw=self.hw)
+        images = _rows_of(read_shard(self.ds, self.shards[i]), self.rows[i], self.channels, self.hw)
         return torch.from_numpy(images), torch.from_numpy(self.labels[i])
 
     def shard(self, rank: int, world_size: int, seed: int = 0) -> StreamedSet:
@@ -121,10 +120,21 @@ class StreamedSet:
         out = torch.empty((len(wanted), self.channels, *self.hw), dtype=torch.uint8)
         for s in np.unique(which):
             at = np.flatnonzero(which == s)
-            table = read_shard(self.ds, self.shards[s]).take(pa.array(self.rows[s][wanted[at] - offsets[s]]))
-            images = images_array(table, channels=self.channels, hw=self.hw)
+            rows = self.rows[s][wanted[at] - offsets[s]]
+            images = _rows_of(read_shard(self.ds, self.shards[s]), rows, self.channels, self.hw)
             out[torch.from_numpy(at)] = torch.from_numpy(images)
         return out
+
+
+def _rows_of(table: pa.Table, rows: np.ndarray, channels: int, hw: tuple[int, int]) -> np.ndarray:
+    """`rows` of a shard's table as one (n, C, H, W) uint8 array; Arrow's buffers are given
+    back at once, so a stream's memory stays at its windows."""
+    if len(rows) != table.num_rows or not np.array_equal(rows, np.arange(table.num_rows)):
+        table = table.take(pa.array(rows))
+    images = images_array(table, channels=channels, hw=hw)
+    del table
+    pa.default_memory_pool().release_unused()
+    return images
 
 
 def take(parts: list, idx: torch.Tensor) -> torch.Tensor:
@@ -253,8 +263,7 @@ class _Meta:
         images = np.empty((len(idx), channels, *hw), dtype=np.uint8)
         for s in np.unique(self.shard[idx]):
             at = np.flatnonzero(self.shard[idx] == s)
-            table = read_shard(ds, shards[s]).take(pa.array(self.row[idx[at]]))
-            images[at] = images_array(table, channels=channels, hw=hw)
+            images[at] = _rows_of(read_shard(ds, shards[s]), self.row[idx[at]], channels, hw)
         return ImageSet(torch.from_numpy(images), torch.from_numpy(self.labels[idx]))
 
     def streamed(self, ds, shards: list[ShardRef], idx: np.ndarray, hw, channels: int) -> StreamedSet:

@@ -192,6 +192,18 @@ def common_shape(heights: np.ndarray, widths: np.ndarray) -> tuple[int, int]:
     return h, w
 
 
+def _pixel_bytes(column: pa.ChunkedArray) -> np.ndarray:
+    """All rows' pixel bytes end to end, as a view of Arrow's data buffer where they already
+    lie that way (no Python bytes object per image)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    _, offsets_buf, data_buf = array.buffers()
+    width = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=width)[array.offset : array.offset + len(array) + 1]
+    if data_buf is None or len(offsets) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]]
+
+
 def images_array(
     table: pa.Table, size: int | None = None, channels: int | None = None, hw: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -216,11 +228,11 @@ def images_array(
         h = w = size
     c = channels or int(chans.max())
     out = np.empty((n, c, h, w), dtype=np.uint8)
-    pixels = table.column("pixels").to_pylist()
     uniform = bool((heights == h).all() and (widths == w).all() and (chans == c).all())
-    if uniform:  # the common case: one reshape, no per-image work
-        flat = np.frombuffer(b"".join(pixels), dtype=np.uint8)
-        return np.ascontiguousarray(flat.reshape(n, h, w, c).transpose(0, 3, 1, 2))
+    if uniform:  # the common case: one copy out of Arrow's buffer, no per-image work
+        out[:] = _pixel_bytes(table.column("pixels")).reshape(n, h, w, c).transpose(0, 3, 1, 2)
+        return out
+    pixels = table.column("pixels").to_pylist()
     from PIL import Image
 
     for i, raw in enumerate(pixels):
