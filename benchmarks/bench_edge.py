@@ -35,10 +35,10 @@ from tofa_core.arch import Arch
 from tofa_core.constraints import KB
 from tofa_core.costs import flash_bytes, peak_ram_bytes
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import at_resolution
 from tofa_core.quantize import peak_activation_bytes, quantize_int8
 from tofa_core.specialize import load_trained
 from tofa_core.storage import open_storage
+from tofa_core.supernet.static import at_resolution
 from tofa_core.training.evaluate import calibrated_subnet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,15 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import mib, run_sampled  # noqa: E402
 
 SIDE = 64
 CHILD = """
@@ -64,50 +65,11 @@ def link_subset(files: list[Path], src_root: Path, dest: Path) -> None:
         os.link(path, target)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants, from /proc (Linux)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # gone meanwhile
-        parents[int(stat.parent.name)] = int(fields[1])
-    tree, grew = {pid}, True
-    while grew:
-        more = {p for p, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    total = 0
-    for p in tree:
-        try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
-    return total
-
-
 def measure(source: Path, store: Path) -> dict:
     """Run one ingest in its own process; its result plus the tree's sampled peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(source), str(store)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    peak, done = [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], tree_rss(child.pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = child.communicate()
-    done.set()
-    sampler.join()
-    if child.returncode:
-        raise SystemExit(f"ingest failed with exit code {child.returncode}")
-    return {**json.loads(out.strip().splitlines()[-1]), "tree_peak_mib": round(peak[0] / 2**20, 1)}
+    run = run_sampled([sys.executable, "-c", CHILD, str(source), str(store)], env, every=0.05)
+    return {**json.loads(run.output.strip().splitlines()[-1]), "tree_peak_mib": mib(run.tree_peak)}
 
 
 def main() -> None:

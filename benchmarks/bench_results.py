@@ -44,18 +44,18 @@ from _report import log_to_mlflow  # noqa: E402
 
 from flows import plots  # noqa: E402
 from flows.settings import state_dir  # noqa: E402
+from tofa_core import profiler  # noqa: E402
 from tofa_core.arch import Arch  # noqa: E402
-from tofa_core.costs import LatencyTable, blocks, count_macs  # noqa: E402
+from tofa_core.costs import LatencyTable  # noqa: E402
 from tofa_core.data.store import DatasetStore  # noqa: E402
 from tofa_core.export import VerificationError  # noqa: E402
-from tofa_core.profiler import covering_archs, profile_latency  # noqa: E402
 from tofa_core.search.evolution import CostModel, InfeasibleTarget  # noqa: E402
+from tofa_core.search.pareto import subnet_points  # noqa: E402
 from tofa_core.search.predictor import build_predictor  # noqa: E402
 from tofa_core.search.targets import HOST_DEVICE, load_targets  # noqa: E402
 from tofa_core.specialize import load_trained, specialize  # noqa: E402
 from tofa_core.storage import open_storage  # noqa: E402
 from tofa_core.training.config import TrainConfig  # noqa: E402
-from tofa_core.training.evaluate import accuracy, calibrated_subnet, fuse_bn  # noqa: E402
 from tofa_core.training.loop import train_supernet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,15 +75,11 @@ class Clock:
 
 def host_table(space) -> tuple[LatencyTable, float]:
     """This host's latency table for `space`, measured once and cached (seconds it took)."""
-    path = state_dir() / "latency" / f"{HOST_DEVICE}.json"
-    table = LatencyTable.load(path) if path.exists() else None
-    needed = {key for arch in covering_archs(space) for _, key in blocks(arch, space)}
-    if table is not None and not table.missing(needed):
-        return table, 0.0
     with Clock() as c:
-        table = profile_latency(space, HOST_DEVICE, known=table)
-    table.save(path)
-    return table, c.wall
+        table, measured = profiler.host_table(
+            space, state_dir() / "latency" / f"{HOST_DEVICE}.json", HOST_DEVICE
+        )
+    return table, c.wall if measured else 0.0
 
 
 def run_seed(
@@ -145,11 +141,7 @@ def run_seed(
     if pareto:
         archs = [s.arch for s in report.scored]
         picked = archs[:2] + random.Random(seed).sample(archs[2:], min(pareto, len(archs) - 2))
-        for arch in picked:
-            model = fuse_bn(calibrated_subnet(net, arch, data.calib))
-            subnets.append(
-                {"macs": count_macs(arch, net.space), "test_acc": accuracy(model, data.test_x, data.test_y)}
-            )
+        subnets = subnet_points(net, picked, data)
     return {
         "dataset": dataset,
         "seed": seed,

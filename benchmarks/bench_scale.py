@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _procs import mib, run_sampled  # noqa: E402
 
 SIDE = 64
 LABELLED, TEST = 2000, 1000
@@ -85,59 +86,6 @@ def generate(root: Path, count: int) -> list[Path]:
     return files
 
 
-def _tree(pid: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    tree, grew = {pid}, True
-    while grew:
-        more = {p for p, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return sorted(tree)
-
-
-def _peak_and_name(pid: int) -> tuple[int, str] | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-    return hwm * 1024, cmd.strip()
-
-
-def run_measured(cmd: list[str], env: dict) -> tuple[str, dict[int, tuple[int, str]]]:
-    """Run `cmd`; its output and, per process of its tree, the last peak RSS seen and its command."""
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen: dict[int, tuple[int, str]] = {}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            for pid in _tree(child.pid):
-                found = _peak_and_name(pid)
-                if found and found[0]:
-                    seen[pid] = found
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = child.communicate()
-    done.set()
-    sampler.join()
-    if child.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{out[-3000:]}")
-    return out, seen
-
-
-def mib(n: int) -> float:
-    return round(n / 2**20, 1)
-
-
 def one_size(n: int, files: list[Path], all_root: Path, tmp: Path, steps: int) -> dict:
     source, store = tmp / f"src-{n}", tmp / f"store-{n}"
     for path in files[:n]:
@@ -150,25 +98,23 @@ def one_size(n: int, files: list[Path], all_root: Path, tmp: Path, steps: int) -
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow-{n}.db"
     tofa = [sys.executable, "-m", "flows.cli"]
     start = time.perf_counter()
-    _, ingest_seen = run_measured([*tofa, "ingest", str(source), "--dataset", "scale"], env)
+    ingest_seen = run_sampled([*tofa, "ingest", str(source), "--dataset", "scale"], env).peaks
     ingest_s = time.perf_counter() - start
     ingest_pid = min(ingest_seen)
     start = time.perf_counter()
-    out, seen = run_measured(
-        [
-            *tofa,
-            "train",
-            "--data",
-            str(source),
-            "--dataset",
-            "scale",
-            "--workers",
-            "2",
-            "--config",
-            str(config),
-        ],
-        env,
-    )
+    command = [
+        "train",
+        "--data",
+        str(source),
+        "--dataset",
+        "scale",
+        "--workers",
+        "2",
+        "--config",
+        str(config),
+    ]
+    train = run_sampled([*tofa, *command], env, every=0.2)
+    out, seen = train.output, train.peaks
     train_s = time.perf_counter() - start
     driver = min(seen)
     workers = [peak for pid, (peak, cmd) in seen.items() if "RayTrainWorker" in cmd]

@@ -42,15 +42,14 @@ from flows.specialize import (
 )
 from flows.train import config_hash, new_run_id, train_flow
 from tofa_core.arch import Arch
-from tofa_core.costs import count_macs
 from tofa_core.export import Evaluation, preprocess
 from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
+from tofa_core.search.pareto import subnet_points
 from tofa_core.search.targets import load_targets, table_devices
 from tofa_core.specialize import Trained
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
-from tofa_core.training.evaluate import accuracy, calibrated_subnet, fuse_bn
 
 PARETO_SUBNETS = 80  # sampled subnets whose test accuracy the Pareto plot shows
 
@@ -127,13 +126,7 @@ def draw_plots(parent: str, trained: Trained, spec: dict, history: list[dict], p
     scored = [s["arch"] for s in predictor["scored"]]
     rng = random.Random(0)
     picked = scored[:2] + rng.sample(scored[2:], min(PARETO_SUBNETS, len(scored) - 2))
-    subnets = []
-    for raw in picked:
-        arch = Arch.from_dict(raw)
-        model = fuse_bn(calibrated_subnet(net, arch, data.calib))
-        subnets.append(
-            {"macs": count_macs(arch, net.space), "test_acc": accuracy(model, data.test_x, data.test_y)}
-        )
+    subnets = subnet_points(net, [Arch.from_dict(raw) for raw in picked], data)
     chosen = [
         {
             "target": r["target"],

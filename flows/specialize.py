@@ -109,24 +109,19 @@ def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str,
 @task(name="latency-tables", cache_policy=NONE)
 def latency_tables(targets: list[Target], trained: Trained, tables_dir: str) -> dict[str, LatencyTable]:
     """The table of every device a target names; this host's is measured when missing or short."""
-    from tofa_core.costs import blocks
-    from tofa_core.profiler import covering_archs, profile_latency
+    from tofa_core.profiler import host_table, needed_blocks
 
     logger = get_run_logger()
     files = table_devices(tables_dir)
     space = trained.net.space
-    needed = {key for arch in covering_archs(space) for _, key in blocks(arch, space)}
+    needed = needed_blocks(space)
     tables = {}
     for device in sorted({t.device for t in targets if t.device}):
         if device == HOST_DEVICE:
             path = files.get(HOST_DEVICE) or state_dir() / "latency" / f"{HOST_DEVICE}.json"
-            table = LatencyTable.load(path) if Path(path).exists() else None
-            if table is None or table.missing(needed):
-                logger.info(
-                    "measuring the %s latency table (once per search space; kept at %s)", device, path
-                )
-                table = profile_latency(space, HOST_DEVICE, known=table)
-                table.save(path)
+            table, measured = host_table(space, path, HOST_DEVICE)
+            if measured:
+                logger.info("measured the %s latency table (once per search space; kept at %s)", device, path)
         else:
             table = LatencyTable.load(files[device])
             if missing := table.missing(needed):

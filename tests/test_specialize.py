@@ -19,7 +19,7 @@ from tofa_core.arch import Arch
 from tofa_core.costs import LatencyTable, arch_blocks, count_macs, count_params
 from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import VerificationError, at_resolution, export_accuracy
+from tofa_core.export import VerificationError, export_accuracy
 from tofa_core.profiler import covering_archs
 from tofa_core.quantize import peak_activation_bytes
 from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
@@ -27,6 +27,7 @@ from tofa_core.search.predictor import Scored, build_predictor, load_predictor, 
 from tofa_core.search.targets import Target
 from tofa_core.specialize import int8_scores, load_trained, rank_candidates, specialize
 from tofa_core.storage import open_storage
+from tofa_core.supernet.static import at_resolution
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.loop import train_supernet
 

@@ -110,6 +110,12 @@ class StageSpec:
     block: str = "mbconv"
 
 
+# `space: auto`: the largest image side each preset is for, smallest first; above all, tiny.
+# tiny-fused's first stage keeps the input size, so its cost grows with the square of the
+# side; small-fused halves the side in its stem.
+AUTO_SPACES = ((16, "tiny-fused"), (32, "small-fused"))
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The skeleton shared by every subnet, plus the choices an `Arch` picks from.
@@ -185,6 +191,17 @@ class SearchSpace:
                 raise ValueError(f"{self.name}: block kind {s.block!r} not in {BLOCKS}")
 
     # ----------------------------------------------------------------- presets
+
+    @staticmethod
+    def for_data(name: str, resolutions: tuple[int, ...], num_classes: int, in_channels: int) -> SearchSpace:
+        """The preset `name` for a data set's classes, channels and input sides; `auto` picks
+        by the largest side (AUTO_SPACES)."""
+        if name == "auto":
+            largest = max(resolutions)
+            name = next((preset for side, preset in AUTO_SPACES if largest <= side), "tiny")
+        return SearchSpace.preset(
+            name, num_classes=num_classes, in_channels=in_channels, resolutions=resolutions
+        )
 
     @staticmethod
     def preset(name: str, num_classes: int = 1000, in_channels: int = 3, **overrides: Any) -> SearchSpace:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tofa_core import onnx_runtime
@@ -25,6 +24,7 @@ from tofa_core.constraints import BY_FIELD, KB
 from tofa_core.costs import count_macs, count_params, folded_params
 from tofa_core.quantize import peak_activation_bytes, quantize_int8
 from tofa_core.search.targets import HOST_DEVICE, Target
+from tofa_core.supernet.static import at_resolution
 from tofa_core.training.evaluate import EvalData
 
 MAX_ABS_DIFF = 1e-4
@@ -45,13 +45,6 @@ class VerificationError(RuntimeError):
     def __init__(self, check: str, message: str):
         super().__init__(f"verification failed ({check}): {message}")
         self.check = check
-
-
-def at_resolution(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Resize normalised images to a subnet's input side, exactly as the supernet does."""
-    if x.shape[-1] == resolution and x.shape[-2] == resolution:
-        return x
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
 
 
 @dataclass

@@ -136,6 +136,24 @@ def profile_latency(
     return LatencyTable(device, entries, fit["overhead_ms"], meta, fit["scale"])
 
 
+def needed_blocks(space: SearchSpace) -> set:
+    """The block shapes a latency table must hold to price every subnet of `space`."""
+    return {key for arch in covering_archs(space) for _, key in blocks(arch, space)}
+
+
+def host_table(space: SearchSpace, path: str | os.PathLike, device: str) -> tuple[LatencyTable, bool]:
+    """This machine's latency table for `space`, kept at `path`: measured (and saved) when it
+    is missing or lacks some of the space's blocks. Returns it and whether it was measured."""
+    from pathlib import Path
+
+    table = LatencyTable.load(path) if Path(path).exists() else None
+    if table is not None and not table.missing(needed_blocks(space)):
+        return table, False
+    table = profile_latency(space, device, known=table)
+    table.save(path)
+    return table, True
+
+
 def fit_whole_networks(
     table: LatencyTable, net: Supernet, space: SearchSpace, *, threads: int, archs: int
 ) -> dict:

@@ -20,13 +20,14 @@ from tofa_core import onnx_runtime
 from tofa_core.arch import Arch
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import Exported, VerificationError, at_resolution, export_subnet, verify
+from tofa_core.export import Exported, VerificationError, export_subnet, verify
 from tofa_core.quantize import quantize_int8
 from tofa_core.search.evolution import CostModel, EvolutionConfig, InfeasibleTarget, SearchResult, evolve
 from tofa_core.search.predictor import AccuracyPredictor, Scored, score_subnets, teacher_labels
 from tofa_core.search.targets import Target
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet
+from tofa_core.supernet.static import at_resolution
 from tofa_core.training.checkpoint import check_fits, load_checkpoint
 from tofa_core.training.config import TrainConfig
 from tofa_core.training.evaluate import EvalData, calibrated_subnet, eval_data

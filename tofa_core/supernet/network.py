@@ -9,7 +9,7 @@ from torch import nn
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.supernet.blocks import ElasticMBConv
 from tofa_core.supernet.ops import ElasticConvBN, extract_linear
-from tofa_core.supernet.static import StaticNet
+from tofa_core.supernet.static import StaticNet, at_resolution
 
 
 class Supernet(nn.Module):
@@ -87,9 +87,7 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         space = self.space
         space.validate(arch)
-        r = arch.resolution
-        if x.shape[-2] != r or x.shape[-1] != r:
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
+        x = at_resolution(x, arch.resolution)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stem = space.channels(space.stem_width, arch.width)

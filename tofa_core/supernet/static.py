@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_resolution(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize images to a subnet's input side: bilinear, align_corners=False. The one resize
+    the supernet, every extracted subnet and every exported model's preprocessing share."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+
+
 def activation(name: str) -> nn.Module:
     return {"relu": nn.ReLU(), "hswish": nn.Hardswish(), "none": nn.Identity()}[name]
 
@@ -89,10 +97,7 @@ class StaticNet(nn.Module):
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] != self.resolution or x.shape[-1] != self.resolution:
-            x = F.interpolate(
-                x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
-            )
+        x = at_resolution(x, self.resolution)
         x = self.final_expand(self.blocks(self.stem(x)))
         x = F.hardswish(self.feature_mix(x.mean((2, 3))))
         return self.classifier(self.dropout(x))

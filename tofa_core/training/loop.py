@@ -58,21 +58,10 @@ class TrainResult:
     warm_start: str | None = None  # the checkpoint or weights file training started from
 
 
-# `space: auto`: the largest image side each preset is for, smallest first; above all, tiny.
-# tiny-fused's first stage keeps the input size, so its cost grows with the square of the
-# side; small-fused halves the side in its stem.
-AUTO_SPACES = ((16, "tiny-fused"), (32, "small-fused"))
-
-
 def space_for(cfg: TrainConfig, splits: DataSplits) -> SearchSpace:
+    """The configured space for this data: its classes, channels and (by default) image side."""
     resolutions = cfg.resolutions or (splits.size,)
-    name = cfg.space
-    if name == "auto":
-        largest = max(resolutions)
-        name = next((preset for side, preset in AUTO_SPACES if largest <= side), "tiny")
-    return SearchSpace.preset(
-        name, num_classes=len(splits.classes), in_channels=splits.channels, resolutions=resolutions
-    )
+    return SearchSpace.for_data(cfg.space, resolutions, len(splits.classes), splits.channels)
 
 
 def _world() -> tuple[int, int]:
