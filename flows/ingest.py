@@ -25,52 +25,19 @@ def _storage_hiccup(task, task_run, state) -> bool:
 storage_task = task(cache_policy=NONE, retries=2, retry_delay_seconds=2, retry_condition_fn=_storage_hiccup)
 
 
-@storage_task(name="list-source")
-def list_source(source: str, dataset: str, store: DatasetStore, config: stages.IngestConfig) -> stages.Plan:
-    plan = stages.plan_ingest(source, dataset, store, config)
-    parent = plan.parent.manifest.version if plan.parent else "none"
-    get_run_logger().info(
-        "%s: %d items, %d new; parent version %s",
-        source,
-        len(plan.listing.items),
-        len(plan.new_items),
-        parent,
-    )
-    return plan
+# One task per stage of tofa_core.data.ingest.ingest, which chains them.
+STAGES = {
+    "plan": storage_task(name="list-source")(stages.plan_ingest),
+    "decode": storage_task(name="decode")(stages.decode_items),
+    "validate": task(name="validate", cache_policy=NONE)(stages.validate),
+    "write": storage_task(name="write-shards")(stages.write_shards),
+    "commit": storage_task(name="commit-manifest")(stages.commit),
+    "select": storage_task(name="select-existing")(stages.select_existing),
+}
 
 
-@storage_task(name="decode")
-def decode(plan: stages.Plan, config: stages.IngestConfig) -> stages.Staged:
-    return stages.decode_items(plan, config)
-
-
-@task(name="validate", cache_policy=NONE)
-def validate(
-    plan: stages.Plan, decoded: stages.Staged, config: stages.IngestConfig, store: DatasetStore
-) -> stages.Validated:
-    validated = stages.validate(plan, decoded, config, store)
-    get_run_logger().info(
-        "version %s: %d images, %d quarantined",
-        validated.version,
-        validated.num_images,
-        len(validated.quarantine),
-    )
-    return validated
-
-
-@storage_task(name="write-shards")
-def write_shards(validated: stages.Validated, store: DatasetStore, config: stages.IngestConfig):
-    return stages.write_shards(validated, store, config)
-
-
-@storage_task(name="commit-manifest")
-def commit_manifest(validated, shards, store: DatasetStore, config: stages.IngestConfig):
-    return stages.commit(validated, shards, store, config)
-
-
-@storage_task(name="select-existing")
-def select_existing(validated: stages.Validated, store: DatasetStore):
-    return stages.select_existing(validated, store)
+def _as_task(stage: str, fn, *args):
+    return STAGES[stage](*args)
 
 
 @flow(name="tofa-ingest")
@@ -83,19 +50,8 @@ def ingest_flow(
     """Ingest SOURCE (digits, a folder, a Parquet/CSV table, local or s3://) as DATASET."""
     config = stages.IngestConfig.from_yaml(config_file) if config_file else stages.IngestConfig()
     ds = DatasetStore(open_storage(store_uri(store)))
-    plan = list_source(source, dataset, ds, config)
-    with decode(plan, config) as decoded:  # the spill of decoded pixels goes with it
-        validated = validate(plan, decoded, config, ds)
-        if validated.exists:
-            manifest = select_existing(validated, ds)
-            result = stages.IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine)
-        else:
-            shards, reused = write_shards(validated, ds, config)
-            manifest = commit_manifest(validated, shards, ds, config)
-            stages.tidy(ds, dataset)
-            result = stages.IngestResult(
-                manifest, True, len(decoded), reused, len(shards) - reused, validated.quarantine
-            )
+    result = stages.ingest(source, dataset, ds, config, run=_as_task)
+    manifest = result.manifest
     get_run_logger().info(result.summary())
     return {
         "dataset": dataset,
@@ -109,4 +65,5 @@ def ingest_flow(
         "quarantined": len(result.quarantine),
         "quarantine_reasons": result.reasons(),
         "summary": result.summary(),
+        "seconds": result.seconds,
     }

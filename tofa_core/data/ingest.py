@@ -1,6 +1,6 @@
 """Ingestion: source -> validated, versioned data set in the store.
 
-Stages (the Prefect flow in flows/ingest.py runs them as tasks; `ingest()` chains them):
+Stages (`ingest()` chains them; the Prefect flow in flows/ingest.py runs each as a task):
   plan      list the source, find the parent version, tell known items from new ones
   decode    decode only the new items, in parallel processes
   validate  labels, duplicates and per-source checks; the quarantine; the version id
@@ -21,11 +21,12 @@ import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -721,16 +722,24 @@ def select_existing(validated: Validated, store: DatasetStore) -> Manifest:
 
 
 def ingest(
-    source: str, dataset: str, store: DatasetStore, config: IngestConfig | None = None
+    source: str,
+    dataset: str,
+    store: DatasetStore,
+    config: IngestConfig | None = None,
+    run: Callable[..., Any] | None = None,
 ) -> IngestResult:
-    """Ingest `source` as a new version of `dataset` (a no-op when the content is stored already)."""
+    """Ingest `source` as a new version of `dataset` (a no-op when the content is stored already).
+
+    Each stage goes through `run(stage, fn, *args)`, which calls `fn(*args)`: the default
+    times it; the Prefect flow runs each stage as its own task (retries, UI) instead.
+    """
     config = config or IngestConfig()
-    clock = _Clock()
+    clock = _Clock(run)
     plan = clock("plan", plan_ingest, source, dataset, store, config)
     with clock("decode", decode_items, plan, config) as decoded:
         validated = clock("validate", validate, plan, decoded, config, store)
         if validated.exists:
-            manifest = select_existing(validated, store)
+            manifest = clock("select", select_existing, validated, store)
             return IngestResult(manifest, False, len(decoded), 0, 0, validated.quarantine, clock.seconds)
         shards, reused = clock("write", write_shards, validated, store, config)
     manifest = clock("commit", commit, validated, shards, store, config)
@@ -741,12 +750,15 @@ def ingest(
 
 
 class _Clock:
-    def __init__(self):
+    """Runs each stage (through `run` when given) and keeps its seconds."""
+
+    def __init__(self, run: Callable[..., Any] | None = None):
+        self.run = run or (lambda stage, fn, *args: fn(*args))
         self.seconds: dict[str, float] = {}
 
     def __call__(self, stage, fn, *args):
         start = time.perf_counter()
         try:
-            return fn(*args)
+            return self.run(stage, fn, *args)
         finally:
             self.seconds[stage] = round(time.perf_counter() - start, 4)
