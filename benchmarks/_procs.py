@@ -72,5 +72,3 @@ def run_sampled(cmd: list[str], env: dict, every: float = 0.1) -> Sampled:
 
 def mib(n: int) -> float:
     return round(n / 2**20, 1)
-
-

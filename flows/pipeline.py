@@ -36,7 +36,6 @@ from flows.specialize import (
     SpecializationFailed,
     default_targets,
     load_supernet,
-    predictor_key,
     specialize_flow,
     task_runner,
 )
@@ -46,6 +45,7 @@ from tofa_core.export import Evaluation, preprocess
 from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
 from tofa_core.search.pareto import subnet_points
+from tofa_core.search.predictor import predictor_key
 from tofa_core.search.targets import load_targets, table_devices
 from tofa_core.specialize import Trained
 from tofa_core.storage import open_storage
@@ -357,7 +357,7 @@ def _report_stage(p: Retrain, parent: str, spec: dict, trained_record: dict) -> 
     trained = load_supernet(p.store, trained_record["run_dir"])
     registered = register_models(parent, p.dataset, spec["targets"], trained)
     run_dir = open_storage(trained_record["run_dir"])
-    predictor = json.loads(run_dir.read_bytes(predictor_key(p.score, p.samples, 0).replace(".pt", ".json")))
+    predictor = json.loads(run_dir.read_bytes(f"{predictor_key(p.score, p.samples, 0)}.json"))
     history = json.loads(run_dir.read_bytes("result.json"))["history"]
     return registered, draw_plots(parent, trained, spec, history, predictor)
 

@@ -11,14 +11,12 @@ succeeded and then fails naming the targets that did not.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -29,7 +27,7 @@ from tofa_core.data.store import DatasetStore
 from tofa_core.export import VerificationError
 from tofa_core.runs import Runs
 from tofa_core.search.evolution import CostModel, InfeasibleTarget
-from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
+from tofa_core.search.predictor import Scored, cached_predictor, predictor_key
 from tofa_core.search.targets import HOST_DEVICE, Target, TargetError, load_targets, table_devices
 from tofa_core.specialize import Trained, load_trained, specialize
 from tofa_core.storage import open_storage
@@ -64,46 +62,17 @@ def load_supernet(store: str, run_dir: str) -> Trained:
     return load_trained(DatasetStore(open_storage(store)), open_storage(run_dir))
 
 
-def predictor_key(score: str, samples: int, seed: int) -> str:
-    """Where a supernet's predictor lives in its run folder (its report: .json beside it)."""
-    return f"predictor/{score}-{samples}-{seed}.pt"
-
-
 @task(name="accuracy-predictor", cache_policy=NONE)
 def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str, seed: int = 0):
     """Built once per trained supernet and kept beside it; later runs reuse it."""
-    logger = get_run_logger()
     folder = open_storage(run_dir)
-    key = predictor_key(score, samples, seed)
-    # The report is written after the weights: with it present, both are complete.
-    if folder.exists(key.replace(".pt", ".json")):
-        state = torch.load(io.BytesIO(folder.read_bytes(key)), weights_only=True)
-        report = json.loads(folder.read_bytes(key.replace(".pt", ".json")))
-        logger.info("reusing predictor %s (Kendall tau %.3f)", folder.uri(key), report["kendall_tau"])
-        return load_predictor(state, trained.net.space), report
-    started = time.perf_counter()
-    model, report = build_predictor(trained.net, trained.data, samples=samples, score=score, seed=seed)
-    out = {
-        "score": score,
-        "samples": len(report.scored),
-        "train": report.train,
-        "held_out": report.held_out,
-        "kendall_tau": report.kendall_tau,
-        "seconds": round(time.perf_counter() - started, 2),
-        "held_out_pairs": report.held_out_pairs,
-        "scored": [s.to_dict() for s in report.scored],
-    }
-    buffer = io.BytesIO()
-    torch.save(save_predictor(model), buffer)
-    folder.write_bytes(key, buffer.getvalue())
-    folder.write_bytes(key.replace(".pt", ".json"), json.dumps(out).encode())
-    logger.info(
-        "predictor from %d subnets in %.1f s, Kendall tau %.3f",
-        out["samples"],
-        out["seconds"],
-        out["kendall_tau"],
+    model, report, reused = cached_predictor(
+        trained.net, trained.data, folder, samples=samples, score=score, seed=seed
     )
-    return model, out
+    where = folder.uri(predictor_key(score, samples, seed))
+    what = "reusing predictor" if reused else f"built predictor from {report['samples']} subnets,"
+    get_run_logger().info("%s %s (Kendall tau %.3f)", what, where, report["kendall_tau"])
+    return model, report
 
 
 @task(name="latency-tables", cache_policy=NONE)

@@ -12,7 +12,10 @@ benchmarks/bench_predictor.py (see README).
 
 from __future__ import annotations
 
+import io
+import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +25,7 @@ from scipy.stats import kendalltau
 from torch import nn
 
 from tofa_core.arch import Arch, SearchSpace
+from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet
 from tofa_core.training.evaluate import EvalData, calibrated_subnet, fuse_bn
 
@@ -239,3 +243,37 @@ def load_predictor(state: dict, space: SearchSpace) -> AccuracyPredictor:
     model = AccuracyPredictor(space, hidden=int(state["hidden"]))
     model.load_state_dict(state["state"])
     return model.eval()
+
+
+def predictor_key(score: str, samples: int, seed: int) -> str:
+    """Where a supernet's predictor lives in its run folder (its report: .json beside it)."""
+    return f"predictor/{score}-{samples}-{seed}"
+
+
+def cached_predictor(
+    net: Supernet, data: EvalData, folder: Storage, *, samples: int, score: str, seed: int = 0
+) -> tuple[AccuracyPredictor, dict, bool]:
+    """The predictor of a trained supernet, built once and kept in its run `folder`; later
+    calls reuse it. Returns it, its report, and whether it was reused."""
+    key = predictor_key(score, samples, seed)
+    # The report is written after the weights: with it present, both are complete.
+    if folder.exists(f"{key}.json"):
+        state = torch.load(io.BytesIO(folder.read_bytes(f"{key}.pt")), weights_only=True)
+        return load_predictor(state, net.space), json.loads(folder.read_bytes(f"{key}.json")), True
+    started = time.perf_counter()
+    model, report = build_predictor(net, data, samples=samples, score=score, seed=seed)
+    out = {
+        "score": score,
+        "samples": len(report.scored),
+        "train": report.train,
+        "held_out": report.held_out,
+        "kendall_tau": report.kendall_tau,
+        "seconds": round(time.perf_counter() - started, 2),
+        "held_out_pairs": report.held_out_pairs,
+        "scored": [s.to_dict() for s in report.scored],
+    }
+    buffer = io.BytesIO()
+    torch.save(save_predictor(model), buffer)
+    folder.write_bytes(f"{key}.pt", buffer.getvalue())
+    folder.write_bytes(f"{key}.json", json.dumps(out).encode())
+    return model, out, False
