@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _plots  # noqa: E402
 from _datasets import ingest_dataset  # noqa: E402
 from _report import log_to_mlflow  # noqa: E402
 
@@ -238,8 +239,8 @@ def draw(runs: list[dict], summary: dict, out: Path) -> list[Path]:
                     f"(seed {first['seed']}), chosen per target",
                 )  # fmt: skip
             )
-        files.append(plots.target_bars(s["per_target"], out / f"targets-{dataset}.png", dataset, s["seeds"]))
-        files.append(plots.cost_curves(s["cost"], out / f"cost-{dataset}.png", dataset))
+        files.append(_plots.target_bars(s["per_target"], out / f"targets-{dataset}.png", dataset, s["seeds"]))
+        files.append(_plots.cost_curves(s["cost"], out / f"cost-{dataset}.png", dataset))
     return files
 
 

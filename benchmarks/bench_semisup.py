@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _plots import label_curves  # noqa: E402
 from _report import log_to_mlflow  # noqa: E402
 
-from flows.plots import label_curves  # noqa: E402
 from tofa_core.data.ingest import IngestConfig, ingest  # noqa: E402
 from tofa_core.data.store import DatasetStore  # noqa: E402
 from tofa_core.storage import open_storage  # noqa: E402
