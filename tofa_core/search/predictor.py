@@ -108,10 +108,19 @@ def score_subnets(
     return out
 
 
+# The MLP and its full-batch fit. Strong weight decay: a few hundred noisy scores, ~80 one-hot
+# inputs (it ranks held-out subnets as well as a ridge regression does; an unregularised MLP
+# ranks them worse).
+HIDDEN = 64
+FIT_EPOCHS = 300
+FIT_LR = 3e-3
+FIT_WEIGHT_DECAY = 0.1
+
+
 class AccuracyPredictor(nn.Module):
     """A small MLP from the arch encoding to a score, with the targets' mean and scale inside."""
 
-    def __init__(self, space: SearchSpace, hidden: int = 64):
+    def __init__(self, space: SearchSpace, hidden: int = HIDDEN):
         super().__init__()
         self.space = space
         self.encode = ArchEncoder(space)
@@ -127,7 +136,7 @@ class AccuracyPredictor(nn.Module):
         self._numpy: list | None = None  # weights as arrays for predict(), made on first use
 
     def fit(
-        self, archs: Sequence[Arch], scores: Sequence[float], epochs: int = 300, seed: int = 0
+        self, archs: Sequence[Arch], scores: Sequence[float], epochs: int = FIT_EPOCHS, seed: int = 0
     ) -> AccuracyPredictor:
         with torch.random.fork_rng():  # a seeded start that leaves the caller's RNG alone
             torch.manual_seed(seed)
@@ -139,9 +148,7 @@ class AccuracyPredictor(nn.Module):
         self.offset.fill_(y.mean())
         self.scale.fill_(y.std().clamp_min(1e-4) if len(y) > 1 else 1.0)
         target = (y - self.offset) / self.scale
-        # Strong weight decay: a few hundred noisy scores, ~80 one-hot inputs (it ranks held-out
-        # subnets as well as a ridge regression does; an unregularised MLP ranks them worse).
-        opt = torch.optim.AdamW(self.mlp.parameters(), lr=3e-3, weight_decay=0.1)
+        opt = torch.optim.AdamW(self.mlp.parameters(), lr=FIT_LR, weight_decay=FIT_WEIGHT_DECAY)
         self.mlp.train()
         for _ in range(epochs):  # full batch: a few hundred rows
             opt.zero_grad()
