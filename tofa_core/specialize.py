@@ -103,9 +103,8 @@ def specialize(
             break  # not even the smallest subnet fits the tighter budget: report what was measured
         searches += 1
         ranked = rank_candidates(net, searched, found, costs, data, score, reference, measured)
-        done = _export_verify(
-            net, target, ranked, found, predictor, data, folder, classes, about, score, rejected
-        )
+        job = _Job(net, target, predictor, data, Path(folder), classes, about, score)
+        done = _export_verify(job, ranked, found, rejected)
         if done is not None:
             return dataclasses.replace(done, seconds=time.perf_counter() - started)
     raise VerificationError(
@@ -189,16 +188,31 @@ def int8_scores(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What exporting and verifying one target's candidates needs."""
+
+    net: Supernet
+    target: Target
+    predictor: AccuracyPredictor
+    data: EvalData
+    folder: Path
+    classes: list[str]
+    about: dict | None
+    score: str
+
+
 def _export_verify(
-    net, target, ranked, found, predictor, data, folder, classes, about, score, rejected
+    job: _Job, ranked: list[Scored], found: SearchResult, rejected: list[VerificationError]
 ) -> Specialized | None:
     """Export and verify the best of `ranked` that passes. None when every one failed a check
     another candidate may pass (`NEXT_CANDIDATE`; each is added to `rejected`)."""
+    net, target, data, score = job.net, job.target, job.data, job.score
     started = time.perf_counter()
     searched = dict(found.candidates)
     predicted = searched | {
         s.arch: float(p)
-        for s, p in zip(ranked, predictor.predict([s.arch for s in ranked]))
+        for s, p in zip(ranked, job.predictor.predict([s.arch for s in ranked]))
         if s.arch not in searched
     }
     search = {
@@ -211,7 +225,7 @@ def _export_verify(
     for cand in ranked:
         model = calibrated_subnet(net, cand.arch, data.calib)
         scores = {"predicted": predicted[cand.arch], score: cand.score(score)}
-        exported = _export(model, cand.arch, target, data, folder, classes, about, scores)
+        exported = _export(job, model, cand.arch, scores)
         try:
             measured = verify(exported, model, cand.arch, net.space, target, data)
         except VerificationError as err:
@@ -241,10 +255,11 @@ def _export_verify(
     return None
 
 
-def _export(model, arch, target, data, folder, classes, about, scores) -> Exported:
+def _export(job: _Job, model: torch.nn.Module, arch: Arch, scores: dict) -> Exported:
     """One candidate's files, model.json naming its target (budgets, precision) and scores."""
+    target = job.target
     info = {
-        **(about or {}),
+        **(job.about or {}),
         "target": {
             "name": target.name,
             **target.constraints(),
@@ -256,9 +271,9 @@ def _export(model, arch, target, data, folder, classes, about, scores) -> Export
     return export_subnet(
         model,
         arch,
-        data,
-        folder,
-        classes=classes,
+        job.data,
+        job.folder,
+        classes=job.classes,
         formats=target.formats,
         about=info,
         precision=target.precision,
