@@ -257,13 +257,14 @@ def ingest(
     with prefect_api_starting():  # the API server comes up while this imports
         from flows.ingest import ingest_flow
         from tofa_core.data.sources import SourceError
+        from tofa_core.runlock import RunLocked
         from tofa_core.storage import StorageError
 
     try:
         result = ingest_flow(
             source=source, dataset=dataset, store=store, config_file=str(config) if config else None
         )
-    except (SourceError, StorageError, ValueError) as err:
+    except (SourceError, StorageError, ValueError, RunLocked) as err:
         fail(str(err))
     console.print(result["summary"], highlight=False)
     console.print(f"store: {result['store']}", highlight=False)
@@ -330,6 +331,7 @@ def train(
     with prefect_api_starting():  # the API server comes up while this imports and starts Ray
         from flows.train import start_ray, train_flow
         from tofa_core.data.sources import SourceError
+        from tofa_core.runlock import RunLocked
         from tofa_core.storage import StorageError
         from tofa_core.training.checkpoint import CheckpointError
 
@@ -347,7 +349,7 @@ def train(
             gpus_per_worker=gpus_per_worker,
             budget_minutes=budget,
         )
-    except (SourceError, StorageError, CheckpointError, ValueError) as err:
+    except (SourceError, StorageError, CheckpointError, ValueError, RunLocked) as err:
         fail(str(err))
     table = Table(title=f"supernet {summary['run_id']}")
     table.add_column("")
@@ -649,6 +651,7 @@ def baseline(
 ) -> None:
     """The per-target baseline: train an architecture alone (same data, loss, schedule, evaluation)."""
     from tofa_core.data.sources import SourceError
+    from tofa_core.runlock import RunLocked
     from tofa_core.storage import StorageError
 
     archs = _baseline_archs(arch, from_summary, target)
@@ -664,7 +667,7 @@ def baseline(
             archs=archs, source=data, dataset=dataset, store=store,
             config_file=str(config) if config else None, epochs=epochs, workers=workers, seed=seed,
         )  # fmt: skip
-    except (SourceError, StorageError, ValueError) as err:
+    except (SourceError, StorageError, ValueError, RunLocked) as err:
         fail(str(err))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))

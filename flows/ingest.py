@@ -7,12 +7,16 @@ its message. A run on content already stored is a no-op that says so.
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.settings import store_uri
 from tofa_core.data import ingest as stages
 from tofa_core.data.store import DatasetStore
+from tofa_core.runlock import RunLock
 from tofa_core.storage import NotFound, StorageError, open_storage
 
 
@@ -46,11 +50,18 @@ def ingest_flow(
     dataset: str = "digits",
     store: str | None = None,
     config_file: str | None = None,
+    lock: bool = True,
 ) -> dict:
-    """Ingest SOURCE (digits, a folder, a Parquet/CSV table, local or s3://) as DATASET."""
+    """Ingest SOURCE (digits, a folder, a Parquet/CSV table, local or s3://) as DATASET.
+
+    Holds the data set's run lock while it runs (`lock=False`: the caller holds it), so
+    `tofa gc` never removes the shards of an ingest still writing them; a pipeline run on the
+    same data set makes it fail at once with RunLocked, naming the holder."""
     config = stages.IngestConfig.from_yaml(config_file) if config_file else stages.IngestConfig()
-    ds = DatasetStore(open_storage(store_uri(store)))
-    result = stages.ingest(source, dataset, ds, config, run=_as_task)
+    root = open_storage(store_uri(store))
+    ds = DatasetStore(root)
+    with RunLock(root, dataset, f"ingest (pid {os.getpid()})") if lock else nullcontext():
+        result = stages.ingest(source, dataset, ds, config, run=_as_task)
     manifest = result.manifest
     get_run_logger().info(result.summary())
     return {

@@ -244,7 +244,9 @@ def _retrain(p: Retrain) -> dict:
 
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
     with _timed(timings, "ingest"):
-        data = ingest_flow(source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file)
+        data = ingest_flow(
+            source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, lock=False
+        )  # this run holds the data set's lock
     key = pipeline_key(data["version"], cfg, targets_text, p.samples, p.score)
     if not p.force and (last := _nothing_new(p, data["version"], key)) is not None:
         return {**last, "noop": True, "timings": {"total": round(time.perf_counter() - started, 2)}}

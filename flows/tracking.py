@@ -336,9 +336,9 @@ METRIC_KEYS = (
 def _promote(client, name: str, version: str, folder: Path, about: dict, evaluation: Evaluation) -> dict:
     """Move `champion` to `version` unless the current champion scores better on the same
     evaluation. A champion that does not know every class of today's data is compared on the
-    images of the classes it knows (both models scored on those); one that cannot be run on
-    them at all (missing or malformed files, another input shape, none of the classes) is
-    replaced, with the reason."""
+    images of the classes it knows, both models choosing among those classes only (the same
+    task for both); one that cannot be run on them at all (missing or malformed files, another
+    input shape, none of the classes) is replaced, with the reason."""
     new_file = folder / about.get("deployed", "model.onnx")  # at its precision
     new_acc = evaluation.accuracy(new_file, about)
     current = client.get_registered_model(name).aliases.get("champion")
@@ -371,8 +371,11 @@ def _promote(client, name: str, version: str, folder: Path, about: dict, evaluat
     if shared is not None:
         compared = evaluation.accuracy(new_file, about, shared)
         missing = ", ".join(c for c in evaluation.classes if c not in shared)[:200]
-        note = f" (both on the images of the {len(shared)} classes the champion knows; it lacks {missing})"
-        out["compared_on_classes"] = len(shared)
+        note = (
+            f" (both on the images of the {len(shared)} classes the champion knows, choosing among "
+            f"them; it lacks {missing})"
+        )
+        out |= {"compared_on_classes": len(shared), "compared_acc": compared}
     if compared >= champion_acc:
         _set_champion(client, name, version)
         reason = (

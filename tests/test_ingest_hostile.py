@@ -309,3 +309,25 @@ def test_gc_waits_for_no_one_while_a_run_holds_the_lock(src, store, tmp_path):
     with RunLock(store.storage, "hostile", "pipeline test"):
         out = CliRunner().invoke(app, ["gc", "--dataset", "hostile", "--store", str(tmp_path / "store")])
     assert out.exit_code == 2 and "pipeline test" in out.output
+
+
+def test_a_folder_where_a_file_was_expected_is_not_found_and_leaks_no_descriptor(tmp_path):
+    (tmp_path / "src" / "dir.png").mkdir(parents=True)
+    before = len(os.listdir("/proc/self/fd"))
+    for confined in (True, False):
+        storage = LocalStorage(tmp_path / "src", confined=confined)
+        for _ in range(5):
+            with pytest.raises(FileNotFoundError, match="is a folder"):
+                storage.read_bytes("dir.png")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_tidying_after_a_commit_never_fails_the_ingest(src, store, tmp_path):
+    """A manifest this version cannot parse (a newer tool's extra field, say) stops the tidy,
+    not the ingest that has just committed its version."""
+    first, _, _ = run(src, store)
+    folder = tmp_path / "store" / "datasets" / "hostile"
+    write(folder / "v-00000000000000ff" / "manifest.json", b'{"dataset": "hostile", "from_the_future": 1}')
+    write(src / "train" / "b" / "later.png", png(123))
+    second, _, _ = run(src, store)
+    assert second.created and second.manifest.parent == first.manifest.version

@@ -148,3 +148,23 @@ def test_training_on_streamed_splits_resumes_exactly(store, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     assert resumed.final == straight.final
+
+
+def test_a_checkpoint_of_another_kind_of_stream_restarts_it_with_a_warning(store, caplog):
+    """The split switched between in memory and streamed (in_memory_mb changed), or the worker
+    count changed its size: the stream starts afresh instead of failing the resume."""
+    from tofa_core.data.loaders import BatchStream
+
+    held = load_splits(store, "big").unlabeled
+    streamed = load_splits(store, "big", in_memory_mb=0).unlabeled
+    memory_state = BatchStream(held, 16, seed=1).state_dict()
+    fresh = ShardStream(streamed, 16, seed=1)
+    fresh.load_state_dict(memory_state)
+    assert torch.equal(next(fresh)[0], next(ShardStream(streamed, 16, seed=1))[0])
+    other = BatchStream(held, 16, seed=1)
+    other.load_state_dict(ShardStream(streamed, 16, seed=1).state_dict())
+    half = ShardStream(streamed.shard(0, 2), 16, seed=1)
+    half.load_state_dict(ShardStream(streamed, 16, seed=1).state_dict())
+    assert half.passes == 0 and "starts afresh" in caplog.text
+    half.close()
+    assert half._x is None

@@ -287,16 +287,18 @@ def export_accuracy(
     onnx_file: str | Path, about: dict, images: torch.Tensor, labels, classes: list[str], only=None
 ) -> float:
     """Accuracy of an exported ONNX model on labelled images whose label indices refer to
-    `classes` (only the images of the classes `only`, when given). Outputs map to classes by
-    name (model.json), so a model exported from another data version is judged on the same
-    images, right or wrong, as the current one."""
+    `classes`. Outputs map to classes by name (model.json), so a model exported from another
+    data version is judged on the same images, right or wrong, as the current one. `only`:
+    judge on the images of these classes, the model choosing among them alone (how two models
+    that know different classes are compared on the classes both know)."""
     truth = np.array([classes[int(i)] for i in labels])
+    names = np.asarray(about["output"]["classes"])
     if only is not None:
         keep = np.isin(truth, list(only))
         images, truth = images[torch.from_numpy(keep)], truth[keep]
     if len(images) == 0:
         raise ValueError("no labelled images to evaluate an exported model on")
-    names = about["output"]["classes"]
-    sess = onnx_runtime.session(str(onnx_file))
-    predicted = np.asarray(names)[onnx_runtime.run(sess, preprocess(images, about)).argmax(1)]
-    return float((predicted == truth).mean())
+    logits = onnx_runtime.run(onnx_runtime.session(str(onnx_file)), preprocess(images, about))
+    if only is not None:
+        logits = np.where(np.isin(names, list(only)), logits, -np.inf)
+    return float((names[logits.argmax(1)] == truth).mean())

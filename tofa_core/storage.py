@@ -169,6 +169,9 @@ class LocalStorage(Storage):
             raise NotFound(f"{self.uri(key)} does not exist") from None
         except OSError as err:
             raise StorageError(f"cannot read {self.uri(key)}: {err.strerror}") from None
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # fdopen would fail on it, leaving fd open
+            os.close(fd)
+            raise NotFound(f"{self.uri(key)} is a folder, not a file")
         with os.fdopen(fd, "rb") as f:
             return self._read_open(f, key, max_bytes)
 
@@ -345,7 +348,10 @@ class LocalStorage(Storage):
         return out
 
     def delete(self, key: str) -> None:
-        self._file(key).unlink(missing_ok=True)
+        try:
+            self._file(key).unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot delete {self.uri(key)}: {err.strerror}") from None
 
 
 class S3Storage(Storage):

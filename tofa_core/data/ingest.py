@@ -347,7 +347,8 @@ def decode_items(plan: Plan, config: IngestConfig) -> Staged:
             # Worker processes cannot start when __main__ is not a re-importable file (code
             # piped to python, some embedded interpreters): decode here instead, just slower.
             log.warning("decode workers could not start; decoding %d images in this process", len(entries))
-            staged.items.clear()
+            staged.close()
+            staged = Staged([], Spill())
             _stage((_decode_chunk(uri, chunk, limits) for chunk in chunks), staged)
         return staged
     except BaseException:
@@ -707,7 +708,7 @@ def tidy(store: DatasetStore, dataset: str) -> list[str]:
     (older than the store's grace period). A failure here is logged, never the ingest's."""
     try:
         return store.collect_garbage(dataset)
-    except StorageError as err:
+    except Exception as err:  # noqa: BLE001 - the version is committed; tidying is best effort
         log.warning("data set %s: could not remove unreferenced files: %s", dataset, err)
         return []
 

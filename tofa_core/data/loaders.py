@@ -17,6 +17,7 @@ of the shards are read to decide them; pixels are read shard by shard into their
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tofa_core.data.store import (
 )
 from tofa_core.storage import Storage
 
+log = logging.getLogger(__name__)
 META_COLUMNS = ["content_hash", "split", "label", "height", "width", "channels"]
 # Shards a ShardStream shuffles together; it holds this many and reads as many ahead.
 WINDOW_SHARDS = 2
@@ -295,11 +297,20 @@ class BatchStream:
 
     def state_dict(self) -> dict:
         """Where the stream is: resuming from it draws the same batches an unbroken run would."""
-        return {"gen": self.generator.get_state(), "order": self._order.clone(), "passes": self.passes}
+        return {
+            "gen": self.generator.get_state(), "order": self._order.clone(), "passes": self.passes,
+            "size": len(self.data),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        if "gen" not in state or state.get("size", len(self.data)) != len(self.data):
+            _restart_warning(state, len(self.data))
+            return
         self.generator.set_state(state["gen"])
         self._order, self.passes = state["order"], state["passes"]
+
+    def close(self) -> None:
+        pass
 
     def _indices(self) -> torch.Tensor:
         out = []
@@ -358,9 +369,12 @@ class ShardStream:
         self._ahead = None  # (window, future) being read
 
     def state_dict(self) -> dict:
-        return {"passes": self.passes, "drawn": self.drawn}
+        return {"passes": self.passes, "drawn": self.drawn, "size": len(self.data)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "drawn" not in state or state.get("size") != len(self.data):
+            _restart_warning(state, len(self.data))
+            return
         self._x = self._perm = self._ahead = None
         self._plan, self.passes = [], state["passes"] - 1
         if state["passes"] == 0:
@@ -375,6 +389,11 @@ class ShardStream:
         if skip:
             self._load_window()
             self._pos, self.drawn = skip, self.drawn + skip
+
+    def close(self) -> None:
+        """Stop reading ahead and let go of the windows."""
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        self._x = self._y = self._perm = self._ahead = None
 
     def _rows(self, shard_ids: list[int]) -> int:
         return int(sum(len(self.data.rows[i]) for i in shard_ids))
@@ -415,6 +434,14 @@ class ShardStream:
         if x.device != self.device:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x, y
+
+
+def _restart_warning(state: dict, size: int) -> None:
+    log.warning(
+        "a checkpointed batch stream (%s, %s images) does not fit this one (%d images): it "
+        "starts afresh; the resumed run draws other batches than an unbroken one would",
+        "streamed" if "drawn" in state else "in memory", state.get("size", "?"), size,
+    )  # fmt: skip
 
 
 def stream_of(data: ImageSet | StreamedSet, batch_size: int, seed: int = 0, device=None):

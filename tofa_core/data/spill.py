@@ -34,10 +34,14 @@ class Spill:
     def read(self, offset: int, length: int) -> bytes:
         with self._lock:
             self._file.flush()
-        data = os.pread(self._file.fileno(), length, offset)
-        if len(data) != length:
-            raise OSError(f"spill file truncated: wanted {length} bytes at {offset}, got {len(data)}")
-        return data
+        parts, got = [], 0
+        while got < length:  # one pread returns at most ~2 GiB
+            part = os.pread(self._file.fileno(), length - got, offset + got)
+            if not part:
+                raise OSError(f"spill file truncated: wanted {length} bytes at {offset}, got {got}")
+            parts.append(part)
+            got += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @property
     def size(self) -> int:

@@ -205,18 +205,22 @@ def train_supernet(
         _warm_start(run, warm, warm_if_fits)
     calib = calibration_images(run.splits, run.aug, cfg.calib_images, cfg.seed).to(run.device)
     epoch = run.start_epoch
-    while epoch < run.epochs:
-        epoch_started = time.perf_counter()
-        metrics = _epoch(run, epoch, calib)
-        run.history.append(metrics)
-        epoch += 1
-        if epoch == 1 and cfg.budget_minutes is not None:
-            now = time.perf_counter()
-            _fit_budget(run, now - started, now - epoch_started)
-        _checkpoint(run, run_dir, epoch)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-        if report is not None:
-            report(metrics)
+    try:
+        while epoch < run.epochs:
+            epoch_started = time.perf_counter()
+            metrics = _epoch(run, epoch, calib)
+            run.history.append(metrics)
+            epoch += 1
+            if epoch == 1 and cfg.budget_minutes is not None:
+                now = time.perf_counter()
+                _fit_budget(run, now - started, now - epoch_started)
+            _checkpoint(run, run_dir, epoch)
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            if report is not None:
+                report(metrics)
+    finally:
+        for stream in run.streams:
+            stream.close()  # a streamed split's read-ahead thread and the windows it holds
     return _finish(run, run_dir, calib, time.perf_counter() - started)
 
 
