@@ -10,6 +10,7 @@ items it has not seen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import unicodedata
@@ -232,6 +233,7 @@ def _stat_referenced(storage: Storage, items: list[Item], uri: str, rejected: li
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # a listing asks once per file, for a handful of class names
 def clean_label(label: str) -> str:
     """A label as stored: control characters (newlines, escapes, NUL) dropped, spaces trimmed."""
     kept = (ch for ch in label if unicodedata.category(ch) not in ("Cc", "Cs") and ch not in _BIDI)
