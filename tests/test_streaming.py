@@ -168,3 +168,13 @@ def test_a_checkpoint_of_another_kind_of_stream_restarts_it_with_a_warning(store
     assert half.passes == 0 and "starts afresh" in caplog.text
     half.close()
     assert half._x is None
+
+
+def test_fewer_images_than_workers_leave_no_worker_empty(store):
+    streamed = load_splits(store, "big", in_memory_mb=0)
+    few = streamed.train.shard(0, 20)  # 36 labelled training images over 20 workers: 1-2 each
+    assert len(few) in (1, 2)
+    tiny = few.shard(1, 4)  # fewer images than workers: every worker gets them all
+    assert len(tiny) == len(few) and next(ShardStream(tiny, 4))[0].shape[0] == 4
+    held = load_splits(store, "big").train
+    assert len(ImageSet(held.images[:3], held.labels[:3]).shard(2, 8)) == 3

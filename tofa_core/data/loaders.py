@@ -52,8 +52,11 @@ class ImageSet:
         return self.images.shape[0]
 
     def shard(self, rank: int, world_size: int, seed: int = 0) -> ImageSet:
-        """This worker's share: a seeded permutation cut into `world_size` near-equal parts."""
+        """This worker's share: a seeded permutation cut into `world_size` near-equal parts
+        (the whole set for every worker when there are fewer images than workers)."""
         _check_rank(rank, world_size)
+        if len(self) < world_size:
+            return self
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         mine = order[rank::world_size].sort().values
         return ImageSet(self.images[mine], self.labels[mine])
@@ -90,8 +93,11 @@ class StreamedSet:
 
     def shard(self, rank: int, world_size: int, seed: int = 0) -> StreamedSet:
         """This worker's share: whole shards, balanced by rows over a seeded order; with fewer
-        shards than workers, every worker reads every shard and keeps its stride of rows."""
+        shards than workers, every worker reads every shard and keeps its stride of rows (and
+        with fewer rows than workers, every worker streams them all)."""
         _check_rank(rank, world_size)
+        if len(self) < world_size:
+            return self
         if len(self.shards) < world_size:
             starts = np.cumsum([0] + [len(r) for r in self.rows])
             first = [(rank - start) % world_size for start in starts[:-1]]  # a stride over all rows
