@@ -9,9 +9,14 @@ fresh folder), then for every exported target reads its files:
   - RAM: `costs.peak_ram_bytes` (from the Arch) against `quantize.peak_activation_bytes`
     (liveness on the deployed graph); flash: `costs.flash_bytes` against the file's bytes
   - latency at batch 1, one ONNX Runtime thread, float file against int8 file
-and, to check the RAM and flash models beyond the picks, 30 random subnets of the space.
+  - the LiteRT file (model.int8.tflite, where the target has one): its accuracy and agreement
+    with the float model in LiteRT's interpreter, RAM (op-order liveness), flash (file bytes)
+    and latency (batch 1, one thread)
+and, to check the RAM and flash models beyond the picks, 30 random subnets of the space
+(`--random-litert` of them also converted to int8 LiteRT: the ONNX-fitted models against it).
 
-    .venv/bin/python benchmarks/bench_edge.py [--out docs/results/edge] [--random 30] [--summary FILE]
+    .venv/bin/python benchmarks/bench_edge.py [--out docs/results/edge] [--random 30]
+        [--random-litert 10] [--summary FILE]
 
 `--summary` reuses the summary of an earlier `tofa run` (its store must still exist).
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tofa_core import onnx_runtime
+from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch
 from tofa_core.constraints import KB
 from tofa_core.costs import flash_bytes, peak_ram_bytes
@@ -77,6 +82,7 @@ def one_target(row: dict, trained, folder: Path) -> dict:
     q = onnx_runtime.run(onnx_runtime.session(int8), x)
     deployed = int8 if precision == "int8" else fp32
     one = x[:1]
+    tflite = folder / "model.int8.tflite"
     return {
         "target": row["target"],
         "precision": precision,
@@ -91,6 +97,50 @@ def one_target(row: dict, trained, folder: Path) -> dict:
         "budget": row["constraints"],
         "latency_fp32_ms": onnx_runtime.model_latency_ms(fp32, one, 1),
         "latency_int8_ms": onnx_runtime.model_latency_ms(int8, one, 1),
+        **(litert_numbers(tflite, x, labels, f) if tflite.exists() else {}),
+    }
+
+
+def litert_numbers(tflite: Path, x: np.ndarray, labels: np.ndarray, float_logits: np.ndarray) -> dict:
+    """The int8 LiteRT file in LiteRT's interpreter: accuracy, agreement, RAM, flash, latency."""
+    logits = litert.run(tflite, x)
+    repeats = np.repeat(x[:1], LATENCY_RUNS, axis=0)
+    start = time.perf_counter()
+    litert.run(tflite, repeats)
+    return {
+        "tflite_int8_acc": accuracy(logits, labels),
+        "tflite_agreement": float((logits.argmax(1) == float_logits.argmax(1)).mean()),
+        "tflite_ram_kb": litert.peak_activation_bytes(tflite) / KB,
+        "tflite_flash_kb": tflite.stat().st_size / KB,
+        "tflite_latency_ms": (time.perf_counter() - start) * 1000 / LATENCY_RUNS,
+    }
+
+
+LATENCY_RUNS = 500  # batch-1 invocations timed (one interpreter, after its first run)
+
+
+def random_litert(trained, count: int) -> dict:
+    """Range of (file / model) over `count` random subnets converted to int8 LiteRT: how far the
+    ONNX-fitted RAM and flash models are from LiteRT's files."""
+    net, space, calib = trained.net, trained.net.space, trained.data.calib
+    rng, ratios = random.Random(1), {"ram": [], "flash": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            arch = space.sample(rng)
+            program, out = Path(tmp) / f"{i}.pt2", Path(tmp) / f"{i}.tflite"
+            model = calibrated_subnet(net, arch, calib[:64]).eval()
+            example = at_resolution(calib[:2], arch.resolution)
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            torch.export.save(
+                torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), program
+            )
+            litert.convert(
+                program, at_resolution(calib[:128], arch.resolution).numpy(), float_out=None, int8_out=out
+            )
+            ratios["ram"].append(litert.peak_activation_bytes(out) / peak_ram_bytes(arch, space, "int8"))
+            ratios["flash"].append(out.stat().st_size / flash_bytes(arch, space, "int8"))
+    return {"subnets": count} | {
+        f"{k}_ratio": [round(min(v), 3), round(max(v), 3)] for k, v in ratios.items()
     }
 
 
@@ -110,6 +160,23 @@ def random_subnets(trained, count: int) -> dict:
             worst["ram"] = max(worst["ram"], abs(ram - 1))
             worst[f"flash_{precision}"] = max(worst[f"flash_{precision}"], abs(flash - 1))
     return {"subnets": count, **{k: round(v, 4) for k, v in worst.items()}}
+
+
+def report_litert(rows: list[dict], models: dict) -> None:
+    rows = [r for r in rows if "tflite_int8_acc" in r]
+    print("\n| target | LiteRT int8 acc | agree | RAM KB | flash KB | latency ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['target']} | {100 * r['tflite_int8_acc']:.1f} | {100 * r['tflite_agreement']:.1f} "
+            f"| {r['tflite_ram_kb']:.1f} | {r['tflite_flash_kb']:.0f} | {r['tflite_latency_ms']:.3f} |"
+        )
+    if models.get("subnets"):
+        print(
+            f"int8 LiteRT file / ONNX-fitted model over {models['subnets']} random subnets: RAM "
+            f"{models['ram_ratio'][0]:.2f}-{models['ram_ratio'][1]:.2f}x, flash "
+            f"{models['flash_ratio'][0]:.2f}-{models['flash_ratio'][1]:.2f}x"
+        )
 
 
 def report(rows: list[dict], models: dict, wall: float | None) -> None:
@@ -136,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "edge"))
     parser.add_argument("--random", type=int, default=30, help="random subnets for the RAM/flash models")
+    parser.add_argument("--random-litert", type=int, default=10, help="of them converted to LiteRT")
     parser.add_argument("--summary", help="the summary JSON of an earlier `tofa run` (with --store)")
     parser.add_argument("--store", help="that run's store folder [default: .tofa/store beside the summary]")
     args = parser.parse_args()
@@ -148,11 +216,14 @@ def main() -> None:
         trained = load_trained(store, run_dir)
         rows = [one_target(r, trained, Path(r["files"]["model.json"]).parent) for r in summary["targets"]]
         models = random_subnets(trained, args.random)
+        litert_models = random_litert(trained, args.random_litert)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"wall_seconds": summary.get("wall_seconds"), "targets": rows, "models": models}
+    result["litert_models"] = litert_models
     (out / "edge.json").write_text(json.dumps(result, indent=1))
     report(rows, models, summary.get("wall_seconds"))
+    report_litert(rows, litert_models)
 
 
 if __name__ == "__main__":

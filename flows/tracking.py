@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from flows.settings import state_dir
-from tofa_core.export import Evaluation
+from tofa_core.export import FILES, Evaluation
 from tofa_core.training.config import TrainConfig
 
 
@@ -268,7 +268,7 @@ def _target_run(client, parent_run: str, dataset: str, row: dict, about: dict, f
 
 
 def _log_model(client, run_id: str, folder: Path, example, target: str) -> None:
-    """The ONNX model in MLflow's onnx flavour (signature, input example) beside model.pt and model.json."""
+    """The ONNX model in MLflow's onnx flavour (signature, input example), the other formats, model.json."""
     import mlflow.onnx
     import onnx
     from mlflow.models import infer_signature
@@ -285,8 +285,8 @@ def _log_model(client, run_id: str, folder: Path, example, target: str) -> None:
             input_example=example,
             pip_requirements=["onnxruntime", "numpy"],  # explicit: inferring them takes seconds
         )
-        for extra in ("model.int8.onnx", "model.pt", "model.pt2", "model.json"):
-            if (folder / extra).exists():
+        for extra in (*FILES.values(), "model.json"):
+            if extra != "model.onnx" and (folder / extra).exists():
                 shutil.copy2(folder / extra, model_dir / extra)
         client.log_artifacts(run_id, str(model_dir), "model")
 
@@ -330,6 +330,7 @@ def _registered_before(client, parent_run: str, dataset: str, target: str, finge
 METRIC_KEYS = (
     "test_acc", "val_acc", "test_acc_fp32", "test_acc_int8", "int8_agreement", "macs", "params",
     "ram_kb", "flash_kb", "latency_ms", "predicted_score", "score", "seconds",
+    "test_acc_tflite", "test_acc_tflite_int8", "tflite_int8_agreement", "tflite_ram_kb", "tflite_flash_kb",
 )  # fmt: skip
 
 

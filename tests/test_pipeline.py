@@ -21,13 +21,16 @@ from PIL import Image
 from quick_config import config as quick_config
 from sklearn.datasets import load_digits
 
+from tofa_core import litert
+
 pytestmark = pytest.mark.slow  # whole pipeline runs: training, specialization, registry
 
 # lean deploys int8; its supernet trains 18 steps, whose near-tie outputs flip under int8 more
 # often than a trained one's: the agreement gate is lowered for it (tested in test_specialize)
 TARGETS = (
     "- {name: small, max_macs: 200000}\n"
-    "- {name: lean, max_params: 150000, precision: int8, max_flash_kb: 256, min_int8_agreement: 0.5}\n"
+    "- {name: lean, max_params: 150000, precision: int8, max_flash_kb: 256, min_int8_agreement: 0.5,\n"
+    "   formats: [onnx, torchscript, tflite-int8]}\n"
 )
 
 
@@ -40,10 +43,9 @@ def write_digits(root: Path, indices, split: str) -> None:
         Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
 
 
-def onnx_accuracy(model_dir: Path, test_root: Path) -> float:
-    """Decode the test PNGs here and run the downloaded ONNX file as model.json says."""
+def preprocessed(model_dir: Path, test_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The test PNGs decoded here, preprocessed as model.json says; their class names."""
     about = json.loads((model_dir / "model.json").read_text())
-    classes = about["output"]["classes"]
     files = sorted(test_root.glob("*/*.png"))
     images = np.stack([np.asarray(Image.open(f), dtype=np.float32)[None] for f in files])
     norm = about["normalisation"]
@@ -54,11 +56,20 @@ def onnx_accuracy(model_dir: Path, test_root: Path) -> float:
     x = F.interpolate(
         torch.from_numpy(x.astype(np.float32)), size=(side, side), mode="bilinear", align_corners=False
     )
-    deployed = model_dir / about.get("deployed", "model.onnx")  # model.int8.onnx for int8
-    sess = ort.InferenceSession(str(deployed), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    predicted = [classes[i] for i in logits.argmax(1)]
-    return float(np.mean([p == f.parent.name for p, f in zip(predicted, files, strict=True)]))
+    return x.numpy(), np.array([f.parent.name for f in files])
+
+
+def predicted_right(model_dir: Path, logits: np.ndarray, truth: np.ndarray) -> float:
+    classes = np.array(json.loads((model_dir / "model.json").read_text())["output"]["classes"])
+    return float(np.mean(classes[logits.argmax(1)] == truth))
+
+
+def onnx_accuracy(model_dir: Path, test_root: Path) -> float:
+    """Run the downloaded deployed ONNX file on the test PNGs decoded here."""
+    x, truth = preprocessed(model_dir, test_root)
+    deployed = json.loads((model_dir / "model.json").read_text()).get("deployed", "model.onnx")
+    sess = ort.InferenceSession(str(model_dir / deployed), providers=["CPUExecutionProvider"])
+    return predicted_right(model_dir, sess.run(None, {sess.get_inputs()[0].name: x})[0], truth)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +172,14 @@ def test_first_run_registers_every_target_as_champion(world, first):
             assert metrics["test_acc"] == metrics["test_acc_int8"] and "test_acc_fp32" in metrics
             assert metrics["flash_kb"] == pytest.approx((local / "model.int8.onnx").stat().st_size / 1024)
             assert metrics["flash_kb"] <= 256 and metrics["int8_agreement"] >= 0.5
+            # the LiteRT file a microcontroller loads, beside it in the registered version
+            tflite = local / "model.int8.tflite"
+            assert metrics["tflite_flash_kb"] == pytest.approx(tflite.stat().st_size / 1024)
+            assert metrics["tflite_flash_kb"] <= 256
+            x, truth = preprocessed(local, world["source"] / "test")
+            assert predicted_right(local, litert.run(tflite, x), truth) == pytest.approx(
+                metrics["test_acc_tflite_int8"], abs=tolerance
+            )
         else:
             assert target_run.data.params["precision"] == "fp32" and "test_acc_int8" not in metrics
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tofa_core import onnx_runtime
+from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch
 from tofa_core.costs import LatencyTable, arch_blocks, count_macs, count_params
 from tofa_core.data.ingest import IngestConfig, ingest
@@ -368,3 +368,63 @@ def test_pt2_format_is_a_torch_export_program_with_any_batch(trained, predictor,
     onnx_logits = onnx_runtime.run(onnx_runtime.session(str(files["model.onnx"])), x.numpy())
     with torch.no_grad():
         np.testing.assert_allclose(program(x).numpy(), onnx_logits, atol=1e-4)
+
+
+def test_tflite_files_run_in_litert_and_are_verified_like_the_onnx_ones(trained, predictor, tmp_path):
+    _, t = trained
+    # a barely trained supernet: the int8 gate is lowered (see the int8 test above)
+    target = Target(
+        name="mcu", precision="int8", max_macs=250_000, max_flash_kb=512.0, min_int8_agreement=0.85,
+        formats=("onnx", "tflite", "tflite-int8"),
+    )  # fmt: skip
+    done = specialize(
+        t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path, classes=t.splits.classes,
+        evolution=FAST,
+    )  # fmt: skip
+    files, measured = {p.name: p for p in done.exported.files.values()}, done.measured
+    assert set(files) == {"model.onnx", "model.int8.onnx", "model.tflite", "model.int8.tflite", "model.json"}
+    x = at_resolution(t.data.test_x, done.arch.resolution).numpy()
+    onnx_logits = onnx_runtime.run(onnx_runtime.session(str(files["model.onnx"])), x)
+    # LiteRT's interpreter, the runtime that deploys them, runs both files here
+    np.testing.assert_allclose(litert.run(files["model.tflite"], x), onnx_logits, atol=1e-4)
+    assert measured["tflite_max_abs_diff"] <= 1e-4
+    int8 = litert.run(files["model.int8.tflite"], x)
+    assert measured["tflite_int8_agreement"] >= 0.85
+    assert (int8.argmax(1) == onnx_logits.argmax(1)).mean() == pytest.approx(
+        measured["tflite_int8_agreement"], abs=2 / len(x)
+    )  # PyTorch's and ONNX Runtime's float outputs may differ on a near tie
+    assert measured["test_acc_tflite_int8"] == pytest.approx((int8.argmax(1) == t.data.test_y.numpy()).mean())
+    # the int8 target's LiteRT file is measured against its budgets too
+    deployed = files["model.int8.tflite"]
+    assert measured["tflite_flash_kb"] == deployed.stat().st_size / 1024 <= 512.0
+    assert measured["tflite_ram_kb"] == litert.peak_activation_bytes(deployed) / 1024
+    assert deployed.stat().st_size < 0.5 * files["model.tflite"].stat().st_size
+    # model.json tells a device how to feed the int8 file: its input is int8, quantized by these
+    about = json.loads(files["model.json"].read_text())
+    io = about["litert"]["model.int8.tflite"]
+    r = done.arch.resolution
+    assert io["input"]["dtype"] == "int8" and io["input"]["shape"] == [1, t.data.channels, r, r]
+    assert io["input"]["scale"] > 0 and io["output"]["dtype"] == "int8"
+    assert about["litert"]["model.tflite"]["input"]["dtype"] == "float32"
+
+
+def test_a_tflite_file_over_the_ram_budget_fails_though_its_onnx_file_fits(trained, tmp_path):
+    from tofa_core.export import export_subnet, verify
+    from tofa_core.training.evaluate import calibrated_subnet
+
+    _, t = trained
+    arch = t.net.space.min_arch()
+    model = calibrated_subnet(t.net, arch, t.data.calib)
+    loose = Target(
+        name="mcu", precision="int8", max_macs=10**9, min_int8_agreement=0.5, formats=("onnx", "tflite-int8")
+    )
+    exported = export_subnet(
+        model, arch, t.data, tmp_path, classes=t.splits.classes, formats=loose.formats, precision="int8"
+    )
+    measured = verify(exported, model, arch, t.net.space, loose, t.data)
+    # LiteRT spells out padding as tensors and runs activations out of place: more RAM than ONNX
+    assert measured["tflite_ram_kb"] > measured["ram_kb"]
+    between = loose.model_copy(update={"max_ram_kb": (measured["ram_kb"] + measured["tflite_ram_kb"]) / 2})
+    with pytest.raises(VerificationError, match="model.int8.tflite needs") as err:
+        verify(exported, model, arch, t.net.space, between, t.data)
+    assert err.value.check == "max_ram_kb"

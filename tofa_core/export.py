@@ -10,6 +10,7 @@ naming the check; nothing is published for that export.
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from tofa_core import onnx_runtime
+from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.constraints import BY_FIELD, KB
 from tofa_core.costs import count_macs, count_params, folded_params
 from tofa_core.quantize import peak_activation_bytes, quantize_int8
-from tofa_core.search.targets import HOST_DEVICE, Target
+from tofa_core.search.targets import HOST_DEVICE, LITERT_FORMATS, Target
 from tofa_core.supernet.static import at_resolution
 from tofa_core.training.evaluate import EvalData
 
 MAX_ABS_DIFF = 1e-4
-FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.pt", "pt2": "model.pt2"}
+FILES = {
+    "onnx": "model.onnx",
+    "onnx-int8": "model.int8.onnx",
+    "torchscript": "model.pt",
+    "pt2": "model.pt2",
+    "tflite": "model.tflite",
+    "tflite-int8": "model.int8.tflite",
+}
 # What model.json says about an int8 file: how it was made, so a runtime knows what it gets.
 INT8_SCHEME = {
     "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around each op)",
@@ -70,27 +78,14 @@ def export_subnet(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval().to(memory_format=torch.contiguous_format)  # the layout ONNX describes
-    example = at_resolution(data.calib[:1], arch.resolution)
-    files = {}
-    if "onnx" in formats:
-        files["model.onnx"] = folder / FILES["onnx"]
-        files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
-    if "onnx-int8" in formats:
-        calibration = at_resolution(data.calib, arch.resolution).numpy()
-        files["model.int8.onnx"] = folder / FILES["onnx-int8"]
-        files["model.int8.onnx"].write_bytes(quantize_int8(files["model.onnx"].read_bytes(), calibration))
-        about = {"quantization": INT8_SCHEME | {"calibration_images": len(calibration)}} | (about or {})
-    if "torchscript" in formats:
-        # Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the
-        # subnet's own resolution (any batch size); model.json says how to resize to it.
-        with onnx_runtime.EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript is deprecated in 2.13; tracer notes
-            scripted = torch.jit.trace(model, example, check_trace=False)
-        files["model.pt"] = folder / FILES["torchscript"]
-        scripted.save(str(files["model.pt"]))
-    if "pt2" in formats:
-        files["model.pt2"] = folder / FILES["pt2"]
-        _save_pt2(model, at_resolution(data.calib[:2], arch.resolution), files["model.pt2"])
+    files = _write_formats(model, arch, data, folder, formats)
+    if "model.int8.onnx" in files:
+        scheme = INT8_SCHEME | {"calibration_images": len(data.calib)}
+        about = {"quantization": scheme} | (about or {})
+    litert_files = [FILES[f] for f in LITERT_FORMATS if f in formats]
+    if litert_files:
+        described = {name: litert.io_description(files[name]) for name in litert_files}
+        about = {"litert": described} | (about or {})
     description = {
         "arch": arch.to_dict(),
         "input": {
@@ -112,6 +107,48 @@ def export_subnet(
     return Exported(folder, files, description)
 
 
+def _write_formats(
+    model: nn.Module, arch: Arch, data: EvalData, folder: Path, formats: tuple[str, ...]
+) -> dict[str, Path]:
+    """Each format's file in `folder`, by file name."""
+    example = at_resolution(data.calib[:1], arch.resolution)
+    files = {FILES[f]: folder / FILES[f] for f in formats}
+    if "onnx" in formats:
+        files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
+    if "onnx-int8" in formats:
+        calibration = at_resolution(data.calib, arch.resolution).numpy()
+        files["model.int8.onnx"].write_bytes(quantize_int8(files["model.onnx"].read_bytes(), calibration))
+    if "torchscript" in formats:
+        _save_torchscript(model, example, files["model.pt"])
+    if "pt2" in formats:
+        _save_pt2(model, at_resolution(data.calib[:2], arch.resolution), files["model.pt2"])
+    if any(f in formats for f in LITERT_FORMATS):
+        _save_litert(model, arch, data, files)
+    return files
+
+
+def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the subnet's
+    own resolution (any batch size); model.json says how to resize to it."""
+    with onnx_runtime.EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated in 2.13; tracer notes
+        scripted = torch.jit.trace(model, example, check_trace=False)
+    scripted.save(str(path))
+
+
+def _save_litert(model: nn.Module, arch: Arch, data: EvalData, files: dict[str, Path]) -> None:
+    """model.tflite / model.int8.tflite, converted from the model's torch.export program (the
+    pt2 file when it is one of the formats) in the LiteRT converter's own Python."""
+    calibration = at_resolution(data.calib, arch.resolution).numpy()
+    with tempfile.TemporaryDirectory(prefix="tofa-pt2-") as tmp:
+        program = files.get("model.pt2") or Path(tmp) / "model.pt2"
+        if not program.exists():
+            _save_pt2(model, at_resolution(data.calib[:2], arch.resolution), program)
+        litert.convert(
+            program, calibration, float_out=files.get("model.tflite"), int8_out=files.get("model.int8.tflite")
+        )
+
+
 def _save_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export's ExportedProgram with a dynamic batch dimension (the example has 2 images:
     torch.export fixes a dimension of size 1)."""
@@ -119,6 +156,16 @@ def _save_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     with onnx_runtime.EXPORT_LOCK, torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
     torch.export.save(program, str(path))
+
+
+def _check_torchscript(path: Path, x: torch.Tensor, reference: np.ndarray) -> tuple[float, int]:
+    """Largest difference between the TorchScript file's outputs and PyTorch's; its parameters."""
+    scripted = torch.jit.load(str(path))
+    with torch.no_grad():
+        diff = float((scripted(x) - torch.from_numpy(reference)).abs().max()) if len(x) else 0.0
+    if not diff <= MAX_ABS_DIFF:
+        raise VerificationError("torchscript-matches-pytorch", f"TorchScript differs by {diff:.2e}")
+    return diff, sum(p.numel() for p in scripted.parameters())
 
 
 def _check_pt2(path: Path, x: torch.Tensor, reference: np.ndarray) -> float:
@@ -160,13 +207,8 @@ def verify(
         )
     measured: dict = {"onnx_max_abs_diff": diff}
     if "model.pt" in exported.files:
-        scripted = torch.jit.load(str(exported.files["model.pt"]))
-        with torch.no_grad():
-            ts_diff = float((scripted(x) - torch.from_numpy(reference)).abs().max()) if len(x) else 0.0
-        if not ts_diff <= MAX_ABS_DIFF:
-            raise VerificationError("torchscript-matches-pytorch", f"TorchScript differs by {ts_diff:.2e}")
+        ts_diff, params = _check_torchscript(exported.files["model.pt"], x, reference)
         measured["torchscript_max_abs_diff"] = ts_diff
-        params = sum(p.numel() for p in scripted.parameters())
     else:
         params = sum(p.numel() for p in model.parameters())
     if "model.pt2" in exported.files:
@@ -179,6 +221,9 @@ def verify(
         measured["int8_agreement"] = agreement
         deployed = exported.files["model.int8.onnx"] if target.precision == "int8" else onnx_file
     measured |= _check_memory(deployed, target)
+    litert_measured, logits_litert = _check_litert(exported.files, x, reference, target)
+    measured |= litert_measured
+    logits |= logits_litert
     if target.device == HOST_DEVICE:
         measured["latency_ms"] = _check_latency(deployed, data, arch, target, latency_threads)
     _accuracies(measured, logits, target.precision, deployed, data, arch)
@@ -203,18 +248,48 @@ def _check_int8(
 def _check_memory(deployed: Path, target: Target) -> dict:
     """RAM (graph liveness at the target's precision) and flash (file bytes) of the deployed file."""
     content = deployed.read_bytes()
-    measured = {
-        "ram_kb": peak_activation_bytes(content, target.precision) / KB,
-        "flash_kb": len(content) / KB,
-    }
-    for key, field in (("ram_kb", "max_ram_kb"), ("flash_kb", "max_flash_kb")):
+    ram_kb, flash_kb = peak_activation_bytes(content, target.precision) / KB, len(content) / KB
+    _check_fits(deployed.name, ram_kb, flash_kb, target)
+    return {"ram_kb": ram_kb, "flash_kb": flash_kb}
+
+
+def _check_fits(name: str, ram_kb: float, flash_kb: float, target: Target) -> None:
+    for value, field in ((ram_kb, "max_ram_kb"), (flash_kb, "max_flash_kb")):
         budget = getattr(target, field)
-        if budget is not None and measured[key] > budget:
+        if budget is not None and value > budget:
             shown = BY_FIELD[field]
+            raise VerificationError(field, f"{name} needs {shown.show(value)} > {budget:g} {shown.unit}")
+
+
+def _check_litert(
+    files: dict[str, Path], x: torch.Tensor, reference: np.ndarray, target: Target
+) -> tuple[dict, dict]:
+    """The LiteRT files run by LiteRT's interpreter: the float one matches PyTorch, the int8 one
+    agrees with it on top-1 (>= min_int8_agreement); the one at the target's precision fits
+    its RAM (op-order liveness) and flash (file bytes) budgets. Returns (measured, logits)."""
+    measured, logits = {}, {}
+    if "model.tflite" in files:
+        logits["tflite"] = litert.run(files["model.tflite"], x.numpy())
+        diff = float(np.abs(logits["tflite"] - reference).max()) if len(x) else 0.0
+        if not diff <= MAX_ABS_DIFF:
+            raise VerificationError("tflite-matches-pytorch", f"LiteRT differs from PyTorch by {diff:.2e}")
+        measured["tflite_max_abs_diff"] = diff
+    if "model.int8.tflite" in files:
+        logits["tflite_int8"] = litert.run(files["model.int8.tflite"], x.numpy())
+        agreement = float((logits["tflite_int8"].argmax(1) == reference.argmax(1)).mean()) if len(x) else 1.0
+        if agreement < target.min_int8_agreement:
             raise VerificationError(
-                field, f"{deployed.name} needs {shown.show(measured[key])} > {budget:g} {shown.unit}"
+                "int8-agreement",
+                f"model.int8.tflite agrees with the float model on {agreement:.1%} of the images "
+                f"< {target.min_int8_agreement:.0%} (min_int8_agreement)",
             )
-    return measured
+        measured["tflite_int8_agreement"] = agreement
+    if target.litert_file:
+        deployed = files[FILES[target.litert_file]]
+        ram_kb, flash_kb = litert.peak_activation_bytes(deployed) / KB, deployed.stat().st_size / KB
+        _check_fits(deployed.name, ram_kb, flash_kb, target)
+        measured |= {"tflite_ram_kb": ram_kb, "tflite_flash_kb": flash_kb}
+    return measured, logits
 
 
 def _check_latency(deployed: Path, data: EvalData, arch: Arch, target: Target, threads: int) -> float:

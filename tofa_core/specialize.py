@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tofa_core import onnx_runtime
+from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
@@ -24,7 +24,7 @@ from tofa_core.export import Exported, VerificationError, export_subnet, verify
 from tofa_core.quantize import quantize_int8
 from tofa_core.search.evolution import CostModel, EvolutionConfig, InfeasibleTarget, SearchResult, evolve
 from tofa_core.search.predictor import AccuracyPredictor, Scored, score_subnets, teacher_labels
-from tofa_core.search.targets import Target
+from tofa_core.search.targets import LITERT_FORMATS, Target
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet
 from tofa_core.supernet.static import at_resolution
@@ -86,6 +86,8 @@ def specialize(
     computed once for all targets; computed here when not given. `measured`: subnets already
     scored (the predictor's samples); the best of them that fit compete with search's picks."""
     started = time.perf_counter()
+    if any(f in LITERT_FORMATS for f in target.formats):
+        litert.require()  # now, not after a search
     rejected: list[VerificationError] = []
     searches = 0
     for search_round in range(SEARCH_ROUNDS):
@@ -119,9 +121,10 @@ def _tightened(target: Target, search_round: int) -> Target | None:
     None when it has no such budget to tighten."""
     if not search_round:
         return target
+    factors = TIGHTEN | (TIGHTEN_LITERT if target.litert_file else {})
     update = {
         field: getattr(target, field) * factor**search_round
-        for field, factor in TIGHTEN.items()
+        for field, factor in factors.items()
         if getattr(target, field) is not None
     }
     if update:
@@ -133,6 +136,10 @@ def _tightened(target: Target, search_round: int) -> Target | None:
 # which each further search tightens that budget.
 SEARCH_ROUNDS = 3
 TIGHTEN = {"max_latency_ms": 0.8, "max_flash_kb": 0.97}
+# The RAM model is exact for the ONNX graph; a LiteRT file can need more (explicit padding
+# tensors, activations not done in place) and more flash (per-channel scales and zero points
+# of every tensor, its own metadata), so a target deploying one tightens both faster.
+TIGHTEN_LITERT = {"max_ram_kb": 0.7, "max_flash_kb": 0.8}
 # Verification failures after which the next-ranked candidate is tried.
 NEXT_CANDIDATE = ("max_latency_ms", "max_flash_kb", "max_ram_kb", "int8-agreement")
 

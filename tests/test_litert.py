@@ -1,0 +1,45 @@
+"""The LiteRT converter's Python: found, or a clear error naming the fix before any search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tofa_core import litert
+from tofa_core.search.targets import Target
+from tofa_core.specialize import specialize
+
+
+def test_a_missing_converter_is_named_with_its_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv(litert.PYTHON_ENV, str(tmp_path / "no-python"))
+    with pytest.raises(litert.LiteRTUnavailable, match="make litert") as err:
+        litert.require()
+    assert str(tmp_path / "no-python") in str(err.value) and litert.PYTHON_ENV in str(err.value)
+
+
+def test_a_tflite_target_fails_before_any_search_without_the_converter(tmp_path, monkeypatch):
+    monkeypatch.setenv(litert.PYTHON_ENV, str(tmp_path / "no-python"))
+    target = Target(name="mcu", max_macs=10**6, formats=("onnx", "tflite"))
+    # nothing else is needed: the check comes first (the supernet and data are never touched)
+    with pytest.raises(litert.LiteRTUnavailable):
+        specialize(None, target, None, None, None, tmp_path / "out", classes=[])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_litert_file_at_the_targets_precision_is_the_one_budgets_apply_to():
+    assert Target(name="a", max_macs=1, formats=("onnx", "tflite", "tflite-int8")).litert_file == "tflite"
+    int8 = Target(name="b", max_macs=1, precision="int8", formats=("onnx", "tflite", "tflite-int8"))
+    assert int8.litert_file == "tflite-int8"
+    assert Target(name="c", max_macs=1, precision="int8", formats=("onnx", "tflite")).litert_file is None
+    assert Target(name="d", max_macs=1).litert_file is None
+
+
+@pytest.mark.slow  # starts the converter's Python (jax, litert-torch): seconds
+def test_a_conversion_that_fails_says_what_litert_torch_said(tmp_path):
+    program = tmp_path / "model.pt2"
+    program.write_bytes(b"not a torch.export file")
+    with pytest.raises(litert.ConversionError, match="litert-torch failed") as err:
+        litert.convert(
+            program, np.zeros((2, 1, 8, 8), np.float32), float_out=tmp_path / "m.tflite", int8_out=None
+        )
+    assert "Traceback" in str(err.value) and not (tmp_path / "m.tflite").exists()
