@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from flows import plots, tracking
+from flows import descriptions, plots, tracking
 from flows.ingest import ingest_flow
 from flows.services import check_services
 from flows.settings import dataset_name, latency_dir, redact, store_uri
@@ -369,7 +369,8 @@ def _close(runs: Runs, record: dict, parent: str, ok: bool, timings: dict[str, f
     try:
         if not ok and record["status"] == "running":  # a stage raised: say so in the store too
             runs.write_pipeline(record["dataset"], {**record, "status": "failed"})
-        tracking.finish_run(parent, ok, {f"seconds/{k}": v for k, v in timings.items()})
+        seconds = {f"seconds/{k}": v for k, v in timings.items()}
+        tracking.finish_run(parent, ok, seconds, descriptions.pipeline(record, ok))
     except Exception:
         if ok:
             raise
@@ -393,6 +394,9 @@ def _target_row(row: dict, registration: dict) -> dict:
         "test_acc",
         "test_acc_fp32",
         "test_acc_int8",
+        "test_acc_tflite_int8",
+        "tflite_ram_kb",
+        "tflite_flash_kb",
         "files",
         "seconds",
     )

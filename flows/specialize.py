@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.settings import dataset_name, latency_dir, state_dir, store_uri
 from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import VerificationError
+from tofa_core.export import FILES, VerificationError
 from tofa_core.runs import Runs
 from tofa_core.search.evolution import CostModel, InfeasibleTarget
 from tofa_core.search.predictor import Scored, cached_predictor, predictor_key
@@ -145,7 +145,7 @@ def publish(files: dict[str, Path], out) -> dict[str, str]:
     folder with a model.json always holds one complete, verified export."""
     if out.exists("model.json"):
         out.delete("model.json")
-    for stale in ("model.onnx", "model.int8.onnx", "model.pt", "model.pt2"):
+    for stale in FILES.values():
         if stale not in files and out.exists(stale):
             out.delete(stale)
     uris = {}

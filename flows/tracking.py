@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from flows import descriptions
 from flows.settings import state_dir
 from tofa_core.export import FILES, Evaluation
 from tofa_core.training.config import TrainConfig
@@ -41,12 +42,15 @@ def experiment_id(client, dataset: str) -> str:
     name = f"tofa-{dataset}"
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if descriptions.KIND_TAG not in found.tags:  # made before TOFA set it: the right view too
+            client.set_experiment_tag(found.experiment_id, descriptions.KIND_TAG, descriptions.KIND)
         return found.experiment_id
     artifacts = None  # a tracking server decides (e.g. its --artifacts-destination)
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):  # a local database: artifacts in a folder beside it
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    tags = {descriptions.KIND_TAG: descriptions.KIND, descriptions.NOTE: descriptions.experiment(dataset)}
+    return client.create_experiment(name, artifact_location=artifacts, tags=tags)
 
 
 def _flat(prefix: str, data: dict) -> dict[str, str]:
@@ -74,6 +78,7 @@ def log_training(
         "tofa.data_version": summary["data_version"],
         "tofa.run_dir": summary["run_dir"],
         "tofa.supernet": summary["supernet"],
+        descriptions.NOTE: descriptions.training(summary, cfg.epochs),
     }
     if parent_run:
         tags["mlflow.parentRunId"] = parent_run
@@ -165,10 +170,13 @@ def start_pipeline(dataset: str, name: str, params: dict, tags: dict) -> str:
     return run.info.run_id
 
 
-def finish_run(run_id: str, ok: bool, metrics: dict | None = None) -> None:
+def finish_run(run_id: str, ok: bool, metrics: dict | None = None, note: str | None = None) -> None:
+    """End a run (FINISHED or FAILED) with its last metrics and, given one, its description."""
     from mlflow.entities import Metric
 
     client = _client()
+    if note:
+        client.set_tag(run_id, descriptions.NOTE, note)
     now = int(time.time() * 1000)
     if metrics:
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
@@ -209,7 +217,8 @@ def register_target(
     run_id = _target_run(client, parent_run, dataset, row, about, fingerprint)
     _log_model(client, run_id, folder, example, target)
     name = model_name(dataset, target)
-    version = _new_version(client, name, run_id, dataset, target)
+    note = descriptions.target(row, about.get("data_version", "?"))
+    version = _new_version(client, name, run_id, dataset, target, note)
     try:
         decision = _promote(client, name, version, folder, about, evaluation)
     except Exception:
@@ -251,6 +260,7 @@ def _target_run(client, parent_run: str, dataset: str, row: dict, about: dict, f
             "tofa.data_version": about.get("data_version", ""),
             "tofa.supernet": about.get("supernet", ""),
             FILES_TAG: fingerprint,
+            descriptions.NOTE: descriptions.target(row, about.get("data_version", "?")),
         },
     )
     params = {f"budget.{k}": v for k, v in row["constraints"].items()}
@@ -291,7 +301,7 @@ def _log_model(client, run_id: str, folder: Path, example, target: str) -> None:
         client.log_artifacts(run_id, str(model_dir), "model")
 
 
-def _new_version(client, name: str, run_id: str, dataset: str, target: str) -> str:
+def _new_version(client, name: str, run_id: str, dataset: str, target: str, note: str) -> str:
     """A new version of the target's registered model (the model created on first use)."""
     try:
         client.create_registered_model(
@@ -301,7 +311,7 @@ def _new_version(client, name: str, run_id: str, dataset: str, target: str) -> s
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return client.create_model_version(
-        name, f"runs:/{run_id}/model", run_id=run_id, tags={"tofa.target": target}
+        name, f"runs:/{run_id}/model", run_id=run_id, tags={"tofa.target": target}, description=note
     ).version
 
 

@@ -129,3 +129,15 @@ def test_int8_targets_deploy_the_int8_file():
     assert "onnx-int8" not in Target(name="t", max_flash_kb=64.0).formats
     with pytest.raises(TargetError, match="precision"):
         parse_targets([{"name": "t", "max_macs": 5, "precision": "int4"}], "targets.yaml")
+
+
+def test_a_verification_error_crosses_processes_whole():
+    """Targets are verified in Ray workers: the driver must get the check and the message back."""
+    import pickle
+
+    from tofa_core.export import VerificationError
+
+    err = VerificationError("max_ram_kb", "model.int8.tflite needs RAM 9 KB > 8 KB")
+    err.args = (f"candidate x: {err}",)  # as specialize prefixes the candidate
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is VerificationError and back.check == "max_ram_kb" and str(back) == str(err)

@@ -133,6 +133,13 @@ def test_first_run_registers_every_target_as_champion(world, first):
     children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     kinds = sorted(r.data.tags["tofa.kind"] for r in children)
     assert kinds == ["target", "target", "train"]
+    # what a person browsing MLflow sees: the model-training view, and descriptions to read
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "pipeline-" in exp.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert first["data_version"] in note and "2 target(s) registered; champion: small, lean." in note
+    (train,) = [r for r in children if r.data.tags["tofa.kind"] == "train"]
+    assert "Supernet trained on `shapes`" in train.data.tags["mlflow.note.content"]
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
     assert artifacts == {"plots/pareto.png", "plots/training_curves.png", "plots/predictor.png"}
     for path in artifacts:  # real PNGs, not empty files
@@ -148,6 +155,9 @@ def test_first_run_registers_every_target_as_champion(world, first):
         version = c.get_model_version(name, "1")
         target_run = runs[version.run_id]
         assert target_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        described = target_run.data.tags["mlflow.note.content"]
+        assert described == version.description and f"target `{row['target']}`" in described
+        assert f"{row['macs']:,} MACs" in described and first["data_version"] in described
         metrics = target_run.data.metrics
         assert metrics["macs"] == row["macs"] and metrics["params"] == row["params"]
         assert metrics["test_acc"] == pytest.approx(row["test_acc"])
@@ -462,3 +472,16 @@ def test_an_rgb_32px_data_set_runs_end_to_end_with_its_targets_file(world):
         )  # fmt: skip
         assert about["arch"]["resolution"] == 32 and row["registered_model"]["alias"] == "champion"
         assert ("model.int8.onnx" in row["files"]) == (about["precision"] == "int8")
+
+
+def test_an_experiment_made_before_the_kind_tag_opens_in_the_training_view_too(world, first):
+    from flows import tracking
+
+    c = client()
+    made = c.create_experiment("tofa-older")  # as an earlier version of TOFA made it
+    assert "mlflow.experimentKind" not in c.get_experiment(made).tags
+    assert tracking.experiment_id(c, "older") == made
+    assert c.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+    c.set_experiment_tag(made, "mlflow.experimentKind", "finetuning")  # a user's own choice stays
+    tracking.experiment_id(c, "older")
+    assert c.get_experiment(made).tags["mlflow.experimentKind"] == "finetuning"

@@ -54,6 +54,18 @@ class VerificationError(RuntimeError):
         super().__init__(f"verification failed ({check}): {message}")
         self.check = check
 
+    def __reduce__(self):
+        # Raised in Ray workers and unpickled by the driver: rebuilt from its check and its
+        # message as it stands (callers prefix the candidate to it), not from __init__'s args.
+        return _rebuilt_verification_error, (self.check, self.args)
+
+
+def _rebuilt_verification_error(check: str, args: tuple) -> VerificationError:
+    err = VerificationError.__new__(VerificationError)
+    RuntimeError.__init__(err, *args)
+    err.check = check
+    return err
+
 
 @dataclass
 class Exported:

@@ -94,9 +94,9 @@ def specialize(
         # A latency table predicts whole networks within ~10% (up to ~30%), the flash model
         # within ~1.5%: when every candidate near the budget measures over it, search again
         # under tighter predicted budgets.
-        searched = _tightened(target, search_round)
+        searched = _tightened(target, search_round, {e.check for e in rejected})
         if searched is None:
-            break  # nothing predicted to tighten: another search would find the same candidates
+            break  # no budget to tighten: another search would find the same candidates
         try:
             found = evolve(searched, costs, predictor.predict, evolution, seed)
         except InfeasibleTarget:
@@ -116,16 +116,17 @@ def specialize(
     )
 
 
-def _tightened(target: Target, search_round: int) -> Target | None:
-    """`target` with its predicted budgets tightened for the `search_round`-th search (0: as is);
-    None when it has no such budget to tighten."""
+def _tightened(target: Target, search_round: int, failed: set[str]) -> Target | None:
+    """`target` with its predicted budgets tightened for the `search_round`-th search (0: as is):
+    those that candidates measured over (`failed`: the checks that rejected them). None when
+    there is none (candidates that failed only the int8 agreement say nothing of the budgets)."""
     if not search_round:
         return target
     factors = TIGHTEN | (TIGHTEN_LITERT if target.litert_file else {})
     update = {
         field: getattr(target, field) * factor**search_round
         for field, factor in factors.items()
-        if getattr(target, field) is not None
+        if getattr(target, field) is not None and field in failed
     }
     if update:
         log.info("target %s: searching again under tighter predicted budgets %s", target.name, update)

@@ -1,0 +1,76 @@
+"""What a person browsing MLflow reads: the descriptions of TOFA's experiments, runs and model
+versions (MLflow shows a run's or experiment's `mlflow.note.content` tag as its description).
+
+Each is a few plain sentences built from the records the pipeline already keeps.
+"""
+
+from __future__ import annotations
+
+from tofa_core.constraints import BY_FIELD
+
+NOTE = "mlflow.note.content"
+# MLflow 3 opens an experiment in its GenAI view (traces, judges, prompts) unless told it holds
+# model training; TOFA's hold supernet trainings and one exported model per target.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def experiment(dataset: str) -> str:
+    return (
+        f"TOFA on data set `{dataset}`. Each `pipeline-*` run is one retraining: its `train-*` run "
+        "trained one elastic supernet on the data version it names, and one `target-*` run per "
+        f"deployment target holds the subnet selected, exported and verified for it (registered as "
+        f"model `tofa-{dataset}-<target>`)."
+    )
+
+
+def training(summary: dict, epochs: int) -> str:
+    accuracies = [
+        f"{name} subnet {summary[key]:.1%}"
+        for name, key in (("largest", "test_acc/max"), ("smallest", "test_acc/min"))
+        if isinstance(summary.get(key), (int, float))
+    ]
+    text = (
+        f"Supernet trained on `{summary['dataset']}` data version `{summary['data_version']}`: "
+        f"{epochs} epochs on {summary['workers']} worker(s)."
+    )
+    if accuracies:
+        text += f" Test accuracy: {', '.join(accuracies)}."
+    return text + f" Checkpoint: `{summary['supernet']}`."
+
+
+def target(row: dict, data_version: str) -> str:
+    """A target's run and model version: its budget, what was measured on its files, its data."""
+    budget = ", ".join(BY_FIELD[f].show(v) for f, v in row["constraints"].items()) or "none"
+    precision = row.get("precision", "fp32")
+    measured = [f"{row['macs']:,} MACs", f"{row['params']:,} parameters"]
+    measured += [f"{label} {row[key]:.1f} KB" for key, label in (("ram_kb", "RAM"), ("flash_kb", "flash"))
+                 if isinstance(row.get(key), (int, float))]  # fmt: skip
+    if isinstance(row.get("latency_ms"), (int, float)):
+        measured.append(f"{row['latency_ms']:.3f} ms on {row.get('device')}")
+    text = (
+        f"Subnet for target `{row['target']}` (budget: {budget}; {precision}), selected from the "
+        f"supernet and exported without retraining, from data version `{data_version}`. Measured on "
+        f"the exported files: {', '.join(measured)}."
+    )
+    if isinstance(row.get("test_acc"), (int, float)):
+        text += f" Test accuracy of the deployed file: {row['test_acc']:.1%}."
+    files = sorted(str(name) for name in row.get("files", {}))
+    return text + (f" Files: {', '.join(files)}." if files else "")
+
+
+def pipeline(record: dict, ok: bool) -> str:
+    """The pipeline run, once it ended: what it trained or reused, what it registered."""
+    text = f"Retraining of `{record['dataset']}` on data version `{record['data_version']}`"
+    if "supernet_run" in record:
+        how = "reused" if record.get("supernet_reused") else "trained"
+        text += f": supernet {how} (`{record['supernet_run']}`)"
+    rows = record.get("targets", [])
+    aliases: dict[str, list[str]] = {}
+    for row in rows:
+        aliases.setdefault(row.get("registered_model", {}).get("alias", "?"), []).append(row["target"])
+    text += f". {len(rows)} target(s) registered" if rows else ". No target registered"
+    text += "".join(f"; {alias}: {', '.join(names)}" for alias, names in sorted(aliases.items()))
+    failed = record.get("failed") or []
+    if failed:
+        text += f". Failed: {', '.join(f['target'] for f in failed)}"
+    return text + ("." if ok else ". The run failed; its log names the stage.")
