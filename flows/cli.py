@@ -617,11 +617,10 @@ def _print_run(summary: dict, summary_out: Path | None) -> None:
             highlight=False,
         )
     console.print(targets_table(summary["targets"], f"{summary['dataset']} {summary['data_version']}"))
-    console.print(
-        f"MLflow: {summary['mlflow']['tracking_uri']} (parent run {summary['mlflow']['parent_run_id']}); "
-        f"took {summary['timings']['total']:.0f} s",
-        highlight=False,
-    )
+    mlflow = summary["mlflow"]
+    where = mlflow.get("run_url") or f"{mlflow['tracking_uri']} (parent run {mlflow['parent_run_id']})"
+    took = summary["timings"]["total"]
+    console.print(f"MLflow: {where}; took {took:.0f} s", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -54,6 +54,11 @@ def target(row: dict, data_version: str) -> str:
     )
     if isinstance(row.get("test_acc"), (int, float)):
         text += f" Test accuracy of the deployed file: {row['test_acc']:.1%}."
+    if isinstance(row.get("tflite_flash_kb"), (int, float)):
+        text += f" Its LiteRT file: RAM {row['tflite_ram_kb']:.1f} KB, flash {row['tflite_flash_kb']:.1f} KB."
+    litert_acc = row.get("test_acc_tflite_int8" if precision == "int8" else "test_acc_tflite")
+    if isinstance(litert_acc, (int, float)):
+        text += f" LiteRT test accuracy: {litert_acc:.1%}."
     files = sorted(str(name) for name in row.get("files", {}))
     return text + (f" Files: {', '.join(files)}." if files else "")
 

@@ -256,6 +256,7 @@ def _retrain(p: Retrain) -> dict:
     record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
     record |= {"data_version": data["version"], "data_created": data["created"]}
     record["mlflow"] = {"tracking_uri": redact(tracking.tracking_uri()), "parent_run_id": parent}
+    record["mlflow"]["run_url"] = tracking.run_url(p.dataset, parent)
     runs = Runs(open_storage(p.store))
     ok = False
     try:
@@ -394,6 +395,7 @@ def _target_row(row: dict, registration: dict) -> dict:
         "test_acc",
         "test_acc_fp32",
         "test_acc_int8",
+        "test_acc_tflite",
         "test_acc_tflite_int8",
         "tflite_ram_kb",
         "tflite_flash_kb",

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from flows import descriptions
-from flows.settings import state_dir
+from flows.settings import redact, state_dir
 from tofa_core.export import FILES, Evaluation
 from tofa_core.training.config import TrainConfig
 
@@ -51,6 +51,17 @@ def experiment_id(client, dataset: str) -> str:
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     tags = {descriptions.KIND_TAG: descriptions.KIND, descriptions.NOTE: descriptions.experiment(dataset)}
     return client.create_experiment(name, artifact_location=artifacts, tags=tags)
+
+
+def run_url(dataset: str, run_id: str) -> str | None:
+    """The run's page in the tracking server's UI, opened in its model-training view (MLflow 3's
+    UI picks GenAI or model training with a sidebar toggle kept per browser; the experiment's
+    kind tag alone does not switch it). None for a local database, which has no UI of its own."""
+    uri = redact(tracking_uri())
+    if not uri.startswith(("http://", "https://")):
+        return None
+    experiment = experiment_id(_client(), dataset)
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _flat(prefix: str, data: dict) -> dict[str, str]:

@@ -166,6 +166,16 @@ def test_deployment_run_through_the_worker(stack, tmp_path, monkeypatch):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["tofa.kind"] for r in nested) == ["target", "target", "train"]
+    # the link TOFA prints opens the run in MLflow's model-training view, not its GenAI one
+    from flows import tracking
+
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    parent = parents[0].info.run_id
+    assert tracking.run_url("digits", parent) == (
+        f"{env['MLFLOW_TRACKING_URI']}/#/experiments/{exp.experiment_id}/runs/{parent}"
+        "?workflowType=machine_learning"
+    )
     for target in ("tiny", "lean"):
         name = f"tofa-digits-{target}"
         aliases = client.get_registered_model(name).aliases  # str over REST, int from SQLite
