@@ -527,6 +527,7 @@ def specialize(
         ValueError,  # a bad --dataset or --run (names.InvalidName)
     ) as err:
         fail(str(err))
+    summary = summary.to_json()
     if summary_out:
         summary_out.write_text(json.dumps(summary, indent=2))
     console.print(targets_table(summary["targets"], f"{summary['dataset']} {summary['data_version']}"))

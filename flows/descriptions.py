@@ -7,6 +7,7 @@ Each is a few plain sentences built from the records the pipeline already keeps.
 from __future__ import annotations
 
 from tofa_core.constraints import BY_FIELD
+from tofa_core.specialize import TargetResult
 
 NOTE = "mlflow.note.content"
 # MLflow 3 opens an experiment in its GenAI view (traces, judges, prompts) unless told it holds
@@ -38,29 +39,32 @@ def training(summary: dict, epochs: int) -> str:
     return text + f" Checkpoint: `{summary['supernet']}`."
 
 
-def target(row: dict, data_version: str) -> str:
+def target(row: TargetResult, data_version: str) -> str:
     """A target's run and model version: its budget, what was measured on its files, its data."""
-    budget = ", ".join(BY_FIELD[f].show(v) for f, v in row["constraints"].items()) or "none"
-    precision = row.get("precision", "fp32")
-    measured = [f"{row['macs']:,} MACs", f"{row['params']:,} parameters"]
-    measured += [f"{label} {row[key]:.1f} KB" for key, label in (("ram_kb", "RAM"), ("flash_kb", "flash"))
-                 if isinstance(row.get(key), (int, float))]  # fmt: skip
-    if isinstance(row.get("latency_ms"), (int, float)):
-        measured.append(f"{row['latency_ms']:.3f} ms on {row.get('device')}")
+    budget = ", ".join(BY_FIELD[f].show(v) for f, v in row.constraints.items()) or "none"
+    m = row.measured
+    shown = [f"{m['macs']:,} MACs", f"{m['params']:,} parameters"]
+    shown += [f"{label} {m[key]:.1f} KB" for key, label in (("ram_kb", "RAM"), ("flash_kb", "flash"))
+              if _number(m.get(key))]  # fmt: skip
+    if _number(m.get("latency_ms")):
+        shown.append(f"{m['latency_ms']:.3f} ms on {row.device}")
     text = (
-        f"Subnet for target `{row['target']}` (budget: {budget}; {precision}), selected from the "
+        f"Subnet for target `{row.target}` (budget: {budget}; {row.precision}), selected from the "
         f"supernet and exported without retraining, from data version `{data_version}`. Measured on "
-        f"the exported files: {', '.join(measured)}."
+        f"the exported files: {', '.join(shown)}."
     )
-    if isinstance(row.get("test_acc"), (int, float)):
-        text += f" Test accuracy of the deployed file: {row['test_acc']:.1%}."
-    if isinstance(row.get("tflite_flash_kb"), (int, float)):
-        text += f" Its LiteRT file: RAM {row['tflite_ram_kb']:.1f} KB, flash {row['tflite_flash_kb']:.1f} KB."
-    litert_acc = row.get("test_acc_tflite_int8" if precision == "int8" else "test_acc_tflite")
-    if isinstance(litert_acc, (int, float)):
+    if _number(m.get("test_acc")):
+        text += f" Test accuracy of the deployed file: {m['test_acc']:.1%}."
+    if _number(m.get("tflite_flash_kb")):
+        text += f" Its LiteRT file: RAM {m['tflite_ram_kb']:.1f} KB, flash {m['tflite_flash_kb']:.1f} KB."
+    litert_acc = m.get("test_acc_tflite_int8" if row.precision == "int8" else "test_acc_tflite")
+    if _number(litert_acc):
         text += f" LiteRT test accuracy: {litert_acc:.1%}."
-    files = sorted(str(name) for name in row.get("files", {}))
-    return text + (f" Files: {', '.join(files)}." if files else "")
+    return text + (f" Files: {', '.join(sorted(row.files))}." if row.files else "")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float))
 
 
 def pipeline(record: dict, ok: bool) -> str:

@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -33,6 +33,7 @@ from flows.ingest import ingest_flow
 from flows.services import check_services
 from flows.settings import dataset_name, latency_dir, redact, store_uri
 from flows.specialize import (
+    Specialization,
     SpecializationFailed,
     default_targets,
     load_supernet,
@@ -47,7 +48,7 @@ from tofa_core.runs import Runs
 from tofa_core.search.pareto import subnet_points
 from tofa_core.search.predictor import predictor_key
 from tofa_core.search.targets import load_targets, table_devices
-from tofa_core.specialize import Trained
+from tofa_core.specialize import TargetResult, Trained
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 
@@ -94,33 +95,35 @@ def _evaluation(trained: Trained) -> Evaluation:
 # Retried: a tracking server can drop a request; targets registered before the failure are
 # returned as they were (tracking.register_target is idempotent per pipeline run and target).
 @task(name="register-models", cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def register_models(parent: str, dataset: str, rows: list[dict], trained: Trained) -> dict[str, dict]:
+def register_models(parent: str, dataset: str, rows: list[TargetResult], trained: Trained) -> dict[str, dict]:
     """Each target: a nested MLflow run, a new registered model version, its alias decision."""
     logger = get_run_logger()
     evaluation = _evaluation(trained)
     out = {}
     for row in rows:
-        with tempfile.TemporaryDirectory(prefix=f"tofa-{row['target']}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"tofa-{row.target}-") as tmp:
             folder = Path(tmp)
-            for name, uri in row["files"].items():
+            for name, uri in row.files.items():
                 where, _, key = uri.rpartition("/")
                 (folder / name).write_bytes(open_storage(where).read_bytes(key))
             example = preprocess(evaluation.images[:1], json.loads((folder / "model.json").read_text()))
             done = tracking.register_target(parent, dataset, row, folder, example, evaluation)
         logger.info(
             "%s: %s version %d is %s (%s)",
-            row["target"],
+            row.target,
             done["model"],
             done["version"],
             done["alias"],
             done["reason"],
         )
-        out[row["target"]] = done
+        out[row.target] = done
     return out
 
 
 @task(name="plots", cache_policy=NONE)
-def draw_plots(parent: str, trained: Trained, spec: dict, history: list[dict], predictor: dict) -> list[str]:
+def draw_plots(
+    parent: str, trained: Trained, spec: Specialization, history: list[dict], predictor: dict
+) -> list[str]:
     """Pareto front, training curves and the predictor's held-out scatter, logged under plots/."""
     net, data = trained.net, trained.data
     scored = [s["arch"] for s in predictor["scored"]]
@@ -129,15 +132,15 @@ def draw_plots(parent: str, trained: Trained, spec: dict, history: list[dict], p
     subnets = subnet_points(net, [Arch.from_dict(raw) for raw in picked], data)
     chosen = [
         {
-            "target": r["target"],
-            "macs": r["macs"],
-            "test_acc": r["test_acc"],
-            "max_macs": r["constraints"].get("max_macs"),
+            "target": r.target,
+            "macs": r.measured["macs"],
+            "test_acc": r.measured["test_acc"],
+            "max_macs": r.constraints.get("max_macs"),
         }
-        for r in spec["targets"]
-        if r.get("test_acc") is not None
+        for r in spec.targets
+        if r.measured.get("test_acc") is not None
     ]
-    title = f"{spec['dataset']} {spec['data_version']}, supernet {spec['supernet_run']}"
+    title = f"{spec.dataset} {spec.data_version}, supernet {spec.supernet_run}"
     with tempfile.TemporaryDirectory(prefix="tofa-plots-") as tmp:
         folder = Path(tmp)
         plots.pareto(subnets, chosen, folder / "pareto.png", f"Subnets and chosen targets: {title}")
@@ -269,14 +272,14 @@ def _retrain(p: Retrain) -> dict:
             registered, plot_files = _report_stage(p, parent, spec, trained_record)
         timings["total"] = time.perf_counter() - started
         record |= {
-            "splits": spec["splits"],
+            "splits": spec.splits,
             "supernet_run": trained_record["run_id"],
             "supernet": trained_record["supernet"],
             "training_seconds": trained_record.get("seconds"),
             "supernet_reused": reused,
-            "predictor": spec["predictor"],
-            "targets": [_target_row(row, registered[row["target"]]) for row in spec["targets"]],
-            "failed": spec["failed"],
+            "predictor": spec.predictor,
+            "targets": [_target_row(row, registered[row.target]) for row in spec.targets],
+            "failed": [asdict(f) for f in spec.failed],
             "plots": plot_files,
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "status": "failed" if failed_stage else "completed",
@@ -343,7 +346,7 @@ def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tup
     return trained, False
 
 
-def _specialize_stage(p: Retrain, targets_file: str, run_id: str) -> tuple[dict, Exception | None]:
+def _specialize_stage(p: Retrain, targets_file: str, run_id: str) -> tuple[Specialization, Exception | None]:
     """Every target in parallel; a failed target's error is kept to raise after registering the rest."""
     try:
         spec = specialize_flow.with_options(task_runner=task_runner())(
@@ -355,10 +358,12 @@ def _specialize_stage(p: Retrain, targets_file: str, run_id: str) -> tuple[dict,
         return err.summary, err
 
 
-def _report_stage(p: Retrain, parent: str, spec: dict, trained_record: dict) -> tuple[dict, list[str]]:
-    get_run_logger().info("stage 4/4: register %d models in MLflow and draw the plots", len(spec["targets"]))
+def _report_stage(
+    p: Retrain, parent: str, spec: Specialization, trained_record: dict
+) -> tuple[dict, list[str]]:
+    get_run_logger().info("stage 4/4: register %d models in MLflow and draw the plots", len(spec.targets))
     trained = load_supernet(p.store, trained_record["run_dir"])
-    registered = register_models(parent, p.dataset, spec["targets"], trained)
+    registered = register_models(parent, p.dataset, spec.targets, trained)
     run_dir = open_storage(trained_record["run_dir"])
     predictor = json.loads(run_dir.read_bytes(f"{predictor_key(p.score, p.samples, 0)}.json"))
     history = json.loads(run_dir.read_bytes("result.json"))["history"]
@@ -379,7 +384,7 @@ def _close(runs: Runs, record: dict, parent: str, ok: bool, timings: dict[str, f
         get_run_logger().exception("could not record the failed pipeline run %s", record["pipeline_run"])
 
 
-def _target_row(row: dict, registration: dict) -> dict:
+def _target_row(result: TargetResult, registration: dict) -> dict:
     keep = (
         "target",
         "constraints",
@@ -402,6 +407,7 @@ def _target_row(row: dict, registration: dict) -> dict:
         "files",
         "seconds",
     )
+    row = result.to_json()
     out = {k: row.get(k) for k in keep}
     out["registered_model"] = {
         k: registration[k]

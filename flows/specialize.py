@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -29,21 +30,54 @@ from tofa_core.runs import Runs
 from tofa_core.search.evolution import CostModel, InfeasibleTarget
 from tofa_core.search.predictor import Scored, cached_predictor, predictor_key
 from tofa_core.search.targets import HOST_DEVICE, Target, TargetError, load_targets, table_devices
-from tofa_core.specialize import Trained, load_trained, specialize
+from tofa_core.specialize import TargetResult, Trained, load_trained, specialize
 from tofa_core.storage import open_storage
 from tofa_core.training.checkpoint import CheckpointError
+
+
+@dataclass(frozen=True)
+class FailedTarget:
+    target: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """What one specialize run did: each published target and each failure, from which supernet
+    and data version. `to_json` is the run's summary.json."""
+
+    dataset: str
+    data_version: str
+    splits: dict[str, int]
+    supernet_run: str
+    supernet_dir: str
+    predictor: dict  # the predictor's report (score, Kendall tau, samples)
+    targets: list[TargetResult]
+    failed: list[FailedTarget]
+    seconds: float
+
+    def to_json(self) -> dict:
+        head = ("dataset", "data_version", "splits", "supernet_run", "supernet_dir", "predictor")
+        return {k: getattr(self, k) for k in head} | {
+            "targets": [t.to_json() for t in self.targets],
+            "failed": [asdict(f) for f in self.failed],
+            "seconds": self.seconds,
+        }
 
 
 class SpecializationFailed(RuntimeError):
     """Some targets failed; `summary` still lists every target's outcome."""
 
-    def __init__(self, summary: dict):
-        failed = summary["failed"]
+    def __init__(self, summary: Specialization):
+        failed = summary.failed
         super().__init__(
-            f"{len(failed)} of {len(summary['targets']) + len(failed)} targets failed: "
-            + "; ".join(f"{f['target']}: {f['error']}" for f in failed)
+            f"{len(failed)} of {len(summary.targets) + len(failed)} targets failed: "
+            + "; ".join(f"{f.target}: {f.error}" for f in failed)
         )
         self.summary = summary
+
+    def __reduce__(self):  # pickled with flow states: rebuilt from its summary
+        return SpecializationFailed, (self.summary,)
 
 
 def last_supernet(store: str, dataset: str) -> dict:
@@ -112,7 +146,7 @@ def specialize_target(
     prefix: str,
     score: str,
     seed: int,
-) -> dict:
+) -> TargetResult:
     """Search, export and verify one target, then publish its files to the store.
     `measured`: the predictor's scored samples, which compete with search's candidates."""
     costs = CostModel(trained.net.space, tables.get(target.device))
@@ -137,7 +171,7 @@ def specialize_target(
             measured=measured,
         )
         files = publish(done.exported.files, open_storage(store).child(f"{prefix}/{target.name}"))
-    return {**done.summary(), "files": files}
+    return done.result(files)
 
 
 def publish(files: dict[str, Path], out) -> dict[str, str]:
@@ -188,7 +222,7 @@ def specialize_flow(
     samples: int = 300,
     score: str = "agreement",
     seed: int = 0,
-) -> dict:
+) -> Specialization:
     """Specialize the newest supernet of `dataset` (or run `run_id`) for every target in the file."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -213,21 +247,22 @@ def specialize_flow(
             done.append(state.result())
         else:
             error = state.result(raise_on_failure=False)
-            failed.append({"target": target.name, "error": str(error) or type(error).__name__})
+            failed.append(FailedTarget(target.name, str(error) or type(error).__name__))
             logger.error("target %s failed: %s", target.name, error)
-    summary = {
-        "dataset": dataset,
-        "data_version": record["data_version"],
-        "splits": trained.splits.sizes(),
-        "supernet_run": record["run_id"],
-        "supernet_dir": run_dir,
-        "predictor": {k: v for k, v in report.items() if k not in ("scored", "held_out_pairs")},
-        "targets": done,
-        "failed": failed,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    open_storage(store).child(prefix).write_bytes("summary.json", json.dumps(summary, indent=2).encode())
-    logger.info("specialized %d targets (%d failed) in %.1f s", len(done), len(failed), summary["seconds"])
+    summary = Specialization(
+        dataset=dataset,
+        data_version=record["data_version"],
+        splits=trained.splits.sizes(),
+        supernet_run=record["run_id"],
+        supernet_dir=run_dir,
+        predictor={k: v for k, v in report.items() if k not in ("scored", "held_out_pairs")},
+        targets=done,
+        failed=failed,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    summary_json = json.dumps(summary.to_json(), indent=2).encode()
+    open_storage(store).child(prefix).write_bytes("summary.json", summary_json)
+    logger.info("specialized %d targets (%d failed) in %.1f s", len(done), len(failed), summary.seconds)
     if failed:
         raise SpecializationFailed(summary)
     return summary

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from flows import descriptions
 from flows.settings import redact, state_dir
 from tofa_core.export import FILES, Evaluation
+from tofa_core.specialize import TargetResult
 from tofa_core.training.config import TrainConfig
 
 
@@ -201,7 +202,7 @@ def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
 def register_target(
     parent_run: str,
     dataset: str,
-    row: dict,
+    row: TargetResult,
     folder: Path,
     example,
     evaluation: Evaluation,
@@ -218,7 +219,7 @@ def register_target(
     from mlflow.entities import Metric
 
     client = _client()
-    target = row["target"]
+    target = row.target
     files = hashlib.sha256((folder / "model.onnx").read_bytes() + (folder / "model.json").read_bytes())
     fingerprint = files.hexdigest()[:32]
     done = _registered_before(client, parent_run, dataset, target, fingerprint)
@@ -255,11 +256,13 @@ def register_target(
     return result
 
 
-def _target_run(client, parent_run: str, dataset: str, row: dict, about: dict, fingerprint: str) -> str:
+def _target_run(
+    client, parent_run: str, dataset: str, row: TargetResult, about: dict, fingerprint: str
+) -> str:
     """The target's run nested under the pipeline's, with its budget, arch and metrics."""
     from mlflow.entities import Metric, Param
 
-    target = row["target"]
+    target = row.target
     run = client.create_run(
         experiment_id(client, dataset),
         run_name=f"target-{target}",
@@ -274,12 +277,12 @@ def _target_run(client, parent_run: str, dataset: str, row: dict, about: dict, f
             descriptions.NOTE: descriptions.target(row, about.get("data_version", "?")),
         },
     )
-    params = {f"budget.{k}": v for k, v in row["constraints"].items()}
-    params |= {"device": row.get("device") or "-", "arch": json.dumps(row["arch"])}
-    params["precision"] = row.get("precision", "fp32")
-    params |= {f"arch.{k}": v for k, v in row["arch"].items()}
+    params = {f"budget.{k}": v for k, v in row.constraints.items()}
+    params |= {"device": row.device or "-", "arch": json.dumps(row.arch), "precision": row.precision}
+    params |= {f"arch.{k}": v for k, v in row.arch.items()}
     now = int(time.time() * 1000)
-    metrics = {k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float))}
+    flat = row.to_json()
+    metrics = {k: flat[k] for k in METRIC_KEYS if isinstance(flat.get(k), (int, float))}
     client.log_batch(
         run.info.run_id,
         params=[Param(k, str(v)[:500]) for k, v in params.items()],

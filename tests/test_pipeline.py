@@ -9,6 +9,7 @@ versions and moves `champion` only where the new model scored at least as well.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -247,6 +248,7 @@ def registration_kit(
     from flows import tracking
     from flows.pipeline import _evaluation, load_supernet
     from tofa_core.export import preprocess
+    from tofa_core.specialize import TargetResult
     from tofa_core.storage import open_storage
 
     row = next(r for r in first["targets"] if r["target"] == target)
@@ -262,7 +264,8 @@ def registration_kit(
             f"not-{c}" if rename_classes or i == 0 else c for i, c in enumerate(known)
         ]
         (folder / "model.json").write_text(json.dumps(about))
-    row = {**row, "target": as_target or row["target"]}
+    row = TargetResult.from_json({k: v for k, v in row.items() if k != "registered_model"})
+    row = dataclasses.replace(row, target=as_target or row.target)
     trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
         (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
     )["run_dir"])  # fmt: skip
@@ -368,7 +371,8 @@ def test_registering_is_idempotent_so_the_task_can_retry(world, first):
     versions = len(c.search_model_versions("name = 'tofa-shapes-lean'"))
     runs = len(c.search_runs([exp]))
     again = register(first["mlflow"]["parent_run_id"])
-    assert {k: again[k] for k in row["registered_model"]} == row["registered_model"]
+    registered = next(r for r in first["targets"] if r["target"] == "lean")["registered_model"]
+    assert {k: again[k] for k in registered} == registered
     assert len(c.search_model_versions("name = 'tofa-shapes-lean'")) == versions
     assert len(c.search_runs([exp])) == runs
 

@@ -25,7 +25,7 @@ from tofa_core.quantize import peak_activation_bytes
 from tofa_core.search.evolution import CostModel, EvolutionConfig, evolve
 from tofa_core.search.predictor import Scored, build_predictor, load_predictor, save_predictor
 from tofa_core.search.targets import Target
-from tofa_core.specialize import int8_scores, load_trained, rank_candidates, specialize
+from tofa_core.specialize import TargetResult, int8_scores, load_trained, rank_candidates, specialize
 from tofa_core.storage import open_storage
 from tofa_core.supernet.static import at_resolution
 from tofa_core.training.config import TrainConfig
@@ -209,21 +209,25 @@ def test_flow_fans_out_and_a_failing_target_does_not_stop_the_others(
     with pytest.raises(SpecializationFailed) as err:
         specialize_flow(source="digits", targets_file=str(targets), store=str(root / "store"), samples=20)
     summary = err.value.summary
-    assert [d["target"] for d in summary["targets"]] == ["small", "slim", "board"]
-    assert [f["target"] for f in summary["failed"]] == ["impossible", "liar"]
-    assert "Smallest achievable" in summary["failed"][0]["error"]
-    assert "max_latency_ms" in summary["failed"][1]["error"] and "measured" in summary["failed"][1]["error"]
+    assert [d.target for d in summary.targets] == ["small", "slim", "board"]
+    assert [f.target for f in summary.failed] == ["impossible", "liar"]
+    assert "Smallest achievable" in summary.failed[0].error
+    assert "max_latency_ms" in summary.failed[1].error and "measured" in summary.failed[1].error
     exports = open_storage(root / "store").child("exports/digits/test-run")
-    for done in summary["targets"]:
-        assert exports.exists(f"{done['target']}/model.onnx") and exports.exists(
-            f"{done['target']}/model.json"
-        )
-        assert done["files"]["model.onnx"] == exports.uri(f"{done['target']}/model.onnx")
+    for done in summary.targets:
+        assert exports.exists(f"{done.target}/model.onnx") and exports.exists(f"{done.target}/model.json")
+        assert done.files["model.onnx"] == exports.uri(f"{done.target}/model.onnx")
     assert not exports.list("impossible") and not exports.list("liar")
-    assert json.loads(exports.read_bytes("summary.json"))["failed"] == summary["failed"]
-    board = next(d for d in summary["targets"] if d["target"] == "board")
+    # summary.json is the typed summary written out: each row the target's fields and measurements
+    written = json.loads(exports.read_bytes("summary.json"))
+    assert written == json.loads(json.dumps(summary.to_json()))
+    assert written["failed"][0] == {"target": "impossible", "error": summary.failed[0].error}
+    row = written["targets"][0]
+    assert row["target"] == "small" and row["macs"] == summary.targets[0].measured["macs"]
+    assert TargetResult.from_json(row) == summary.targets[0]
+    board = next(d for d in summary.targets if d.target == "board")
     board_table = LatencyTable.load(tables / "board.json")
-    assert board_table.latency_ms(Arch.from_dict(board["arch"]), t.net.space) <= 0.15
+    assert board_table.latency_ms(Arch.from_dict(board.arch), t.net.space) <= 0.15
     # the predictor was built once and is reused by the next run
     assert open_storage(root / "store").child("runs/test-run").exists("predictor/agreement-20-0.pt")
 
@@ -260,7 +264,7 @@ def test_flow_fans_out_on_ray_through_prefect_ray(trained, tmp_path, monkeypatch
         summary = specialize_flow.with_options(task_runner=runner)(
             source="digits", targets_file=str(targets), store=str(root / "store"), samples=20
         )
-        assert [d["target"] for d in summary["targets"]] == ["ray-a", "ray-b"] and not summary["failed"]
+        assert [d.target for d in summary.targets] == ["ray-a", "ray-b"] and not summary.failed
         exports = open_storage(root / "store").child("exports/digits/test-run")
         assert exports.exists("ray-a/model.onnx") and exports.exists("ray-b/model.json")
     finally:

@@ -48,20 +48,55 @@ class Specialized:
     seconds: float
     rejected: list[str] = field(default_factory=list)  # better candidates that failed verification
 
-    def summary(self) -> dict:
-        return {
-            "target": self.target.name,
-            "constraints": self.target.constraints(),
-            "device": self.target.device,
-            "precision": self.target.precision,
-            "arch": self.arch.to_dict(),
-            "predicted_score": round(self.predicted, 4),
-            "score": round(self.score, 4),
-            **self.measured,
-            "search": self.search,
-            "rejected": self.rejected,
-            "seconds": round(self.seconds, 3),
-        }
+    def result(self, files: dict[str, str]) -> TargetResult:
+        """What later stages read of it, with `files` where they were published."""
+        return TargetResult(
+            target=self.target.name,
+            constraints=self.target.constraints(),
+            device=self.target.device,
+            precision=self.target.precision,
+            arch=self.arch.to_dict(),
+            predicted_score=round(self.predicted, 4),
+            score=round(self.score, 4),
+            measured=dict(self.measured),
+            search=self.search,
+            rejected=self.rejected,
+            seconds=round(self.seconds, 3),
+            files=files,
+        )
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """One target specialized and published, as the stages after it (registry, plots, tables)
+    read it: what was chosen, what verification measured on its files, where the files are.
+    `to_json` is its row of summary.json: the fields with `measured` spread among them."""
+
+    target: str
+    constraints: dict[str, float]
+    device: str | None
+    precision: str
+    arch: dict
+    predicted_score: float | None
+    score: float | None
+    measured: dict  # macs, params, test_acc, ram_kb, ...: what verification measured
+    search: dict = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> URI in the store
+
+    def to_json(self) -> dict:
+        head = ("target", "constraints", "device", "precision", "arch", "predicted_score", "score")
+        tail = ("search", "rejected", "seconds", "files")
+        return {k: getattr(self, k) for k in head} | self.measured | {k: getattr(self, k) for k in tail}
+
+    @classmethod
+    def from_json(cls, row: dict) -> TargetResult:
+        """A row of summary.json back (keys that are not fields are what was measured)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"measured"}
+        measured = {k: v for k, v in row.items() if k not in names}
+        known = {k: v for k, v in row.items() if k in names}
+        return cls(**{"predicted_score": None, "score": None} | known, measured=measured)
 
 
 def specialize(
