@@ -24,18 +24,23 @@ def experiment(dataset: str) -> str:
     )
 
 
-def training(summary: dict, epochs: int) -> str:
+def training(summary: dict, epochs: int, kind: str = "train") -> str:
+    """A training run: what was trained on which data version, for how many epochs (those
+    run: a time budget may stop it early), and how well."""
     accuracies = [
         f"{name} subnet {summary[key]:.1%}"
         for name, key in (("largest", "test_acc/max"), ("smallest", "test_acc/min"))
         if isinstance(summary.get(key), (int, float))
     ]
+    what = "Supernet" if kind == "train" else f"{kind.capitalize()} (one fixed network, labels only)"
     text = (
-        f"Supernet trained on `{summary['dataset']}` data version `{summary['data_version']}`: "
+        f"{what} trained on `{summary['dataset']}` data version `{summary['data_version']}`: "
         f"{epochs} epochs on {summary['workers']} worker(s)."
     )
     if accuracies:
         text += f" Test accuracy: {', '.join(accuracies)}."
+    elif isinstance(summary.get("test_acc/arch"), (int, float)):
+        text += f" Test accuracy: {summary['test_acc/arch']:.1%}."
     return text + f" Checkpoint: `{summary['supernet']}`."
 
 

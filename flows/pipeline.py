@@ -41,6 +41,7 @@ from flows.specialize import (
     task_runner,
 )
 from flows.train import config_hash, new_run_id, train_flow
+from tofa_core import litert
 from tofa_core.arch import Arch
 from tofa_core.export import Evaluation, preprocess
 from tofa_core.runlock import RunLock
@@ -242,7 +243,8 @@ def _retrain(p: Retrain) -> dict:
     timings: dict[str, float] = {}
     targets_file = p.targets_file or default_targets()
     targets_text = Path(targets_file).read_text()
-    load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails before training
+    targets = load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails now
+    litert.require_for(targets)  # and so does a LiteRT format this machine cannot make
     cfg = p.train_config()
 
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
@@ -259,10 +261,10 @@ def _retrain(p: Retrain) -> dict:
     record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
     record |= {"data_version": data["version"], "data_created": data["created"]}
     record["mlflow"] = {"tracking_uri": redact(tracking.tracking_uri()), "parent_run_id": parent}
-    record["mlflow"]["run_url"] = tracking.run_url(p.dataset, parent)
     runs = Runs(open_storage(p.store))
     ok = False
     try:
+        record["mlflow"]["run_url"] = tracking.run_url(p.dataset, parent)
         with _timed(timings, "train"):
             trained_record, reused = _train_stage(p, cfg, data["version"], parent)
         with _timed(timings, "specialize"):

@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.settings import dataset_name, latency_dir, state_dir, store_uri
+from tofa_core import litert
 from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import FILES, VerificationError
@@ -193,7 +194,8 @@ def _worth_retrying(task, task_run, state) -> bool:
     """Retry what the world can break (storage, a noisy latency measurement), not a target
     that cannot be met or an export that does not match."""
     error = state.result(raise_on_failure=False)
-    if isinstance(error, (InfeasibleTarget, TargetError, LatencyTableError, CheckpointError)):
+    never = (InfeasibleTarget, TargetError, LatencyTableError, CheckpointError)
+    if isinstance(error, never + (litert.LiteRTUnavailable, litert.ConversionError)):
         return False
     if isinstance(error, VerificationError):
         return error.check == "max_latency_ms"
@@ -230,6 +232,7 @@ def specialize_flow(
     store = store_uri(store)
     tables_dir = str(latency_dir())
     targets = load_targets(targets_file or default_targets(), devices=table_devices(tables_dir))
+    litert.require_for(targets)
     runs = Runs(open_storage(store))
     record = last_supernet(store, dataset) if run_id is None else runs.supernet(dataset, run_id)
     run_dir = record["run_dir"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from flows import descriptions
-from flows.settings import redact, state_dir
+from flows.settings import state_dir
 from tofa_core.export import FILES, Evaluation
 from tofa_core.specialize import TargetResult
 from tofa_core.training.config import TrainConfig
@@ -58,7 +59,7 @@ def run_url(dataset: str, run_id: str) -> str | None:
     """The run's page in the tracking server's UI, opened in its model-training view (MLflow 3's
     UI picks GenAI or model training with a sidebar toggle kept per browser; the experiment's
     kind tag alone does not switch it). None for a local database, which has no UI of its own."""
-    uri = redact(tracking_uri())
+    uri = re.sub(r"(?<=://)[^/@\s]+@", "", tracking_uri())  # a link to share: no credentials
     if not uri.startswith(("http://", "https://")):
         return None
     experiment = experiment_id(_client(), dataset)
@@ -90,7 +91,7 @@ def log_training(
         "tofa.data_version": summary["data_version"],
         "tofa.run_dir": summary["run_dir"],
         "tofa.supernet": summary["supernet"],
-        descriptions.NOTE: descriptions.training(summary, cfg.epochs),
+        descriptions.NOTE: descriptions.training(summary, history[-1].get("epoch", len(history)) if history else 0, kind),
     }
     if parent_run:
         tags["mlflow.parentRunId"] = parent_run

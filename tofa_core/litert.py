@@ -58,6 +58,12 @@ def require() -> None:
         ) from err
 
 
+def require_for(targets) -> None:
+    """`require`, when any of `targets` asks for a LiteRT format: before training or search."""
+    if any(f.startswith("tflite") for t in targets for f in t.formats):
+        require()
+
+
 def convert(program: Path, calibration: np.ndarray, *, float_out: Path | None, int8_out: Path | None) -> None:
     """Write `program` (a torch.export file) as float and/or int8 .tflite; int8 is calibrated
     on `calibration` (preprocessed images, N x C x H x W)."""
@@ -77,9 +83,16 @@ def convert(program: Path, calibration: np.ndarray, *, float_out: Path | None, i
 
 
 def _interpreter(path: Path):
-    from ai_edge_litert.interpreter import Interpreter
+    """LiteRT's own kernels, without the XNNPACK delegate it applies by default: a delegate
+    rewrites the graph into nodes no microcontroller runtime has (and would skew the op-order
+    liveness), and its float kernels differ from the builtin ones in the last bits."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter = Interpreter(
+        model_path=str(path),
+        num_threads=1,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     interpreter.allocate_tensors()
     return interpreter
 
@@ -127,6 +140,8 @@ def peak_activation_bytes(path: Path) -> int:
     is at least this (TFLite Micro's greedy planner packs into close to it)."""
     interpreter = _interpreter(path)
     ops = interpreter._get_ops_details()  # noqa: SLF001  the only way to read the op order
+    if any(op["op_name"] == "DELEGATE" for op in ops):
+        raise ValueError(f"{path}: a delegate replaced the graph's ops; the op order is not the file's")
     sizes = {t["index"]: _nbytes(t) for t in interpreter.get_tensor_details()}
     (inp,) = interpreter.get_input_details()
     born = {int(inp["index"]): 0}
