@@ -43,3 +43,31 @@ def test_a_conversion_that_fails_says_what_litert_torch_said(tmp_path):
             program, np.zeros((2, 1, 8, 8), np.float32), float_out=tmp_path / "m.tflite", int8_out=None
         )
     assert "Traceback" in str(err.value) and not (tmp_path / "m.tflite").exists()
+
+
+def test_only_targets_asking_for_litert_need_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(litert.PYTHON_ENV, str(tmp_path / "no-python"))
+    litert.require_for([Target(name="a", max_macs=1, formats=("onnx", "onnx-int8", "pt2"))])  # no error
+    with pytest.raises(litert.LiteRTUnavailable):
+        litert.require_for(
+            [Target(name="a", max_macs=1), Target(name="b", max_macs=1, formats=("onnx", "tflite-int8"))]
+        )
+
+
+class _Failed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def result(self, raise_on_failure: bool = True):
+        return self.error
+
+
+@pytest.mark.parametrize(
+    "error", [litert.LiteRTUnavailable("no converter"), litert.ConversionError("litert-torch failed")]
+)
+def test_litert_errors_are_not_retried(error):
+    """They come back on every try; a retry would repeat the target's whole search and export."""
+    from flows.specialize import _worth_retrying
+
+    assert not _worth_retrying(None, None, _Failed(error))
+    assert _worth_retrying(None, None, _Failed(OSError("storage hiccup")))
