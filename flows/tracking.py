@@ -91,7 +91,7 @@ def log_training(
         "tofa.data_version": summary["data_version"],
         "tofa.run_dir": summary["run_dir"],
         "tofa.supernet": summary["supernet"],
-        descriptions.NOTE: descriptions.training(summary, history[-1].get("epoch", len(history)) if history else 0, kind),
+        descriptions.NOTE: descriptions.training(summary, _epochs_run(history), kind),
     }
     if parent_run:
         tags["mlflow.parentRunId"] = parent_run
@@ -119,6 +119,11 @@ def log_training(
         client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def _epochs_run(history: list[dict]) -> int:
+    """The epochs a training ran (a time budget may end it before the config's count)."""
+    return int(history[-1].get("epoch", len(history))) if history else 0
 
 
 def log_sweep(summary: dict) -> str:
