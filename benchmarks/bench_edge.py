@@ -13,7 +13,7 @@ fresh folder), then for every exported target reads its files:
     with the float model in LiteRT's interpreter, RAM (op-order liveness), flash (file bytes)
     and latency (batch 1, one thread)
 and, to check the RAM and flash models beyond the picks, 30 random subnets of the space
-(`--random-litert` of them also converted to int8 LiteRT: the ONNX-fitted models against it).
+(`--random-litert` of them also converted to int8 LiteRT: the RAM and LiteRT flash models against them).
 
     .venv/bin/python benchmarks/bench_edge.py [--out docs/results/edge] [--random 30]
         [--random-litert 10] [--summary FILE]
@@ -120,8 +120,8 @@ LATENCY_RUNS = 500  # batch-1 invocations timed (one interpreter, after its firs
 
 
 def random_litert(trained, count: int) -> dict:
-    """Range of (file / model) over `count` random subnets converted to int8 LiteRT: how far the
-    ONNX-fitted RAM and flash models are from LiteRT's files."""
+    """Range of (file / model) over `count` random subnets converted to int8 LiteRT: RAM against
+    the (ONNX-exact) RAM model, flash against the LiteRT flash model."""
     net, space, calib = trained.net, trained.net.space, trained.data.calib
     rng, ratios = random.Random(1), {"ram": [], "flash": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +138,7 @@ def random_litert(trained, count: int) -> dict:
                 program, at_resolution(calib[:128], arch.resolution).numpy(), float_out=None, int8_out=out
             )
             ratios["ram"].append(litert.peak_activation_bytes(out) / peak_ram_bytes(arch, space, "int8"))
-            ratios["flash"].append(out.stat().st_size / flash_bytes(arch, space, "int8"))
+            ratios["flash"].append(out.stat().st_size / flash_bytes(arch, space, "tflite-int8"))
     return {"subnets": count} | {
         f"{k}_ratio": [round(min(v), 3), round(max(v), 3)] for k, v in ratios.items()
     }
@@ -173,7 +173,7 @@ def report_litert(rows: list[dict], models: dict) -> None:
         )
     if models.get("subnets"):
         print(
-            f"int8 LiteRT file / ONNX-fitted model over {models['subnets']} random subnets: RAM "
+            f"int8 LiteRT file / model over {models['subnets']} random subnets: RAM "
             f"{models['ram_ratio'][0]:.2f}-{models['ram_ratio'][1]:.2f}x, flash "
             f"{models['flash_ratio'][0]:.2f}-{models['flash_ratio'][1]:.2f}x"
         )

@@ -71,3 +71,29 @@ def test_litert_errors_are_not_retried(error):
 
     assert not _worth_retrying(None, None, _Failed(error))
     assert _worth_retrying(None, None, _Failed(OSError("storage hiccup")))
+
+
+@pytest.mark.slow  # converts 3 subnets (seconds each)
+def test_the_litert_flash_model_is_within_5_percent_of_the_files(tmp_path):
+    import random
+
+    import torch
+
+    from tofa_core.arch import SearchSpace
+    from tofa_core.costs import flash_bytes
+    from tofa_core.supernet import Supernet
+
+    space = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))
+    torch.manual_seed(0)
+    net, rng = Supernet(space).eval(), random.Random(3)
+    for i, arch in enumerate([space.min_arch(), space.sample(rng), space.sample(rng)]):
+        model = net.extract(arch).eval()
+        x = torch.randn(32, 1, arch.resolution, arch.resolution)
+        program = tmp_path / f"{i}.pt2"
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes={"x": {0: batch}}), program)
+        files = {"tflite": tmp_path / f"{i}.tflite", "tflite-int8": tmp_path / f"{i}.int8.tflite"}
+        litert.convert(program, x.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"])
+        for kind, file in files.items():
+            error = abs(flash_bytes(arch, space, kind) / file.stat().st_size - 1)
+            assert error < 0.05, (kind, arch, error)

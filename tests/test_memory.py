@@ -141,3 +141,21 @@ def test_a_verification_error_crosses_processes_whole():
     err.args = (f"candidate x: {err}",)  # as specialize prefixes the candidate
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is VerificationError and back.check == "max_ram_kb" and str(back) == str(err)
+
+
+def test_a_target_shipping_a_litert_file_is_priced_on_that_file():
+    """The LiteRT file is larger than the ONNX one (per-channel int64 zero points, long names):
+    a flash budget between the two fits a target that deploys ONNX only, not one shipping it."""
+    space = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))
+    smallest, costs = space.min_arch(), CostModel(space)
+    onnx_kb, litert_kb = (flash_bytes(smallest, space, p) / KB for p in ("int8", "tflite-int8"))
+    assert litert_kb > onnx_kb
+    between = (onnx_kb + litert_kb) / 2
+    plain = Target(name="onnx-only", precision="int8", max_flash_kb=between)
+    shipping = Target(name="tflm", precision="int8", max_flash_kb=between, formats=("onnx", "tflite-int8"))
+    assert plain.priced_as == "int8" and shipping.priced_as == "tflite-int8"
+    assert costs.fits(smallest, plain) and not costs.fits(smallest, shipping)
+    with pytest.raises(InfeasibleTarget, match=f"flash {litert_kb:.4g} KB"):
+        check_feasible(shipping, costs)
+    # RAM is priced at the precision's element size either way
+    assert peak_ram_bytes(smallest, space, "tflite-int8") == peak_ram_bytes(smallest, space, "int8")

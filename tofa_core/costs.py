@@ -303,6 +303,9 @@ class LatencyTable:
 # ----------------------------------------------------------------- memory: RAM and flash
 
 ELEMENT_BYTES = {"fp32": 4, "int8": 1}
+# The memory models price a file: the ONNX file at a precision (fp32, int8), or a LiteRT file
+# (tflite, tflite-int8), which a target that ships one must fit too. Its element size:
+ELEMENT_PRECISION = {"fp32": "fp32", "int8": "int8", "tflite": "fp32", "tflite-int8": "int8"}
 
 
 def _residual(block: Block, space: SearchSpace) -> bool:
@@ -346,13 +349,14 @@ def _block_peak(block: Block, x: int, residual: bool) -> tuple[int, int]:
 
 
 def peak_ram_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> int:
-    """Peak bytes of activations alive at once for one image, in forward order at `precision`."""
+    """Peak bytes of activations alive at once for one image, in forward order at `precision`
+    (a LiteRT file is priced as the ONNX graph: it can need more, see specialize.TIGHTEN_LITERT)."""
     x = space.in_channels * arch.resolution**2
     peak = x
     for block in arch_blocks(arch, space):
         inside, x = _block_peak(block, x, _residual(block, space))
         peak = max(peak, inside)
-    return peak * ELEMENT_BYTES[precision]
+    return peak * ELEMENT_BYTES[ELEMENT_PRECISION[precision]]
 
 
 # Bytes of an exported ONNX file beyond its weights, fitted on 18 random subnets of tiny-fused,
@@ -360,14 +364,20 @@ def peak_ram_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> i
 # prints it for the default targets): per layer the graph's nodes and shapes (in int8 also the
 # Quantize/Dequantize pairs), per output channel the int8 bias and the weight's scale and zero
 # point. The verifier measures the file itself; this is what search prices candidates with.
+# LiteRT files, fitted the same way on 18 random subnets of the three presets (worst error
+# 0.4% float, 3.1% int8): per layer its tensors' metadata with the converter's long names, per
+# output channel in int8 an int64 zero point, a float scale and an int32 bias.
 FLASH_FIT = {
     "fp32": {"per_param": 4.0, "per_channel": 0.0, "per_layer": 528.0, "constant": -1164.0},
     "int8": {"per_param": 1.0, "per_channel": 20.5, "per_layer": 639.0, "constant": 491.0},
+    "tflite": {"per_param": 4.0, "per_channel": -3.4, "per_layer": 1991.0, "constant": -3965.0},
+    "tflite-int8": {"per_param": 1.0, "per_channel": 35.5, "per_layer": 2484.0, "constant": -21711.0},
 }
 
 
 def flash_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> int:
-    """Bytes of the exported ONNX file at `precision` (BatchNorm folded; int8 QDQ, compact names)."""
+    """Bytes of the exported file at `precision`: the ONNX file (fp32, int8: BatchNorm folded;
+    int8 QDQ, compact names), or the LiteRT file (tflite, tflite-int8)."""
     fit, specs = FLASH_FIT[precision], layers(arch, space)
     channels = sum(s.cout for s in specs if s.kind != "se")
     return round(

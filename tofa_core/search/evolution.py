@@ -52,7 +52,7 @@ class CostModel:
             c = BY_FIELD[name]
             if c.from_arch is None and (self.latency is None or self.latency.device != target.device):
                 raise ValueError(f"target {target.name} needs the latency table of {target.device!r}")
-            if (v := self.value(c, arch, target.precision)) > budget:
+            if (v := self.value(c, arch, target.priced_as)) > budget:
                 predicted = "predicted " if c.from_arch is None else ""
                 where = f" on {target.device}" if c.from_arch is None else ""
                 out.append(f"{predicted}{c.show(v)} > {c.show(budget).split(' ', 1)[1]}{where}")
@@ -67,7 +67,7 @@ def check_feasible(target: Target, costs: CostModel) -> None:
     smallest = costs.space.min_arch()
     broken = costs.violations(smallest, target)
     if broken:
-        achievable = ", ".join(BY_KEY[k].show(v) for k, v in costs.costs(smallest, target.precision).items())
+        achievable = ", ".join(BY_KEY[k].show(v) for k, v in costs.costs(smallest, target.priced_as).items())
         raise InfeasibleTarget(
             f"target {target.name}: no subnet fits ({target.describe()}); the smallest subnet already has "
             f"{'; '.join(broken)}. Smallest achievable: {achievable}. Relax the budget or use a "

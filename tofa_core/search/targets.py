@@ -76,6 +76,12 @@ class Target(_Budgets):
         wanted = "tflite-int8" if self.precision == "int8" else "tflite"
         return wanted if wanted in self.formats else None
 
+    @property
+    def priced_as(self) -> str:
+        """What search prices RAM and flash for: the LiteRT file when the target ships one at
+        its precision (the larger file), else the ONNX file at its precision."""
+        return self.litert_file or self.precision
+
     def constraints(self) -> dict[str, float]:
         """The budgets that are set, by field name, in registry order."""
         return {c.field: v for c in CONSTRAINTS if (v := getattr(self, c.field)) is not None}
