@@ -55,7 +55,8 @@ CONSTRAINTS = (
     ),
     Constraint(
         "max_flash_kb", "flash_kb", "flash", "KB", float,
-        "bytes of the deployed model file (ONNX at the target's precision), KiB",
+        "bytes of the deployed model file (ONNX at the target's precision, and the LiteRT file "
+        "when the target ships one), KiB",
         lambda arch, space, precision: flash_bytes(arch, space, precision) / KB,
     ),
 )  # fmt: skip
