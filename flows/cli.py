@@ -504,6 +504,7 @@ def specialize(
     with prefect_api_starting():  # the API server comes up while this imports
         from flows.specialize import SpecializationFailed, specialize_flow, task_runner
         from tofa_core.costs import LatencyTableError
+        from tofa_core.litert import LiteRTUnavailable
         from tofa_core.search.evolution import InfeasibleTarget
         from tofa_core.search.targets import TargetError
         from tofa_core.storage import StorageError
@@ -525,6 +526,7 @@ def specialize(
         StorageError,
         FileNotFoundError,
         ValueError,  # a bad --dataset or --run (names.InvalidName)
+        LiteRTUnavailable,
     ) as err:
         fail(str(err))
     summary = summary.to_json()
@@ -595,6 +597,7 @@ def _pipeline_errors() -> tuple[type[Exception], ...]:
     from flows.services import ServiceUnavailable
     from tofa_core.costs import LatencyTableError
     from tofa_core.data.sources import SourceError
+    from tofa_core.litert import LiteRTUnavailable
     from tofa_core.runlock import RunLocked
     from tofa_core.search.evolution import InfeasibleTarget
     from tofa_core.search.targets import TargetError
@@ -603,7 +606,7 @@ def _pipeline_errors() -> tuple[type[Exception], ...]:
 
     return (
         RunLocked, ServiceUnavailable, SourceError, TargetError, InfeasibleTarget, LatencyTableError,
-        CheckpointError, StorageError, FileNotFoundError, ValueError,
+        CheckpointError, StorageError, FileNotFoundError, ValueError, LiteRTUnavailable,
     )  # fmt: skip
 
 

@@ -330,3 +330,14 @@ def test_credentials_in_a_service_url_are_never_shown(monkeypatch):
     with pytest.raises(ServiceUnavailable) as err:
         check_mlflow()
     assert "s3cret" not in str(err.value) and "***@127.0.0.1:9" in str(err.value)
+
+
+@pytest.mark.slow  # starts Prefect's temporary server
+def test_a_tflite_target_without_the_converter_is_a_clean_error_before_any_work(tmp_path):
+    targets = tmp_path / "targets.yaml"
+    targets.write_text("- {name: mcu, max_macs: 200000, formats: [onnx, tflite-int8]}\n")
+    env = {"TOFA_STORE": str(tmp_path / "store"), "TOFA_LITERT_PYTHON": str(tmp_path / "no-python")}
+    result = runner.invoke(app, ["specialize", "--targets", str(targets)], env=env)
+    assert result.exit_code == 2, result.output
+    shown = " ".join(result.output.split())  # the message, after Prefect's own log of the failed flow
+    assert "error: the tflite formats need the LiteRT converter" in shown and "make litert" in shown
