@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tofa_core.arch import Arch, SearchSpace
-from tofa_core.costs import count_macs, count_params, flash_bytes, peak_ram_bytes
+from tofa_core.costs import count_macs, count_params, deployed_flash_bytes, peak_ram_bytes
 
 KB = 1024  # device memories are sized in KiB: a "32 KB" Cortex-M0+ holds 32,768 bytes
 
@@ -57,7 +57,7 @@ CONSTRAINTS = (
         "max_flash_kb", "flash_kb", "flash", "KB", float,
         "bytes of the deployed model file (ONNX at the target's precision, and the LiteRT file "
         "when the target ships one), KiB",
-        lambda arch, space, precision: flash_bytes(arch, space, precision) / KB,
+        lambda arch, space, precision: deployed_flash_bytes(arch, space, precision) / KB,
     ),
 )  # fmt: skip
 BY_FIELD = {c.field: c for c in CONSTRAINTS}

@@ -8,6 +8,7 @@ Run by `tofa_core.litert` in the converter's own venv (`make litert`), as a scri
 int8 is ai-edge-quantizer's static recipe: int8 weights (symmetric, per channel), int8
 activations (asymmetric, per tensor), min-max calibrated on CALIBRATION's images (N, C, H, W,
 preprocessed as model.json says), int8 input and output (what TFLite Micro kernels take).
+Tensor names are dropped from both files (flash a device saves); the signature stays.
 """
 
 import argparse
@@ -43,6 +44,18 @@ def quantize_int8(float_file: Path, calibration: np.ndarray, out: Path) -> None:
     )
 
 
+def strip_tensor_names(path: Path) -> None:
+    """Drop the converter's tensor names (module paths, a quarter of a small int8 file): no
+    runtime reads them. The signature, which names the input and output, stays."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            tensor.name = None
+    flatbuffer_utils.write_model(model, str(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("program", type=Path)
@@ -56,6 +69,9 @@ def main() -> None:
         convert_float(args.program, calibration, float_file)
         if args.int8_out:
             quantize_int8(float_file, calibration, args.int8_out)
+            strip_tensor_names(args.int8_out)
+        if args.float_out:
+            strip_tensor_names(args.float_out)  # after quantizing: the quantizer reads them
 
 
 if __name__ == "__main__":
