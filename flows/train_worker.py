@@ -48,6 +48,8 @@ def train_worker(config: dict) -> None:
             device=ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else None,
         )
     except RECURRING as err:
+        if not recurring(err):
+            raise  # the machine's: Ray's FailureConfig restarts the workers from the checkpoint
         # A restart would fail the same way: leave the reason for the driver and end cleanly,
         # so Ray's FailureConfig does not retry it (the driver raises it).
         if ray.train.get_context().get_world_rank() == 0:
@@ -55,3 +57,12 @@ def train_worker(config: dict) -> None:
             run_dir.write_bytes(FATAL_KEY, json.dumps(fatal).encode())
         return
     ray.train.report({"epoch": cfg.epochs, **result.final, "seconds": result.seconds})
+
+
+def recurring(err: BaseException) -> bool:
+    """Whether `err` is the input's (a restart fails the same way). A peer worker's death tears
+    down the process group mid-call, and torch raises a ValueError for that too ("Default
+    process group has not been initialized"): with the group gone, the error is the machine's."""
+    import torch.distributed as dist
+
+    return isinstance(err, RECURRING) and dist.is_available() and dist.is_initialized()

@@ -156,3 +156,17 @@ def test_baseline_trains_one_arch_alone_on_ray_and_stays_out_of_the_supernets(wo
     assert run.data.tags["tofa.kind"] == "baseline"
     assert json.loads(run.data.tags["tofa.arch"]) == arch.to_dict()
     assert run.data.metrics["test_acc/arch"] == pytest.approx(result["test_acc"])
+
+
+def test_a_value_error_after_the_process_group_is_gone_is_the_machines(monkeypatch):
+    """A killed peer tears the process group down mid-call and torch raises a ValueError: that
+    one is restarted from the checkpoint, while a bad input (group intact) is not retried."""
+    import torch.distributed as dist
+
+    from flows.train_worker import recurring
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert recurring(ValueError("batch_size 7 must divide evenly over 2 workers"))
+    assert not recurring(RuntimeError("connection reset"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert not recurring(ValueError("Default process group has not been initialized"))
