@@ -134,7 +134,7 @@ def random_litert(trained, count: int) -> dict:
             torch.export.save(
                 torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), program
             )
-            litert.convert(
+            litert.shared_converter().convert(
                 program, at_resolution(calib[:128], arch.resolution).numpy(), float_out=None, int8_out=out
             )
             ratios["ram"].append(litert.peak_activation_bytes(out) / peak_ram_bytes(arch, space, "int8"))

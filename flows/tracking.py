@@ -286,6 +286,7 @@ def _target_run(
     params = {f"budget.{k}": v for k, v in row.constraints.items()}
     params |= {"device": row.device or "-", "arch": json.dumps(row.arch), "precision": row.precision}
     params |= {f"arch.{k}": v for k, v in row.arch.items()}
+    params |= {f"rejected_by.{check}": n for check, n in row.rejected_by.items()}
     now = int(time.time() * 1000)
     flat = row.to_json()
     metrics = {k: flat[k] for k in METRIC_KEYS if isinstance(flat.get(k), (int, float))}
@@ -361,6 +362,7 @@ METRIC_KEYS = (
     "test_acc", "val_acc", "test_acc_fp32", "test_acc_int8", "int8_agreement", "macs", "params",
     "ram_kb", "flash_kb", "latency_ms", "predicted_score", "score", "seconds",
     "test_acc_tflite", "test_acc_tflite_int8", "tflite_int8_agreement", "tflite_ram_kb", "tflite_flash_kb",
+    "rejected_candidates",
 )  # fmt: skip
 
 

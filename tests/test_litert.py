@@ -39,7 +39,7 @@ def test_a_conversion_that_fails_says_what_litert_torch_said(tmp_path):
     program = tmp_path / "model.pt2"
     program.write_bytes(b"not a torch.export file")
     with pytest.raises(litert.ConversionError, match="litert-torch failed") as err:
-        litert.convert(
+        litert.shared_converter().convert(
             program, np.zeros((2, 1, 8, 8), np.float32), float_out=tmp_path / "m.tflite", int8_out=None
         )
     assert "Traceback" in str(err.value) and not (tmp_path / "m.tflite").exists()
@@ -93,7 +93,7 @@ def test_the_litert_flash_model_is_within_5_percent_of_the_files(tmp_path):
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes={"x": {0: batch}}), program)
         files = {"tflite": tmp_path / f"{i}.tflite", "tflite-int8": tmp_path / f"{i}.int8.tflite"}
-        litert.convert(program, x.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"])
+        litert.shared_converter().convert(program, x.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"])
         for kind, file in files.items():
             error = abs(flash_bytes(arch, space, kind) / file.stat().st_size - 1)
             assert error < 0.05, (kind, arch, error)

@@ -11,10 +11,16 @@ every file is verified and scored here, by the runtime that deploys it.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import os
+import select
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,22 +70,143 @@ def require_for(targets) -> None:
         require()
 
 
-def convert(program: Path, calibration: np.ndarray, *, float_out: Path | None, int8_out: Path | None) -> None:
-    """Write `program` (a torch.export file) as float and/or int8 .tflite; int8 is calibrated
-    on `calibration` (preprocessed images, N x C x H x W)."""
-    with tempfile.TemporaryDirectory(prefix="tofa-litert-") as tmp:
-        images = Path(tmp) / "calibration.npy"
-        np.save(images, calibration.astype(np.float32))
-        command = [str(converter_python()), "-I", str(CONVERTER), str(program), str(images)]
-        command += ["--float", str(float_out)] if float_out else []
-        command += ["--int8", str(int8_out)] if int8_out else []
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
-        except subprocess.TimeoutExpired as err:
-            raise ConversionError(f"litert-torch did not finish within {CONVERT_TIMEOUT_S} s") from err
-    if done.returncode:
-        output = (done.stdout + done.stderr)[-ERROR_TAIL:]
-        raise ConversionError(f"litert-torch failed (exit {done.returncode}):\n{output}")
+class Converter:
+    """One litert-torch process (`litert_convert.py --serve`), started on first use and kept for
+    every conversion after it: importing litert-torch and jax costs seconds, a small subnet's
+    conversion less. A subnet already converted (the same `key`) is copied, not converted again.
+    Thread-safe: requests are answered one at a time."""
+
+    def __init__(self, python: Path | None = None, timeout_s: float = CONVERT_TIMEOUT_S):
+        self.python, self.timeout_s = python, timeout_s
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._dir = tempfile.TemporaryDirectory(prefix="tofa-litert-")
+        self._log = open(Path(self._dir.name) / "converter.log", "w+b")  # noqa: SIM115  closed by close()
+        self._done: dict[str, dict[str, Path]] = {}  # key -> kept copies by kind ("float", "int8")
+        self.conversions = 0  # requests the process answered (cache hits are not conversions)
+
+    def convert(
+        self,
+        program: Path,
+        calibration: np.ndarray,
+        *,
+        float_out: Path | None,
+        int8_out: Path | None,
+        key: str | None = None,
+    ) -> None:
+        """Write `program` (a torch.export file) as float and/or int8 .tflite; int8 is calibrated
+        on `calibration` (preprocessed images, N x C x H x W). `key` names the model and its
+        calibration: a key converted before is copied from that conversion."""
+        wanted = {kind: out for kind, out in (("float", float_out), ("int8", int8_out)) if out}
+        with self._lock:
+            if key and self._copied(key, wanted):
+                return
+            with tempfile.TemporaryDirectory(dir=self._dir.name) as tmp:
+                images = Path(tmp) / "calibration.npy"
+                np.save(images, calibration.astype(np.float32))
+                request = {"program": str(program), "calibration": str(images)} | {
+                    kind: str(out) for kind, out in wanted.items()
+                }
+                self._ask(request)
+            if key:
+                self._keep(key, wanted)
+
+    def copy_converted(self, key: str, *, float_out: Path | None, int8_out: Path | None) -> bool:
+        """Write the files of an earlier conversion of `key`; False (nothing written) when there
+        was none with every file asked for."""
+        wanted = {kind: out for kind, out in (("float", float_out), ("int8", int8_out)) if out}
+        with self._lock:
+            return self._copied(key, wanted)
+
+    def _copied(self, key: str, wanted: dict[str, Path]) -> bool:
+        kept = self._done.get(key, {})
+        if not all(kind in kept for kind in wanted):
+            return False
+        for kind, out in wanted.items():
+            shutil.copyfile(kept[kind], out)
+        return True
+
+    def _keep(self, key: str, files: dict[str, Path]) -> None:
+        folder = Path(self._dir.name) / hashlib.sha256(key.encode()).hexdigest()[:32]
+        folder.mkdir(exist_ok=True)
+        for kind, out in files.items():
+            shutil.copyfile(out, folder / kind)
+            self._done.setdefault(key, {})[kind] = folder / kind
+
+    def _ask(self, request: dict) -> None:
+        proc = self._started()
+        start = self._log.tell()
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            timed_out = not ready
+            self._stop()
+            what = f"did not answer within {self.timeout_s:g} s" if timed_out else "exited"
+            raise ConversionError(f"litert-torch {what}:\n{self._output(start)}")
+        self.conversions += 1
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise ConversionError(f"litert-torch failed: {reply['error']}\n{self._output(start)}")
+
+    def _started(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            python = self.python or converter_python()
+            self._proc = subprocess.Popen(
+                [str(python), "-I", str(CONVERTER), "--serve"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            )  # fmt: skip
+        return self._proc
+
+    def _output(self, start: int) -> str:
+        self._log.flush()
+        self._log.seek(start)
+        text = self._log.read().decode(errors="replace")
+        self._log.seek(0, os.SEEK_END)
+        return text[-ERROR_TAIL:]
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        """End the process (closing its stdin ends it cleanly) and remove the kept files."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._stop()
+            self._proc = None
+            self._log.close()
+            self._dir.cleanup()
+
+    def __enter__(self) -> Converter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SHARED: dict[str, Converter] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_converter() -> Converter:
+    """This process's converter for the configured Python, started on first use and closed at
+    exit: a specialization worker (a Ray worker process, or the driver's threads) handles many
+    targets and candidates, and each would otherwise pay for importing litert-torch again.
+    Like a connection pool, it holds a process, not state a caller can observe."""
+    python = converter_python()
+    with _SHARED_LOCK:
+        if str(python) not in _SHARED:
+            _SHARED[str(python)] = converter = Converter(python)
+            atexit.register(converter.close)
+        return _SHARED[str(python)]
 
 
 def _interpreter(path: Path):
@@ -104,8 +231,7 @@ def run(path: Path, x: np.ndarray) -> np.ndarray:
     interpreter = _interpreter(path)
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
     if inp["dtype"] == np.int8:
-        scale, zero = inp["quantization"]
-        x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+        x = quantize_input(x, *inp["quantization"])
     logits = []
     for image in x.astype(inp["dtype"]):
         interpreter.set_tensor(inp["index"], image[None])
@@ -116,6 +242,15 @@ def run(path: Path, x: np.ndarray) -> np.ndarray:
         scale, zero = out["quantization"]
         result = (result.astype(np.float32) - zero) * scale
     return result.astype(np.float32)
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float input as the int8 a device feeds the file: LiteRT's QUANTIZE kernel rule,
+    `round(x / scale) + zero_point` in float32, halves rounded away from zero (std::round).
+    Grey levels can sit on exact halves, so the rule matters (np.round rounds them to even)."""
+    q = x.astype(np.float32) / np.float32(scale)
+    q = np.sign(q) * np.floor(np.abs(q) + np.float32(0.5))
+    return np.clip(q + zero_point, -128, 127).astype(np.int8)
 
 
 def io_description(path: Path) -> dict:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class Specialized:
     search: dict
     seconds: float
     rejected: list[str] = field(default_factory=list)  # better candidates that failed verification
+    rejected_by: dict[str, int] = field(default_factory=dict)  # how many of them each check rejected
 
     def result(self, files: dict[str, str]) -> TargetResult:
         """What later stages read of it, with `files` where they were published."""
@@ -61,6 +63,7 @@ class Specialized:
             measured=dict(self.measured),
             search=self.search,
             rejected=self.rejected,
+            rejected_by=self.rejected_by,
             seconds=round(self.seconds, 3),
             files=files,
         )
@@ -82,19 +85,26 @@ class TargetResult:
     measured: dict  # macs, params, test_acc, ram_kb, ...: what verification measured
     search: dict = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    rejected_by: dict[str, int] = field(default_factory=dict)  # check -> candidates it rejected
     seconds: float | None = None
     files: dict[str, str] = field(default_factory=dict)  # file name -> URI in the store
 
     def to_json(self) -> dict:
         head = ("target", "constraints", "device", "precision", "arch", "predicted_score", "score")
-        tail = ("search", "rejected", "seconds", "files")
-        return {k: getattr(self, k) for k in head} | self.measured | {k: getattr(self, k) for k in tail}
+        tail = ("search", "rejected", "rejected_by", "seconds", "files")
+        counted = {"rejected_candidates": len(self.rejected)}
+        return (
+            {k: getattr(self, k) for k in head}
+            | self.measured
+            | counted
+            | {k: getattr(self, k) for k in tail}
+        )
 
     @classmethod
     def from_json(cls, row: dict) -> TargetResult:
         """A row of summary.json back (keys that are not fields are what was measured)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"measured"}
-        measured = {k: v for k, v in row.items() if k not in names}
+        measured = {k: v for k, v in row.items() if k not in names | {"rejected_candidates"}}
         known = {k: v for k, v in row.items() if k in names}
         return cls(**{"predicted_score": None, "score": None} | known, measured=measured)
 
@@ -293,6 +303,7 @@ def _export_verify(
             search,
             time.perf_counter() - started,
             [str(e) for e in rejected],
+            dict(Counter(e.check for e in rejected)),
         )
     return None
 

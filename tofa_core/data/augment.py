@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tofa_core.data.normalise import per_channel, standardise, to_unit
+
 # Op list for the RandAugment rounds. Geometric ops share one affine warp per round.
 COLOR_OPS = ("identity", "brightness", "contrast", "sharpness", "posterize", "solarize", "equalize",
              "autocontrast")  # fmt: skip
@@ -52,7 +54,7 @@ class AugmentConfig(BaseModel):
 def _per_channel(name: str, values: tuple[float, ...], channels: int) -> torch.Tensor:
     if len(values) not in (1, channels):
         raise ValueError(f"{name} has {len(values)} values but images have {channels} channels")
-    return torch.tensor(values, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1).clone()
+    return per_channel(values, channels)
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
@@ -95,19 +97,20 @@ class Augmenter:
             raise ValueError(f"expected uint8 (N, {self.channels}, H, W), got {x.dtype} {tuple(x.shape)}")
 
     def _norm01(self, x01: torch.Tensor) -> torch.Tensor:
-        return (x01 - self._mean.to(x01.device)) / self._std.to(x01.device)
+        return standardise(x01, self._mean, self._std)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """What every evaluation and a deployed model's `preprocess` compute (`data.normalise`)."""
         self._check(x)
-        return self._norm01(x.float() / 255.0)
+        return self._norm01(to_unit(x))
 
     def weak(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         self._check(x)
-        return self._norm01(self._weak01(x.float() / 255.0, generator))
+        return self._norm01(self._weak01(to_unit(x), generator))
 
     def strong(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         self._check(x)
-        x01 = self._weak01(x.float() / 255.0, generator)
+        x01 = self._weak01(to_unit(x), generator)
         for _ in range(self.config.strong_ops):
             x01 = self._rand_op(x01, generator)
         return self._cutout(self._norm01(x01.clamp(0.0, 1.0)), generator)

@@ -45,8 +45,8 @@ class _TargetFields(BaseModel):
         0.98,
         gt=0,
         le=1,
-        description="least share of test images on which the int8 file's top-1 equals the float "
-        "model's; a candidate below it gives way to the next",
+        description="least share of held-out unlabelled images (never the test split) on which "
+        "each int8 file's top-1 equals the float model's; a candidate below it gives way to the next",
     )
     retries: int = Field(1, ge=0, le=10, description="re-runs of a failed specialization")
 

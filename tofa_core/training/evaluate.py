@@ -84,28 +84,48 @@ class EvalData:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    pool: torch.Tensor  # unlabelled images (training images when there are none): agreement score
+    # unlabelled images (training images when there are none), calibration's last: the agreement
+    # score of search, and the images int8 files are gated on (never the test split)
+    pool: torch.Tensor
     size: int  # the data set's image side
     channels: int
     mean: list[float]
     std: list[float]
 
 
+def _calibration_picks(splits: DataSplits, count: int, seed: int) -> torch.Tensor:
+    """Indices into the training images laid end to end (labelled, then unlabelled)."""
+    total = len(splits.train) + len(splits.unlabeled)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+
+
 def calibration_images(splits: DataSplits, aug: Augmenter, count: int, seed: int) -> torch.Tensor:
     """A fixed sample of training images (labelled and unlabelled), normalised."""
-    total = len(splits.train) + len(splits.unlabeled)
-    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
-    return aug.normalize(take([splits.train, splits.unlabeled], pick))
+    return aug.normalize(take([splits.train, splits.unlabeled], _calibration_picks(splits, count, seed)))
+
+
+def _pool_picks(splits: DataSplits, calibration: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Up to `count` images of the pool split (the unlabelled one, else the labelled training
+    images), those that calibration did not use first: int8 gates are measured on the pool,
+    and a quantizer's ranges fit the images they were calibrated on best."""
+    unlabelled = len(splits.unlabeled) > 0
+    pool_size = len(splits.unlabeled) if unlabelled else len(splits.train)
+    used = calibration - len(splits.train) if unlabelled else calibration
+    taken = torch.zeros(pool_size, dtype=torch.bool)
+    taken[used[(used >= 0) & (used < pool_size)]] = True
+    order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([order[~taken[order]], order[taken[order]]])[:count]
 
 
 def eval_data(splits: DataSplits, cfg: TrainConfig, pool_images: int = 1024) -> EvalData:
     """What evaluation, search and export need from a data version, split as training split it."""
     aug = Augmenter(cfg.augment, splits.channels)
     pool = splits.unlabeled if len(splits.unlabeled) else splits.train
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + 1))[:pool_images]
+    calibration = _calibration_picks(splits, cfg.calib_images, cfg.seed)
+    pick = _pool_picks(splits, calibration, pool_images, cfg.seed + 1)
     channels = splits.channels
     return EvalData(
-        calib=calibration_images(splits, aug, cfg.calib_images, cfg.seed),
+        calib=aug.normalize(take([splits.train, splits.unlabeled], calibration)),
         val_x=aug.normalize(splits.val.images),
         val_y=splits.val.labels,
         test_x=aug.normalize(splits.test.images),
