@@ -19,6 +19,15 @@ and, to check the RAM and flash models beyond the picks, 30 random subnets of th
         [--random-litert 10] [--summary FILE]
 
 `--summary` reuses the summary of an earlier `tofa run` (its store must still exist).
+
+`--seeds N` instead trains N digits supernets (`train.seed` 0..N-1, each kept in its own store
+under `--stores`, trained once: a later call reuses them), specializes each for the default
+targets (`tofa specialize`, timed), and prints per target and seed: float, ONNX int8 and LiteRT
+int8 test accuracy, both int8 files' agreement with float on the held-out unlabelled images
+(the gate), rejected candidates and seconds; beside it, the same subnet's LiteRT int8 file
+with the quantizer's default moving-average ranges (what the pipeline shipped before min-max).
+
+    .venv/bin/python benchmarks/bench_edge.py --seeds 5 [--stores .tofa/bench-seeds]
 """
 
 from __future__ import annotations
@@ -199,6 +208,109 @@ def report(rows: list[dict], models: dict, wall: float | None) -> None:
     )
 
 
+def tofa(args: list[str], log: Path) -> float:
+    """Run the `tofa` CLI (no MLflow or store from the environment); its wall seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TOFA_STORE", "MLFLOW_TRACKING_URI")}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        subprocess.run([str(TOFA), *args], check=True, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def one_seed(seed: int, store: Path) -> list[dict]:
+    """Train (once) and specialize the `seed`-th supernet; a row per default target."""
+    store.mkdir(parents=True, exist_ok=True)
+    if not (store / "runs").exists():
+        (store / "seed.yaml").write_text(f"train:\n  seed: {seed}\n")
+        tofa(["train", "--config", str(store / "seed.yaml"), "--store", str(store)], store / "train.log")
+    summary_file = store / "specialize.json"
+    wall = tofa(
+        ["specialize", "--store", str(store), "--summary-out", str(summary_file)], store / "specialize.log"
+    )
+    summary = json.loads(summary_file.read_text())
+    trained = load_trained(DatasetStore(open_storage(str(store))), open_storage(summary["supernet_dir"]))
+    rows = []
+    for row in summary["targets"]:
+        keys = (
+            "test_acc_fp32",
+            "test_acc_int8",
+            "int8_agreement",
+            "test_acc_tflite_int8",
+            "tflite_int8_agreement",
+        )
+        out = {
+            "seed": seed,
+            "target": row["target"],
+            "flow_seconds": summary["seconds"],
+            "wall_seconds": wall,
+        }
+        out |= {k: row.get(k) for k in (*keys, "seconds", "rejected_candidates")}
+        if "model.int8.tflite" in row["files"]:
+            out["before"] = moving_average(trained, Arch.from_dict(row["arch"]))
+        rows.append(out)
+    return rows
+
+
+def moving_average(trained, arch: Arch) -> dict:
+    """The subnet's LiteRT int8 file with the quantizer's default (moving-average) ranges,
+    made and measured by benchmarks/litert_moving_average.py in the converter's venv."""
+    data = trained.data
+    model = calibrated_subnet(trained.net, arch, data.calib).to(memory_format=torch.contiguous_format).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        pool = at_resolution(data.pool, arch.resolution)
+        with torch.no_grad():
+            np.save(folder / "pool_picks.npy", model(pool).argmax(1).numpy())
+        for name, images in (("calib", data.calib), ("pool", data.pool), ("test", data.test_x)):
+            np.save(folder / f"{name}.npy", at_resolution(images, arch.resolution).numpy())
+        np.save(folder / "test_y.npy", data.test_y.numpy())
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        example = at_resolution(data.calib[:2], arch.resolution)
+        torch.export.save(
+            torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), folder / "model.pt2"
+        )
+        script = ROOT / "benchmarks" / "litert_moving_average.py"
+        subprocess.run(
+            [str(litert.converter_python()), "-I", str(script), tmp], check=True, capture_output=True
+        )
+        return json.loads((folder / "moving_average.json").read_text())
+
+
+def report_seeds(rows: list[dict]) -> None:
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    print("| seed | target | fp32 | ONNX int8 (agree) | LiteRT int8 (agree) | before: LiteRT int8 (agree) "
+          "| rejected | s |")  # fmt: skip
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        before = r.get("before") or {}
+        print(
+            f"| {r['seed']} | {r['target']} | {pct(r['test_acc_fp32'])} "
+            f"| {pct(r['test_acc_int8'])} ({pct(r['int8_agreement'])}) "
+            f"| {pct(r['test_acc_tflite_int8'])} ({pct(r['tflite_int8_agreement'])}) "
+            f"| {pct(before.get('test_acc_tflite_int8'))} ({pct(before.get('tflite_int8_agreement'))}) "
+            f"| {r['rejected_candidates']} | {r['seconds']:.1f} |"
+        )
+    lite = [r for r in rows if r.get("tflite_int8_agreement") is not None]
+    if lite:
+        agree = [r["tflite_int8_agreement"] for r in lite]
+        before = [r["before"]["tflite_int8_agreement"] for r in lite]
+        drop = [r["test_acc_fp32"] - r["test_acc_tflite_int8"] for r in lite]
+        print(
+            f"LiteRT int8 agreement over {len(lite)} target runs: {pct(min(agree))}-{pct(max(agree))}% "
+            f"(before: {pct(min(before))}-{pct(max(before))}%); float minus int8 test accuracy at most "
+            f"{100 * max(drop):.2f} points"
+        )
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == seed]
+        per = [r["seconds"] for r in mine if r.get("tflite_int8_agreement") is not None]
+        print(
+            f"seed {seed}: specialization {mine[0]['flow_seconds']:.0f} s for {len(mine)} targets "
+            f"({sum(per) / max(len(per), 1):.1f} s per LiteRT target on average)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "edge"))
@@ -206,8 +318,19 @@ def main() -> None:
     parser.add_argument("--random-litert", type=int, default=10, help="of them converted to LiteRT")
     parser.add_argument("--summary", help="the summary JSON of an earlier `tofa run` (with --store)")
     parser.add_argument("--store", help="that run's store folder [default: .tofa/store beside the summary]")
+    parser.add_argument("--seeds", type=int, help="train and specialize this many seeds instead")
+    parser.add_argument("--stores", default=str(ROOT / ".tofa" / "bench-seeds"), help="their kept stores")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.seeds:
+        rows = [
+            row for seed in range(args.seeds) for row in one_seed(seed, Path(args.stores) / f"seed{seed}")
+        ]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "seeds.json").write_text(json.dumps(rows, indent=1))
+        report_seeds(rows)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         summary = json.loads(Path(args.summary).read_text()) if args.summary else run_tofa(Path(tmp))
         where = Path(args.summary).parent if args.summary else Path(tmp)

@@ -6,6 +6,7 @@ every target; this is the per-target work, seconds each, with no training.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -109,6 +110,21 @@ class TargetResult:
         return cls(**{"predicted_score": None, "score": None} | known, measured=measured)
 
 
+class Subnets:
+    """Each arch's BN-recalibrated subnet, recalibrated once: a candidate is scored in float,
+    scored in int8 and exported, and recalibration is most of what each of those costs.
+    Callers get a copy they may change."""
+
+    def __init__(self, net: Supernet, calib: torch.Tensor):
+        self.net, self.calib = net, calib
+        self._kept: dict[Arch, torch.nn.Module] = {}
+
+    def __call__(self, arch: Arch) -> torch.nn.Module:
+        if arch not in self._kept:
+            self._kept[arch] = calibrated_subnet(self.net, arch, self.calib)
+        return copy.deepcopy(self._kept[arch])
+
+
 def specialize(
     net: Supernet,
     target: Target,
@@ -135,6 +151,7 @@ def specialize(
         litert.require()  # now, not after a search
     rejected: list[VerificationError] = []
     searches = 0
+    subnets = Subnets(net, data.calib)
     for search_round in range(SEARCH_ROUNDS):
         # A latency table predicts whole networks within ~10% (up to ~30%), the flash model
         # within ~1.5%: when every candidate near the budget measures over it, search again
@@ -149,8 +166,8 @@ def specialize(
                 raise
             break  # not even the smallest subnet fits the tighter budget: report what was measured
         searches += 1
-        ranked = rank_candidates(net, searched, found, costs, data, score, reference, measured)
-        job = _Job(net, target, predictor, data, Path(folder), classes, about, score)
+        ranked = rank_candidates(net, searched, found, costs, data, score, reference, measured, subnets)
+        job = _Job(net, target, predictor, data, Path(folder), classes, about, score, subnets)
         done = _export_verify(job, ranked, found, rejected)
         if done is not None:
             return dataclasses.replace(done, seconds=time.perf_counter() - started)
@@ -198,6 +215,7 @@ def rank_candidates(
     score: str = "agreement",
     reference: torch.Tensor | None = None,
     measured: Sequence[Scored] = (),
+    subnets: Subnets | None = None,
 ) -> list[Scored]:
     """Search's candidates scored for real, with as many of the best already-measured subnets
     that fit `target`, best measured score first.
@@ -206,7 +224,8 @@ def rank_candidates(
     ~0.4); among measured subnets a smaller one (often the smallest, trained every step) can
     score better than anything search proposes near the budget."""
     picks = [arch for arch, _ in found.candidates]
-    real = score_subnets(net, picks, data, reference=reference)
+    subnets = subnets or Subnets(net, data.calib)
+    real = score_subnets(net, picks, data, reference=reference, subnet=subnets)
 
     def order(s: Scored) -> tuple:
         return s.score(score), s.agreement, s.val
@@ -214,20 +233,25 @@ def rank_candidates(
     fitting = [s for s in measured if s.arch not in picks and costs.fits(s.arch, target)]
     real += sorted(fitting, key=order, reverse=True)[: len(picks)]
     if target.precision == "int8":  # quantization error differs between subnets: rank what deploys
-        real = int8_scores(net, [s.arch for s in real], data, reference)
+        real = int8_scores(net, [s.arch for s in real], data, reference, subnets)
     return sorted(real, key=order, reverse=True)
 
 
 def int8_scores(
-    net: Supernet, archs: list[Arch], data: EvalData, reference: torch.Tensor | None
+    net: Supernet,
+    archs: list[Arch],
+    data: EvalData,
+    reference: torch.Tensor | None,
+    subnets: Subnets | None = None,
 ) -> list[Scored]:
     """Both scores of each arch's int8 model (exported, quantized as export does, run in ONNX
     Runtime): agreement with the largest subnet on the unlabelled pool, validation accuracy."""
     if reference is None:
         reference = teacher_labels(net, data)
+    subnets = subnets or Subnets(net, data.calib)
     out = []
     for arch in archs:
-        model = calibrated_subnet(net, arch, data.calib).to(memory_format=torch.contiguous_format)
+        model = subnets(arch).to(memory_format=torch.contiguous_format)
         calib = at_resolution(data.calib, arch.resolution)
         sess = onnx_runtime.session(quantize_int8(onnx_runtime.onnx_bytes(model, calib[:1]), calib.numpy()))
         pool = onnx_runtime.run(sess, at_resolution(data.pool, arch.resolution).numpy()).argmax(1)
@@ -252,6 +276,7 @@ class _Job:
     classes: list[str]
     about: dict | None
     score: str
+    subnets: Subnets
 
 
 def _export_verify(
@@ -275,7 +300,7 @@ def _export_verify(
         "measured_before": sum(s.arch not in searched for s in ranked),
     }
     for cand in ranked:
-        model = calibrated_subnet(net, cand.arch, data.calib)
+        model = job.subnets(cand.arch)
         scores = {"predicted": predicted[cand.arch], score: cand.score(score)}
         exported = _export(job, model, cand.arch, scores)
         try:

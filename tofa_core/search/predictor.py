@@ -12,6 +12,7 @@ benchmarks/bench_predictor.py (see README).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import random
@@ -93,13 +94,15 @@ def score_subnets(
     data: EvalData,
     progress: Callable[[int, int], None] | None = None,
     reference: torch.Tensor | None = None,
+    subnet: Callable[[Arch], nn.Module] | None = None,
 ) -> list[Scored]:
-    """Recalibrate and score every arch on the same images (both scores at once)."""
+    """Recalibrate and score every arch on the same images (both scores at once). `subnet`:
+    where the recalibrated subnets come from when the caller keeps them (copied, not changed)."""
     if reference is None:
         reference = teacher_labels(net, data)
     out = []
     for i, arch in enumerate(archs):
-        model = fuse_bn(calibrated_subnet(net, arch, data.calib))
+        model = fuse_bn(copy.deepcopy(subnet(arch)) if subnet else calibrated_subnet(net, arch, data.calib))
         val = (model(data.val_x).argmax(1) == data.val_y).float().mean().item() if len(data.val_y) else 0.0
         agree = (model(data.pool).argmax(1) == reference).float().mean().item()
         out.append(Scored(arch, val, agree))
