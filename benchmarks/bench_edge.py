@@ -208,13 +208,22 @@ def report(rows: list[dict], models: dict, wall: float | None) -> None:
     )
 
 
-def tofa(args: list[str], log: Path) -> float:
+def tofa(args: list[str], log: Path, check: bool = True) -> float:
     """Run the `tofa` CLI (no MLflow or store from the environment); its wall seconds."""
     env = {k: v for k, v in os.environ.items() if k not in ("TOFA_STORE", "MLFLOW_TRACKING_URI")}
     start = time.perf_counter()
     with open(log, "w") as out:
-        subprocess.run([str(TOFA), *args], check=True, env=env, stdout=out, stderr=subprocess.STDOUT)
+        subprocess.run([str(TOFA), *args], check=check, env=env, stdout=out, stderr=subprocess.STDOUT)
     return time.perf_counter() - start
+
+
+MEASURED = (
+    "test_acc_fp32",
+    "test_acc_int8",
+    "int8_agreement",
+    "test_acc_tflite_int8",
+    "tflite_int8_agreement",
+)
 
 
 def one_seed(seed: int, store: Path) -> list[dict]:
@@ -224,31 +233,24 @@ def one_seed(seed: int, store: Path) -> list[dict]:
         (store / "seed.yaml").write_text(f"train:\n  seed: {seed}\n")
         tofa(["train", "--config", str(store / "seed.yaml"), "--store", str(store)], store / "train.log")
     summary_file = store / "specialize.json"
-    wall = tofa(
-        ["specialize", "--store", str(store), "--summary-out", str(summary_file)], store / "specialize.log"
-    )
+    summary_file.unlink(missing_ok=True)
+    args = ["specialize", "--store", str(store), "--summary-out", str(summary_file)]
+    wall = tofa(args, store / "specialize.log", check=False)  # failed targets are listed, not fatal
     summary = json.loads(summary_file.read_text())
     trained = load_trained(DatasetStore(open_storage(str(store))), open_storage(summary["supernet_dir"]))
     rows = []
     for row in summary["targets"]:
-        keys = (
-            "test_acc_fp32",
-            "test_acc_int8",
-            "int8_agreement",
-            "test_acc_tflite_int8",
-            "tflite_int8_agreement",
-        )
         out = {
             "seed": seed,
             "target": row["target"],
             "flow_seconds": summary["seconds"],
             "wall_seconds": wall,
         }
-        out |= {k: row.get(k) for k in (*keys, "seconds", "rejected_candidates")}
+        out |= {k: row.get(k) for k in (*MEASURED, "seconds", "rejected_candidates")}
         if "model.int8.tflite" in row["files"]:
             out["before"] = moving_average(trained, Arch.from_dict(row["arch"]))
         rows.append(out)
-    return rows
+    return rows + [{"seed": seed, "target": f["target"], "failed": f["error"]} for f in summary["failed"]]
 
 
 def moving_average(trained, arch: Arch) -> dict:
@@ -283,6 +285,9 @@ def report_seeds(rows: list[dict]) -> None:
     print("| seed | target | fp32 | ONNX int8 (agree) | LiteRT int8 (agree) | before: LiteRT int8 (agree) "
           "| rejected | s |")  # fmt: skip
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in [r for r in rows if "failed" in r]:
+        print(f"| {r['seed']} | {r['target']} | failed: {r['failed'][:200]} |")
+    rows = [r for r in rows if "failed" not in r]
     for r in rows:
         before = r.get("before") or {}
         print(

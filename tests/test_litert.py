@@ -93,7 +93,69 @@ def test_the_litert_flash_model_is_within_5_percent_of_the_files(tmp_path):
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes={"x": {0: batch}}), program)
         files = {"tflite": tmp_path / f"{i}.tflite", "tflite-int8": tmp_path / f"{i}.int8.tflite"}
-        litert.shared_converter().convert(program, x.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"])
+        litert.shared_converter().convert(
+            program, x.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"]
+        )
         for kind, file in files.items():
             error = abs(flash_bytes(arch, space, kind) / file.stat().st_size - 1)
             assert error < 0.05, (kind, arch, error)
+
+
+def _program(tmp_path, model, x):
+    """`model` as a torch.export file with any batch, as export writes model.pt2."""
+    import torch
+
+    program = tmp_path / "model.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    exported = torch.export.export(model.eval(), (x[:2],), dynamic_shapes=({0: batch},))
+    torch.export.save(exported, program)
+    return program
+
+
+@pytest.mark.slow  # starts the converter's Python once (seconds)
+def test_one_converter_process_serves_every_conversion_and_a_converted_subnet_is_copied(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten())
+    x = torch.randn(16, 1, 8, 8)
+    program = _program(tmp_path, model, x)
+    with litert.Converter() as converter:
+        converter.convert(program, x.numpy(), float_out=tmp_path / "a.tflite", int8_out=None, key="k")
+        first = converter._proc.pid  # noqa: SLF001
+        converter.convert(program, x.numpy(), float_out=None, int8_out=tmp_path / "b.tflite")
+        assert converter._proc.pid == first and converter.conversions == 2  # noqa: SLF001
+        # the same key again: copied from the first conversion, the process is not asked
+        assert converter.copy_converted("k", float_out=tmp_path / "c.tflite", int8_out=None)
+        assert not converter.copy_converted("k", float_out=None, int8_out=tmp_path / "d.tflite")
+        assert converter.conversions == 2
+        assert (tmp_path / "c.tflite").read_bytes() == (tmp_path / "a.tflite").read_bytes()
+        assert not (tmp_path / "d.tflite").exists()
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                litert.run(tmp_path / "a.tflite", x.numpy()), model(x).numpy(), atol=1e-5
+            )
+    assert converter._proc is None  # noqa: SLF001  closed with the block
+
+
+@pytest.mark.slow  # one conversion (seconds)
+def test_int8_activation_ranges_span_every_calibration_image_not_the_last_ones(tmp_path):
+    """ai-edge-quantizer's default range is a moving average weighing the last ~20 images: one
+    bright image among 200 dim ones would be clipped. The pipeline's ranges are min-max."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.Flatten())
+    bright = torch.full((1, 1, 4, 4), 10.0)
+    dim = torch.rand(200, 1, 4, 4)
+    calibration = torch.cat([bright, dim]).numpy()
+    program = _program(tmp_path, model, torch.cat([bright, dim]))
+    out = tmp_path / "model.int8.tflite"
+    with litert.Converter() as converter:
+        converter.convert(program, calibration, float_out=None, int8_out=out)
+    io = litert.io_description(out)["input"]
+    top = io["scale"] * (127 - io["zero_point"])  # the largest input the int8 file represents
+    assert top == pytest.approx(10.0, rel=0.02)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            litert.run(out, bright.numpy()), model(bright).numpy(), rtol=0.05, atol=0.1
+        )
