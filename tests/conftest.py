@@ -17,6 +17,30 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tofa-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_temporary_server():
+    """Stops Prefect's temporary API server at the end of the session, if a flow run without
+    PREFECT_API_URL (a CLI test) started one in this process.
+
+    Left running, Prefect stops it from an atexit hook that logs "Stopping temporary server"
+    to the console handler set up at import, i.e. to pytest's captured stderr, which pytest
+    has closed by then: `ValueError: I/O operation on closed file` after the summary. As
+    `prefect_test_harness` does for its server, the log and event workers first send what
+    they hold (else their exit-time flush hits the stopped server)."""
+    yield
+    if "prefect.server.api.server" not in sys.modules:  # never imported: nothing started
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the per-process instance a flow run starts
+    if server.running:
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A temporary Prefect API (SQLite) for the session: flows run for real, with state tracking."""

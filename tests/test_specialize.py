@@ -330,6 +330,8 @@ def test_an_int8_candidate_that_disagrees_gives_way_to_the_next(trained, predict
         evolution=FAST,
     )  # fmt: skip
     assert len(calls) == 2 and len(done.rejected) == 1 and "int8-agreement" in done.rejected[0]
+    row = done.result({}).to_json()  # the summary's row counts the rejections per check
+    assert row["rejected_by"] == {"int8-agreement": 1} and row["rejected_candidates"] == 1
     assert done.measured["int8_agreement"] >= 0.9 and (tmp_path / "model.int8.onnx").exists()
 
 

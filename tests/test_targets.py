@@ -219,16 +219,20 @@ def test_cli_targets_validate(tmp_path):
 
 @pytest.mark.slow
 def test_cli_profile_latency_writes_a_table_that_predicts_whole_subnets(tmp_path):
-    """The profiler on this machine, end to end; then the table's error on random subnets.
+    """The profiler on this machine, end to end; then the table against whole subnets.
 
-    The bound is loose on purpose: shared CI machines are noisy. benchmarks/bench_latency.py
-    measures the real figure (about 10% median here)."""
-    import statistics
-
+    No wall-clock error bound on a few subnets: on a shared machine the same subnet times up
+    to 2x apart minutes later (benchmarks/bench_latency.py measures the error). What load
+    cannot break is the order: 14 subnets from the smallest to the largest (~8x apart at
+    8 px), timed interleaved so that drift hits them alike, rank as the table predicts; and
+    the table's own fit, on 12 other subnets timed the same way, is close. Over 11 runs beside
+    a training job (2 at once): Spearman 0.947-1.000, fit error 1-7%; the profiler before
+    (blocks timed back to back, least squares) gave 0.24 and 26% once under heavy load."""
+    from scipy.stats import spearmanr
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tofa_core.profiler import measure_arch_latency
+    from tofa_core.profiler import measure_archs_latency
     from tofa_core.supernet import Supernet
 
     out = tmp_path / "vm.json"
@@ -237,16 +241,17 @@ def test_cli_profile_latency_writes_a_table_that_predicts_whole_subnets(tmp_path
     assert result.exit_code == 0, result.output
     table = LatencyTable.load(out)
     space = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))
-    assert table.device == "vm" and table.meta["threads"] == 1 and table.meta["fit"]["archs"] == 12
+    fit = table.meta["fit"]
+    assert table.device == "vm" and table.meta["threads"] == 1 and fit["archs"] == 12
     assert not table.missing(k for a in covering_archs(space) for _, k in blocks(a, space))
+    assert fit["median_abs_error_on_fit"] < 0.2, fit
     net = Supernet(space, channels_last=False)
-    rng = random.Random(99)
-    errors = []
-    for _ in range(6):
-        arch = space.sample(rng)
-        measured = measure_arch_latency(net, arch)
-        errors.append(abs(table.latency_ms(arch, space) - measured) / measured)
-    assert statistics.median(errors) < 0.5, errors
+    rng = random.Random(99)  # other subnets than the fit's
+    archs = [space.min_arch(), space.max_arch(), *(space.sample(rng) for _ in range(12))]
+    predicted = [table.latency_ms(a, space) for a in archs]
+    measured = measure_archs_latency(net, archs)
+    rho = spearmanr(predicted, measured).statistic
+    assert rho >= 0.8, [(round(p, 4), round(m, 4)) for p, m in zip(predicted, measured)]
     # a second run with the same table measures nothing new and keeps the entries
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and LatencyTable.load(out).entries.keys() == table.entries.keys()
