@@ -404,8 +404,12 @@ def _target_row(result: TargetResult, registration: dict) -> dict:
         "test_acc_int8",
         "test_acc_tflite",
         "test_acc_tflite_int8",
+        "int8_agreement",
+        "tflite_int8_agreement",
         "tflite_ram_kb",
         "tflite_flash_kb",
+        "rejected_candidates",
+        "rejected_by",
         "files",
         "seconds",
     )

@@ -182,7 +182,15 @@ def test_first_run_registers_every_target_as_champion(world, first):
             assert target_run.data.params["precision"] == "int8" and (local / "model.int8.onnx").exists()
             assert metrics["test_acc"] == metrics["test_acc_int8"] and "test_acc_fp32" in metrics
             assert metrics["flash_kb"] == pytest.approx((local / "model.int8.onnx").stat().st_size / 1024)
-            assert metrics["flash_kb"] <= 256 and metrics["int8_agreement"] >= 0.5
+            assert metrics["flash_kb"] <= 256 and metrics["int8_agreement"] == pytest.approx(
+                row["int8_agreement"]
+            )
+            # the summary and MLflow say how many candidates verification rejected, and why
+            assert (
+                row["rejected_candidates"]
+                == sum(row["rejected_by"].values())
+                == metrics["rejected_candidates"]
+            )
             # the LiteRT file a microcontroller loads, beside it in the registered version
             tflite = local / "model.int8.tflite"
             assert metrics["tflite_flash_kb"] == pytest.approx(tflite.stat().st_size / 1024)
