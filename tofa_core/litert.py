@@ -81,7 +81,7 @@ class Converter:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._dir = tempfile.TemporaryDirectory(prefix="tofa-litert-")
-        self._log = open(Path(self._dir.name) / "converter.log", "w+b")  # noqa: SIM115  closed by close()
+        self._log = Path(self._dir.name) / "converter.log"  # the process's stderr, appended to
         self._done: dict[str, dict[str, Path]] = {}  # key -> kept copies by kind ("float", "int8")
         self.conversions = 0  # requests the process answered (cache hits are not conversions)
 
@@ -135,7 +135,7 @@ class Converter:
 
     def _ask(self, request: dict) -> None:
         proc = self._started()
-        start = self._log.tell()
+        start = self._log.stat().st_size
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
         ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
@@ -153,18 +153,18 @@ class Converter:
     def _started(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             python = self.python or converter_python()
-            self._proc = subprocess.Popen(
-                [str(python), "-I", str(CONVERTER), "--serve"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            )  # fmt: skip
+            with open(self._log, "ab") as log:  # the child keeps its own (appending) descriptor
+                self._proc = subprocess.Popen(
+                    [str(python), "-I", str(CONVERTER), "--serve"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                )  # fmt: skip
         return self._proc
 
     def _output(self, start: int) -> str:
-        self._log.flush()
-        self._log.seek(start)
-        text = self._log.read().decode(errors="replace")
-        self._log.seek(0, os.SEEK_END)
-        return text[-ERROR_TAIL:]
+        """What the process wrote to stderr since `start` (bytes), its last ERROR_TAIL characters."""
+        with open(self._log, "rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")[-ERROR_TAIL:]
 
     def _stop(self) -> None:
         if self._proc is not None:
@@ -182,7 +182,6 @@ class Converter:
                 except subprocess.TimeoutExpired:
                     self._stop()
             self._proc = None
-            self._log.close()
             self._dir.cleanup()
 
     def __enter__(self) -> Converter:
