@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tofa_core.data.ingest import IngestConfig, ingest
-from tofa_core.data.loaders import ImageSet, ShardStream, StreamedSet, load_splits, take
+from tofa_core.data.loaders import ImageSet, ShardStream, StreamedSet, load_splits, take, worker_splits
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import open_storage
 from tofa_core.training.checkpoint import load_checkpoint
@@ -53,7 +53,7 @@ def digest(images: torch.Tensor) -> list[str]:
 
 def test_large_training_splits_stream_and_hold_the_same_images(store):
     held = load_splits(store, "big")
-    streamed = load_splits(store, "big", in_memory_mb=0)
+    streamed = load_splits(store, "big", hold_training=False)
     assert isinstance(streamed.unlabeled, StreamedSet) and isinstance(streamed.train, StreamedSet)
     assert isinstance(streamed.val, ImageSet) and isinstance(streamed.test, ImageSet)  # labelled: held
     assert streamed.sizes() == held.sizes() == {"train": 36, "val": 4, "unlabeled": UNLABELLED, "test": 10}
@@ -65,11 +65,38 @@ def test_large_training_splits_stream_and_hold_the_same_images(store):
     pick = torch.randperm(36 + UNLABELLED, generator=torch.Generator().manual_seed(3))[:50]
     both = torch.cat([held.train.images, held.unlabeled.images])[pick]
     assert torch.equal(take([streamed.train, streamed.unlabeled], pick), both)
-    assert load_splits(store, "big", in_memory_mb=1).unlabeled.__class__ is ImageSet  # 0.25 MiB fits
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_workers_strided_share_holds_what_shard_gives_it_read_from_the_places(store, world):
+    held = load_splits(store, "big").unlabeled
+    places = load_splits(store, "big", hold_training=False).unlabeled
+    shares = [places.strided(rank, world, seed=5) for rank in range(world)]
+    for rank, share in enumerate(shares):
+        expect = held.shard(rank, world, seed=5)
+        loaded = share.load()
+        assert share.nbytes == expect.nbytes == len(expect) * 3 * SIDE * SIDE
+        assert torch.equal(loaded.images, expect.images) and torch.equal(loaded.labels, expect.labels)
+    assert sum(len(s) for s in shares) == UNLABELLED and max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_worker_holds_the_labelled_split_and_its_share_while_they_fit_and_streams_the_rest(store):
+    places = load_splits(store, "big", hold_training=False)
+    labelled, share = places.train.nbytes, places.unlabeled.strided(1, 2, seed=5).nbytes
+    train, mine = worker_splits(places, 1, 2, 5, labelled + share)
+    assert isinstance(train, ImageSet) and isinstance(mine, ImageSet) and mine.nbytes == share
+    assert torch.equal(mine.images, places.unlabeled.strided(1, 2, seed=5).load().images)
+    train, mine = worker_splits(places, 1, 2, 5, labelled + share - 1)  # one byte short: streamed
+    assert isinstance(train, ImageSet) and isinstance(mine, StreamedSet)
+    assert [s.path for s in mine.shards] == [s.path for s in places.unlabeled.shard(1, 2, seed=5).shards]
+    train, mine = worker_splits(places, 1, 2, 5, labelled - 1)
+    assert isinstance(train, StreamedSet) and isinstance(mine, StreamedSet)
+    train, mine = worker_splits(places, 0, 2, 5, 0, unlabelled=False)
+    assert isinstance(train, StreamedSet) and mine is None
 
 
 def test_a_pass_draws_every_image_once_reading_each_shard_once(store, monkeypatch):
-    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    data = load_splits(store, "big", hold_training=False).unlabeled
     reads = []
     original = StreamedSet.read
     monkeypatch.setattr(StreamedSet, "read", lambda self, i: reads.append(i) or original(self, i))
@@ -87,7 +114,7 @@ def test_a_pass_draws_every_image_once_reading_each_shard_once(store, monkeypatc
 
 
 def test_memory_stays_at_a_window_whatever_the_split(store):
-    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    data = load_splits(store, "big", hold_training=False).unlabeled
     split_bytes = UNLABELLED * 3 * SIDE * SIDE
     stream = ShardStream(data, 32, seed=0, window=2)
     next(stream)
@@ -102,7 +129,7 @@ def test_memory_stays_at_a_window_whatever_the_split(store):
 
 
 def test_same_seed_same_batches_and_a_resumed_stream_continues_exactly(store):
-    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    data = load_splits(store, "big", hold_training=False).unlabeled
     a, b = ShardStream(data, 48, seed=5), ShardStream(data, 48, seed=5)
     for _ in range(20):  # across a pass boundary
         assert torch.equal(next(a)[0], next(b)[0])
@@ -117,7 +144,7 @@ def test_same_seed_same_batches_and_a_resumed_stream_continues_exactly(store):
 
 @pytest.mark.parametrize("world", [2, 3, 40])
 def test_workers_share_the_rows_without_overlap(store, world):
-    data = load_splits(store, "big", in_memory_mb=0).unlabeled
+    data = load_splits(store, "big", hold_training=False).unlabeled
     shares = [data.shard(rank, world, seed=0) for rank in range(world)]
     rows = [digest(s.take(torch.arange(len(s)))) for s in shares]
     assert sorted(sum(rows, [])) == sorted(digest(data.take(torch.arange(len(data)))))
@@ -156,7 +183,7 @@ def test_a_checkpoint_of_another_kind_of_stream_restarts_it_with_a_warning(store
     from tofa_core.data.loaders import BatchStream
 
     held = load_splits(store, "big").unlabeled
-    streamed = load_splits(store, "big", in_memory_mb=0).unlabeled
+    streamed = load_splits(store, "big", hold_training=False).unlabeled
     memory_state = BatchStream(held, 16, seed=1).state_dict()
     fresh = ShardStream(streamed, 16, seed=1)
     fresh.load_state_dict(memory_state)
@@ -171,7 +198,7 @@ def test_a_checkpoint_of_another_kind_of_stream_restarts_it_with_a_warning(store
 
 
 def test_fewer_images_than_workers_leave_no_worker_empty(store):
-    streamed = load_splits(store, "big", in_memory_mb=0)
+    streamed = load_splits(store, "big", hold_training=False)
     few = streamed.train.shard(0, 20)  # 36 labelled training images over 20 workers: 1-2 each
     assert len(few) in (1, 2)
     tiny = few.shard(1, 4)  # fewer images than workers: every worker gets them all

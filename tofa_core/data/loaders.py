@@ -2,11 +2,14 @@
 
 Small data is the point of TOFA, so a split normally fits in memory (1,797 digits are
 115 kB; 100k 32x32 RGB images are 300 MB). Batches are then index_select on those tensors:
-microseconds, so a training step never waits on data. A training split (labelled or
-unlabelled) with more pixel bytes than `in_memory_mb` is a `StreamedSet` instead: the places
-of its rows in the store's shards, read by `ShardStream` a few shards at a time with the
-next few read in the background, so memory is bounded by shards, not by the data set.
-Augmentation (augment.py) then runs batched on whatever device the batches are moved to.
+microseconds, so a training step never waits on data. A `StreamedSet` is the places of a
+split's rows in the store's shards, no pixels: `ShardStream` reads it a few shards at a time
+with the next few read in the background, so memory is bounded by shards, not by the data
+set. A training worker starts from those places and holds in memory only what it draws
+(`worker_splits`): the labelled split and its own share of the unlabelled one, as uint8,
+while they fit its `hold_bytes`; what does not fit is streamed. Augmentation (augment.py)
+turns each batch to floats on whatever device the batches are moved to, so the bytes held
+are the raw pixels.
 
 Splits are deterministic and stable across versions: an image's place (validation or
 training) follows from a hash of its content and the seed, not from its position, so an
@@ -51,6 +54,10 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size()
+
     def shard(self, rank: int, world_size: int, seed: int = 0) -> ImageSet:
         """This worker's share: a seeded permutation cut into `world_size` near-equal parts
         (the whole set for every worker when there are fewer images than workers)."""
@@ -85,6 +92,38 @@ class StreamedSet:
 
     def __len__(self) -> int:
         return int(sum(len(r) for r in self.rows))
+
+    @property
+    def nbytes(self) -> int:
+        """The pixel bytes of its rows as uint8: what holding it in memory costs."""
+        return len(self) * self.channels * self.hw[0] * self.hw[1]
+
+    def load(self) -> ImageSet:
+        """Every row in memory, in order, filled shard by shard (one shard's table at a time)."""
+        images = np.empty((len(self), self.channels, *self.hw), dtype=np.uint8)
+        at = 0
+        for i, rows in enumerate(self.rows):
+            images[at : at + len(rows)] = _rows_of(
+                read_shard(self.ds, self.shards[i]), rows, self.channels, self.hw
+            )
+            at += len(rows)
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, dtype=np.int64)
+        return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+
+    def strided(self, rank: int, world_size: int, seed: int = 0) -> StreamedSet:
+        """The rows `ImageSet.shard` gives this worker (a seeded permutation cut into
+        `world_size` parts), still as places: a share to load, balanced to one row."""
+        _check_rank(rank, world_size)
+        if len(self) < world_size:
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        mine = order[rank::world_size].sort().values.numpy()
+        offsets = np.cumsum([0] + [len(r) for r in self.rows])
+        which = np.searchsorted(offsets, mine, side="right") - 1
+        local = [mine[which == s] - offsets[s] for s in range(len(self.rows))]
+        rows = [r[at] for r, at in zip(self.rows, local)]
+        labels = [lbl[at] for lbl, at in zip(self.labels, local)]
+        return self._subset([i for i, r in enumerate(rows) if len(r)], rows, labels)
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Shard i's rows of this split: (images (n, C, H, W) uint8, labels)."""
@@ -191,13 +230,14 @@ def load_splits(
     seed: int = 0,
     size: int | None = None,
     channels: int | None = None,
-    in_memory_mb: float | None = None,
+    hold_training: bool = True,
 ) -> DataSplits:
     """Load a version (default: the latest) and split it into train / val / unlabeled / test.
 
     Validation takes `val_fraction` of each class's labelled training images (at least one
-    where the class has two or more), so every class is seen in both. A train or unlabeled
-    split with more pixel bytes than `in_memory_mb` is a StreamedSet (None: never).
+    where the class has two or more), so every class is seen in both. Val and test are held
+    in memory; train and unlabeled too, or, with `hold_training` False, only their places
+    (StreamedSets): no pixels are read, and a worker then holds what `worker_splits` gives it.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -216,11 +256,10 @@ def load_splits(
         val_mask[members[order[:n_val]]] = True
     c = channels or manifest.channels
     hw = (size, size) if size else common_shape(meta.heights, meta.widths) if len(split) else (1, 1)
-    limit = None if in_memory_mb is None else in_memory_mb * 2**20
 
     def part(mask: np.ndarray, may_stream: bool) -> ImageSet | StreamedSet:
         idx = np.flatnonzero(mask)
-        if may_stream and limit is not None and len(idx) * c * hw[0] * hw[1] > limit:
+        if may_stream and not hold_training:
             return meta.streamed(ds, manifest.shards, idx, hw, c)
         return meta.in_memory(ds, manifest.shards, idx, hw, c)
 
@@ -235,6 +274,35 @@ def load_splits(
         unlabeled=part(split == "unlabeled", True),
         test=part(split == "test", False),
     )
+
+
+def worker_splits(
+    splits: DataSplits,
+    rank: int,
+    world_size: int,
+    seed: int,
+    hold_bytes: float | None,
+    unlabelled: bool = True,
+) -> tuple[ImageSet | StreamedSet, ImageSet | StreamedSet | None]:
+    """What training worker `rank` of `world_size` draws from: the labelled split whole and its
+    own share of the unlabelled split (None where `unlabelled` is False). Each is held in
+    memory (uint8, its raw pixel bytes) while the two together fit `hold_bytes` (None: no
+    limit), labelled first since every step draws from it; what does not fit is streamed.
+    Only the share is read, never the whole split."""
+    budget = float("inf") if hold_bytes is None else hold_bytes
+    train = splits.train
+    if isinstance(train, StreamedSet) and train.nbytes <= budget:
+        train = train.load()
+    budget -= train.nbytes if isinstance(train, ImageSet) else 0
+    rest = splits.unlabeled
+    if not unlabelled:
+        return train, None
+    if isinstance(rest, ImageSet):
+        return train, rest.shard(rank, world_size, seed)
+    share = rest.strided(rank, world_size, seed)
+    if share.nbytes <= budget:
+        return train, share.load()
+    return train, rest.shard(rank, world_size, seed)  # whole shards: each read by one worker
 
 
 @dataclass
@@ -411,8 +479,15 @@ class ShardStream:
         self._plan = [order[i : i + self.window] for i in range(0, len(order), self.window)]
 
     def _read(self, shard_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self.data.read(i) for i in shard_ids]
-        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        """A window's rows, each shard copied into place as it is read (one shard in flight)."""
+        n, data = self._rows(shard_ids), self.data
+        x, y = torch.empty((n, data.channels, *data.hw), dtype=torch.uint8), torch.empty(n, dtype=torch.long)
+        at = 0
+        for i in shard_ids:
+            xi, yi = data.read(i)
+            x[at : at + len(xi)], y[at : at + len(yi)] = xi, yi
+            at += len(xi)
+        return x, y
 
     def _load_window(self) -> None:
         if not self._plan:

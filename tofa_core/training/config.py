@@ -78,8 +78,9 @@ class TrainConfig(BaseModel):
     in_memory_mb: float = Field(
         1024,
         ge=0,
-        description="a training split (labelled or unlabelled) with more pixel MiB than this is "
-        "streamed from the store a few shards at a time instead of held in memory",
+        description="MiB of training pixels one worker holds in memory, as raw uint8: the labelled "
+        "split, then its own share of the unlabelled split, while they fit; a split that does not "
+        "fit is streamed from the store a few shards at a time",
     )
     # no flips (a mirrored digit is another or no class), no cutout: it erases a quarter of an 8 px digit
     augment: AugmentConfig = AugmentConfig(hflip=False, cutout=0.0)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.data.augment import Augmenter
-from tofa_core.data.loaders import BatchStream, DataSplits, ShardStream, load_splits, stream_of
+from tofa_core.data.loaders import BatchStream, DataSplits, ShardStream, load_splits, stream_of, worker_splits
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet, load_ofa_weights
@@ -238,8 +238,9 @@ def _build(
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world} workers")
+    # Places only: this worker reads just what it draws from (worker_splits), never a whole split.
     splits = load_splits(
-        store, dataset, version, val_fraction=cfg.val_fraction, seed=cfg.seed, in_memory_mb=cfg.in_memory_mb
+        store, dataset, version, val_fraction=cfg.val_fraction, seed=cfg.seed, hold_training=False
     )
     space = space_for(cfg, splits)
     if fixed is not None:
@@ -247,9 +248,10 @@ def _build(
     torch.manual_seed(cfg.seed)
     net = Supernet(space).to(device)
     per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
-    streams = [stream_of(splits.train, per_rank, seed=seed + rank, device=device)]
-    if cfg.semi_supervised and len(splits.unlabeled):
-        share = splits.unlabeled.shard(rank, world, seed=cfg.seed)
+    hold = cfg.in_memory_mb * 2**20
+    labelled, share = worker_splits(splits, rank, world, cfg.seed, hold, unlabelled=cfg.semi_supervised)
+    streams = [stream_of(labelled, per_rank, seed=seed + rank, device=device)]
+    if share is not None and len(share):
         unlabelled = stream_of(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
         streams.append(unlabelled)
     adaptive = None
