@@ -7,9 +7,12 @@ same property is checked with tracemalloc, which sees the pixel buffers Python a
 
 from __future__ import annotations
 
+import io
 import tracemalloc
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -53,6 +56,36 @@ def test_peak_memory_does_not_grow_with_the_pixels(tmp_path):
     pixels = (large - small) * SIDE * SIDE * 3  # 7 MiB more pixels
     # Held per image: its listing entry, metadata and record (about a kilobyte), not its pixels.
     assert growth < 0.25 * pixels, (peaks, pixels)
+
+
+def table(path, count: int):
+    """A Parquet table of `count` PNGs inline (one row group: the whole column in one chunk)."""
+    rng = np.random.default_rng(count)
+    cells = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(
+            buffer, "PNG", compress_level=0
+        )
+        cells.append(buffer.getvalue())
+    labels = [str(i % 4) if i % 3 == 0 else None for i in range(count)]
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "label": labels}), path)
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_a_parquet_table_is_read_a_batch_at_a_time_never_whole(tmp_path):
+    small, large = 1200, 3600  # both over two batches of TABLE_BATCH rows (what a read holds)
+    peaks = {}
+    for n in (small, large):
+        store = DatasetStore(open_storage(tmp_path / f"store-{n}"))
+        peak, result = peak_bytes(table(tmp_path / f"t{n}.parquet", n), store)
+        assert result.manifest.num_images == n and result.manifest.counts["train"] == {
+            str(c): len(range(c * 3, n, 12)) for c in range(4)
+        }
+        peaks[n] = peak
+    cells = (large - small) * SIDE * SIDE * 3  # 28 MiB more encoded images
+    assert peaks[large] - peaks[small] < 0.25 * cells, (peaks, cells)
 
 
 def test_decoded_pixels_wait_in_the_spill_and_come_back_intact(tmp_path):

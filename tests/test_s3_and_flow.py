@@ -61,6 +61,29 @@ def test_s3_storage_round_trip_and_conditional_put(s3_env, s3_bucket):
     with pytest.raises(TooLarge, match="3 bytes, over the limit of 2"):
         st.read_bytes("a/b.bin", max_bytes=2)
     assert st.stat(["a/m.json", "a/gone.bin"]) == {"a/m.json": st.list()[1]}
+    with st.open_file("a/m.json") as f:  # a local temporary copy, seekable
+        assert f.read() == b"first" and f.seek(1) == 1 and f.read(2) == b"ir"
+    with pytest.raises(StorageError, match="does not exist"):
+        st.open_file("nope")
+
+
+def test_a_parquet_table_on_s3_is_ingested_from_a_local_copy_a_batch_at_a_time(s3_env, s3_bucket, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tofa_core.data.ingest import IngestConfig, ingest
+    from tofa_core.data.store import DatasetStore
+
+    cells = [png(i % 2, i) for i in range(600)]  # over one batch of rows
+    labels = [f"c{i % 2}" if i < 40 else None for i in range(600)]
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "label": labels}), sink)
+    open_storage(f"s3://{s3_bucket}/src").write_bytes("t.parquet", sink.getvalue())
+    store = DatasetStore(open_storage(tmp_path / "store"))
+    result = ingest(f"s3://{s3_bucket}/src/t.parquet", "tab", store, IngestConfig(workers=1, min_per_class=1))
+    assert result.manifest.counts == {"train": {"c0": 20, "c1": 20}, "unlabeled": {"-": 560}}
+    rows = store.read_shards(result.manifest, ["path", "content_hash"]).to_pylist()
+    assert sorted(int(r["path"].split()[1]) for r in rows) == list(range(600))
 
 
 def test_s3_bad_credentials_and_bucket_give_clear_errors_without_secrets(s3_env, s3_bucket, monkeypatch):

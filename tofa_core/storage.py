@@ -17,7 +17,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,6 +93,11 @@ class Storage:
         """The object's bytes; `TooLarge` without reading it when it has more than `max_bytes`."""
         raise NotImplementedError
 
+    def open_file(self, key: str) -> BinaryIO:
+        """The object as a seekable binary file, for readers that take a part at a time (a
+        Parquet table's row groups): never its bytes in memory. Close it when done."""
+        raise NotImplementedError
+
     def write_bytes(self, key: str, data: bytes) -> None:
         raise NotImplementedError
 
@@ -159,7 +164,21 @@ class LocalStorage(Storage):
     def _inside(self, real: str) -> bool:
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
+    def open_file(self, key: str) -> BinaryIO:
+        """The file itself, open for reading (checked as read_bytes checks it)."""
+        fd = self._open_fd(key)
+        f = os.fdopen(fd, "rb")
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            f.close()
+            raise NotRegular(f"{self.uri(key)} is not a regular file (a FIFO, device or socket): not read")
+        return f
+
     def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        with os.fdopen(self._open_fd(key), "rb") as f:
+            return self._read_open(f, key, max_bytes)
+
+    def _open_fd(self, key: str) -> int:
         try:
             if self.confined:
                 fd = self._open_beneath(key)
@@ -172,8 +191,7 @@ class LocalStorage(Storage):
         if stat.S_ISDIR(os.fstat(fd).st_mode):  # fdopen would fail on it, leaving fd open
             os.close(fd)
             raise NotFound(f"{self.uri(key)} is a folder, not a file")
-        with os.fdopen(fd, "rb") as f:
-            return self._read_open(f, key, max_bytes)
+        return fd
 
     def _open_beneath(self, key: str) -> int:
         """Open `key` without ever leaving the root, race-free: each component is opened with
@@ -420,6 +438,24 @@ class S3Storage(Storage):
                 )
             return StorageError(f"cannot {action} {where}: S3 error {code}")
         return StorageError(f"cannot {action} {where}: {type(err).__name__}")
+
+    def open_file(self, key: str) -> BinaryIO:
+        """A local temporary copy (deleted when closed), written a chunk at a time."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as err:  # translated: botocore raises many unrelated types
+            raise self._error(err, key, "read") from None
+        f = tempfile.TemporaryFile(prefix="tofa-s3-")
+        try:
+            for chunk in response["Body"].iter_chunks(2**20):
+                f.write(chunk)
+        except Exception as err:
+            f.close()
+            if isinstance(err, OSError) and err.errno is not None:  # the local disk, not S3
+                raise StorageError(f"cannot copy {self.uri(key)} to a local file: {err.strerror}") from None
+            raise self._error(err, key, "read") from None
+        f.seek(0)
+        return f
 
     def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:

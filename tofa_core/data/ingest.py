@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -331,29 +331,47 @@ def decode_items(plan: Plan, config: IngestConfig) -> Staged:
     pay for them), parking each chunk's pixels in the spill as it arrives."""
     storage = plan.listing.storage
     uri = storage.root if storage is not None else None
-    entries = [(it.source_id, it.key, it.data, it.array) for it in plan.new_items]
-    chunks = [entries[i : i + DECODE_CHUNK] for i in range(0, len(entries), DECODE_CHUNK)]
     limits = Limits(config.max_pixels, config.max_file_bytes, config.image_size)
     workers = config.workers or os.cpu_count() or 1
     staged = Staged([], Spill())
+    count = len(plan.new_items)
     try:
-        if workers == 1 or len(entries) < PARALLEL_FROM or plan.listing.kind == "digits":
-            parts = (_decode_chunk(uri, chunk, limits) for chunk in chunks)
-            _stage(parts, staged)
+        if workers == 1 or count < PARALLEL_FROM or plan.listing.kind == "digits":
+            _stage((_decode_chunk(uri, chunk, limits) for chunk in _chunks(plan)), staged)
             return staged
         try:
-            _decode_parallel(uri, chunks, limits, workers, staged)
+            _decode_parallel(uri, _chunks(plan), limits, workers, staged)
         except BrokenProcessPool:
             # Worker processes cannot start when __main__ is not a re-importable file (code
             # piped to python, some embedded interpreters): decode here instead, just slower.
-            log.warning("decode workers could not start; decoding %d images in this process", len(entries))
+            log.warning("decode workers could not start; decoding %d images in this process", count)
             staged.close()
             staged = Staged([], Spill())
-            _stage((_decode_chunk(uri, chunk, limits) for chunk in chunks), staged)
+            _stage((_decode_chunk(uri, chunk, limits) for chunk in _chunks(plan)), staged)
         return staged
     except BaseException:
         staged.close()
         raise
+
+
+def _chunks(plan: Plan) -> Iterator[list[tuple]]:
+    """The new items as decode entries (source_id, key, bytes, pixels), DECODE_CHUNK at a time,
+    made as they are asked for: a table's image cells are read a batch at a time, in order."""
+    cells = plan.listing.cells
+    rows = [it.row for it in plan.new_items if it.row is not None]
+    read = cells.read(rows) if cells is not None and rows else iter(())
+    chunk = []
+    for it in plan.new_items:
+        data = it.data
+        if it.row is not None:
+            row, data = next(read)
+            assert row == it.row, (row, it.row)  # both in the table's order
+        chunk.append((it.source_id, it.key, data, it.array))
+        if len(chunk) == DECODE_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _decode_parallel(uri, chunks: list, limits: Limits, workers: int, staged: Staged) -> None:
@@ -737,6 +755,14 @@ def ingest(
     config = config or IngestConfig()
     clock = _Clock(run)
     plan = clock("plan", plan_ingest, source, dataset, store, config)
+    try:
+        return _ingest_planned(plan, store, config, clock)
+    finally:
+        plan.listing.close()  # a table source's open file (or its local copy of an S3 object)
+
+
+def _ingest_planned(plan: Plan, store: DatasetStore, config: IngestConfig, clock: _Clock) -> IngestResult:
+    dataset = plan.dataset
     with clock("decode", decode_items, plan, config) as decoded:
         validated = clock("validate", validate, plan, decoded, config, store)
         if validated.exists:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tofa_core.storage import LocalStorage, NotFound, Storage, StorageError, open_storage
 
@@ -26,6 +27,7 @@ SPLITS = ("train", "test", "unlabeled")
 # Bidirectional overrides: they make a label print as another (U+202A-202E, U+2066-2069).
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 TABLE_SUFFIXES = (".parquet", ".csv")
+TABLE_BATCH = 512  # rows of a table read at a time
 
 
 class SourceError(ValueError):
@@ -40,6 +42,7 @@ class Item(NamedTuple):  # a tuple: a listing makes one per file, tens of thousa
     key: str | None = None  # read the bytes from this key of `Listing.storage`
     data: bytes | None = None  # or take them inline (table cells)
     array: np.ndarray | None = None  # or take already-decoded pixels (digits)
+    row: int | None = None  # or read them from this row of `Listing.cells` (a Parquet table)
 
 
 @dataclass
@@ -50,6 +53,11 @@ class Listing:
     storage: Storage | None = None
     classes: list[str] = field(default_factory=list)  # the source's own class order, if it has one
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while listing
+    cells: TableCells | None = None  # a Parquet table's image cells, for the items with a `row`
+
+    def close(self) -> None:
+        if self.cells is not None:
+            self.cells.close()
 
 
 def _sid(*parts: object) -> str:
@@ -122,26 +130,29 @@ def _list_folder(storage: Storage, uri: str) -> Listing:
     return Listing(uri, "folder", items, storage, classes, rejected)
 
 
-def _read_table(storage: Storage, name: str, uri: str) -> pa.Table:
-    try:
-        data = storage.read_bytes(name)
-    except NotFound:
-        raise SourceError(f"{uri}: the table does not exist") from None
+def _open_table(storage: Storage, name: str, uri: str) -> tuple[pa.Table | None, pq.ParquetFile | None]:
+    """A CSV whole (it holds paths, not images), or a Parquet file to read a batch at a time:
+    a table of encoded images can be larger than memory."""
     try:
         if name.lower().endswith(".csv"):
             from pyarrow import csv
 
-            return csv.read_csv(pa.BufferReader(data))
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data))
+            return csv.read_csv(pa.BufferReader(storage.read_bytes(name))), None
+        f = storage.open_file(name)
+    except NotFound:
+        raise SourceError(f"{uri}: the table does not exist") from None
+    try:
+        # pre_buffer off, a small buffer: one column chunk (a whole row group, often the whole
+        # table) is never read at once, only pages as the batches need them.
+        return None, pq.ParquetFile(f, pre_buffer=False, buffer_size=2**20)
     except (pa.ArrowInvalid, OSError) as err:
+        f.close()
         raise SourceError(f"{uri}: not a readable {name.rsplit('.', 1)[-1]} table ({err})") from None
 
 
-def _table_schema(table: pa.Table, uri: str) -> tuple[bool, bool]:
+def _table_schema(schema: pa.Schema, uri: str) -> tuple[bool, bool]:
     """Check the columns a table source needs; (images inline as bytes, has a split column)."""
-    columns = set(table.column_names)
+    columns = set(schema.names)
     missing = {"image", "label"} - columns
     if missing:
         raise SourceError(
@@ -149,11 +160,11 @@ def _table_schema(table: pa.Table, uri: str) -> tuple[bool, bool]:
             "relative to the table) and 'label' (class name or index, null = unlabelled); "
             f"it has {sorted(columns)}"
         )
-    image_type = table.schema.field("image").type
+    image_type = schema.field("image").type
     inline = pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
     if not inline and not (pa.types.is_string(image_type) or pa.types.is_large_string(image_type)):
         raise SourceError(f"{uri}: column 'image' has type {image_type}; it must hold bytes or path strings")
-    label_type = table.schema.field("label").type
+    label_type = schema.field("label").type
     if not (
         pa.types.is_integer(label_type)
         or pa.types.is_string(label_type)
@@ -162,56 +173,93 @@ def _table_schema(table: pa.Table, uri: str) -> tuple[bool, bool]:
     ):
         raise SourceError(f"{uri}: column 'label' has type {label_type}; it must hold class names or indices")
     has_split = "split" in columns
-    split_type = table.schema.field("split").type if has_split else pa.string()
+    split_type = schema.field("split").type if has_split else pa.string()
     if not (
         pa.types.is_string(split_type) or pa.types.is_large_string(split_type) or pa.types.is_null(split_type)
     ):
-        raise SourceError(
-            f"{uri}: column 'split' has type {table.schema.field('split').type}; it must be text"
-        )
+        raise SourceError(f"{uri}: column 'split' has type {schema.field('split').type}; it must be text")
     return inline, has_split
 
 
 def _list_table(storage: Storage, name: str, uri: str) -> Listing:
-    table = _read_table(storage, name, uri)
-    inline, has_split = _table_schema(table, uri)
-    images = table.column("image").to_pylist()
-    labels = table.column("label").to_pylist()
-    splits = table.column("split").to_pylist() if has_split else [None] * len(images)
-    items, rejected = [], []
-    for row, (image, label, split) in enumerate(zip(images, labels, splits)):
-        path = f"row {row}"
-        label = None if label is None else clean_label(str(label)) or None  # an empty cell: unlabelled
-        split = split or ("train" if label is not None else "unlabeled")
-        if image is None or image == "" or image == b"":  # CSV reads an empty cell as ""
-            rejected.append((path, "empty 'image' cell"))
-            continue
-        if not inline and (image.startswith("/") or ".." in image.split("/")):
-            rejected.append(
-                (f"{path} ({image})", "image path outside the table's folder: paths are relative to it")
-            )
-            continue
-        if split not in SPLITS:
-            rejected.append((path, f"split {split!r} is not one of {list(SPLITS)}"))
-            continue
-        if split == "unlabeled":
-            label = None
-        elif label is None:
-            rejected.append((path, f"a {split} image needs a label"))
-            continue
-        if inline:
-            digest = hashlib.blake2b(image, digest_size=16).hexdigest()
-            items.append(Item(_sid(digest, split, label), path, split, label, data=image))
-        else:
-            path = f"row {row} ({image})"
-            items.append(Item(_sid("ref", image, split, label), path, split, label, key=image))
+    table, parquet = _open_table(storage, name, uri)
+    schema = table.schema if table is not None else parquet.schema_arrow
+    inline, has_split = _table_schema(schema, uri)
+    columns = ["image", "label"] + (["split"] if has_split else [])
+    batches = (
+        table.to_batches(TABLE_BATCH)
+        if table is not None
+        else parquet.iter_batches(TABLE_BATCH, columns=columns)
+    )
+    items, rejected, row = [], [], 0
+    for batch in batches:
+        images = batch.column(0)  # a cell at a time: a batch of encoded images is never copied whole
+        labels = batch.column(1).to_pylist()
+        splits = batch.column(2).to_pylist() if has_split else [None] * batch.num_rows
+        for i, (label, split) in enumerate(zip(labels, splits)):
+            _table_item(row, images[i].as_py(), label, split, inline, items, rejected)
+            row += 1
     # Integer labels sort numerically (index order); names alphabetically.
     train_labels = {i.label for i in items if i.split == "train"}
     numeric = all(lbl.lstrip("-").isdigit() for lbl in train_labels)
     classes = sorted(train_labels, key=int if numeric else str)
     if any(i.key for i in items):
         items = _stat_referenced(storage, items, uri, rejected)
-    return Listing(uri, "table", items, storage, classes, rejected)
+    cells = TableCells(parquet) if inline and parquet is not None else None
+    return Listing(uri, "table", items, storage, classes, rejected, cells)
+
+
+def _table_item(row: int, image, label, split, inline: bool, items: list, rejected: list) -> None:
+    """Row `row` as an Item (its image cell left in the table: `TableCells` reads it again), or
+    its reason in `rejected`."""
+    path = f"row {row}"
+    label = None if label is None else clean_label(str(label)) or None  # an empty cell: unlabelled
+    split = split or ("train" if label is not None else "unlabeled")
+    if image is None or image == "" or image == b"":  # CSV reads an empty cell as ""
+        rejected.append((path, "empty 'image' cell"))
+        return
+    if not inline and (image.startswith("/") or ".." in image.split("/")):
+        rejected.append(
+            (f"{path} ({image})", "image path outside the table's folder: paths are relative to it")
+        )
+        return
+    if split not in SPLITS:
+        rejected.append((path, f"split {split!r} is not one of {list(SPLITS)}"))
+        return
+    if split == "unlabeled":
+        label = None
+    elif label is None:
+        rejected.append((path, f"a {split} image needs a label"))
+        return
+    if inline:
+        digest = hashlib.blake2b(image, digest_size=16).hexdigest()
+        items.append(Item(_sid(digest, split, label), path, split, label, row=row))
+    else:
+        items.append(Item(_sid("ref", image, split, label), f"row {row} ({image})", split, label, key=image))
+
+
+class TableCells:
+    """The image cells of a Parquet table, read again a batch at a time in row order: a decode
+    holds a batch of encoded images, never the table."""
+
+    def __init__(self, parquet: pq.ParquetFile):
+        self.parquet = parquet
+
+    def read(self, rows: list[int]) -> Iterator[tuple[int, bytes]]:
+        """(row, image bytes) for each of `rows` (ascending), in that order."""
+        wanted, at, first = np.asarray(rows, dtype=np.int64), 0, 0
+        for batch in self.parquet.iter_batches(TABLE_BATCH, columns=["image"]):
+            last = first + batch.num_rows
+            column = batch.column(0)
+            while at < len(wanted) and wanted[at] < last:
+                yield int(wanted[at]), column[int(wanted[at]) - first].as_py()
+                at += 1
+            if at == len(wanted):
+                return
+            first = last
+
+    def close(self) -> None:
+        self.parquet.close()
 
 
 def _stat_referenced(storage: Storage, items: list[Item], uri: str, rejected: list) -> list[Item]:

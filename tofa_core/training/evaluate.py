@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,16 +62,36 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     return model
 
 
+# Pixels per evaluation batch: an eval batch's activations grow with images x pixels, so at
+# 64x64 and over a fixed count of 512 images would ask a worker for over a GiB at once.
+EVAL_BATCH_PIXELS = 2**19
+
+
+def eval_batch(images: torch.Tensor) -> int:
+    """Images per evaluation batch for images of this size: 512 up to 32x32, fewer above."""
+    return max(1, min(512, EVAL_BATCH_PIXELS // (images.shape[-1] * images.shape[-2])))
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of `model` (eval mode) on normalised `images`."""
+def accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int | None = None,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """Top-1 accuracy of `model` (eval mode) on normalised `images`, or on raw ones that
+    `normalize` turns to the network's input a batch at a time (no float copy of the set)."""
     if len(labels) == 0:
         return float("nan")
     model.eval()
     correct = 0
     device = next(model.parameters()).device
+    batch_size = batch_size or eval_batch(images)
     for start in range(0, len(images), batch_size):
-        pred = model(images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
+        batch = images[start : start + batch_size]
+        batch = normalize(batch) if normalize is not None else batch
+        pred = model(batch.to(device)).argmax(dim=1).cpu()
         correct += (pred == labels[start : start + batch_size].cpu()).sum().item()
     return correct / len(labels)
 

@@ -360,9 +360,10 @@ def _epoch(run: _Run, epoch: int, calib: torch.Tensor) -> dict:
             sums[k] = sums.get(k, 0.0) + v / run.steps_per_epoch
     metrics = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **sums}
     metrics["images_per_s"] = images * run.world / (time.perf_counter() - started)
-    val_x, val_y = aug.normalize(run.splits.val.images), run.splits.val.labels
+    val = run.splits.val
     for name, arch in run.judged:
-        metrics[f"val_acc/{name}"] = accuracy(calibrated_subnet(net, arch, calib), val_x, val_y)
+        model = calibrated_subnet(net, arch, calib)
+        metrics[f"val_acc/{name}"] = accuracy(model, val.images, val.labels, normalize=aug.normalize)
     return metrics
 
 
@@ -410,9 +411,11 @@ def _checkpoint(run: _Run, run_dir: Storage, epoch: int) -> None:
 
 def _finish(run: _Run, run_dir: Storage, calib: torch.Tensor, seconds: float) -> TrainResult:
     """Test accuracies, the final supernet and the run's record (rank 0 writes them)."""
-    test_x, test_y = run.aug.normalize(run.splits.test.images), run.splits.test.labels
+    test = run.splits.test
     final = {
-        f"test_acc/{name}": accuracy(calibrated_subnet(run.net, arch, calib), test_x, test_y)
+        f"test_acc/{name}": accuracy(
+            calibrated_subnet(run.net, arch, calib), test.images, test.labels, normalize=run.aug.normalize
+        )
         for name, arch in run.judged
     }
     supernet_key = "supernet.pt" if run.rank == 0 else None
