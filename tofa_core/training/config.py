@@ -75,8 +75,10 @@ class TrainConfig(BaseModel):
     )
     # data
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    # A worker is torch, its activations and the allocator's slack (about 1.2 GiB at 32 px on
+    # 2 workers, benchmarks/bench_scale.py) plus what it holds: 512 keeps it under 2 GiB.
     in_memory_mb: float = Field(
-        1024,
+        512,
         ge=0,
         description="MiB of training pixels one worker holds in memory, as raw uint8: the labelled "
         "split, then its own share of the unlabelled split, while they fit; a split that does not "

@@ -24,7 +24,16 @@ import torch.distributed as dist
 
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.data.augment import Augmenter
-from tofa_core.data.loaders import BatchStream, DataSplits, ShardStream, load_splits, stream_of, worker_splits
+from tofa_core.data.loaders import (
+    BatchStream,
+    DataSplits,
+    ImageSet,
+    ShardStream,
+    StreamedSet,
+    load_splits,
+    stream_of,
+    worker_splits,
+)
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet, load_ofa_weights
@@ -250,6 +259,12 @@ def _build(
     per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
     hold = cfg.in_memory_mb * 2**20
     labelled, share = worker_splits(splits, rank, world, cfg.seed, hold, unlabelled=cfg.semi_supervised)
+    log.info(
+        "worker %d of %d holds %.0f MiB of training pixels (budget train.in_memory_mb %.0f); streams %s",
+        rank, world, sum(s.nbytes for s in (labelled, share) if isinstance(s, ImageSet)) / 2**20,
+        cfg.in_memory_mb, ", ".join(n for n, s in (("labelled", labelled), ("unlabelled", share))
+                                    if isinstance(s, StreamedSet)) or "nothing",
+    )  # fmt: skip
     streams = [stream_of(labelled, per_rank, seed=seed + rank, device=device)]
     if share is not None and len(share):
         unlabelled = stream_of(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
