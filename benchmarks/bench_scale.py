@@ -182,10 +182,9 @@ def plot(rows: list[dict], path: Path) -> Path:
     )
     ax.plot(sizes, [r["driver_peak_mib"] for r in rows], marker="s", label="driver (tofa train)")
     ax.plot(sizes, [r["ingest_peak_mib"] for r in rows], marker="^", label="ingest (tofa ingest)")
-    for r in rows:
-        if r["unlabelled_share"] == "streamed":
-            ax.annotate("streamed", (r["images"] / 1000, max(r["worker_peak_mib"])), fontsize=7,
-                        textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
+    streamed = [r for r in rows if r["unlabelled_share"] == "streamed"]
+    ax.scatter([r["images"] / 1000 for r in streamed], [max(r["worker_peak_mib"]) for r in streamed], s=160,
+               facecolors="none", edgecolors="black", label="worker streams its share")  # fmt: skip
     ax.axhline(2048, color="grey", linestyle="--", linewidth=1, label="2 GiB")
     ax.set_xlabel("images in the table (thousands; 64x64 RGB, 1 in 10 labelled)")
     ax.set_ylabel("peak resident memory (MiB)")

@@ -18,7 +18,7 @@ from tofa_core.training.config import TrainConfig
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> nn.Module:
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> nn.Module:
     """Re-estimate every BatchNorm's statistics on `images` (normalised floats), exactly.
 
     Shared supernet statistics fit no single subnet well; a subnet's own statistics, averaged
@@ -32,6 +32,7 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256
     was_training = model.training
     model.train()
     device = next(model.parameters()).device
+    batch_size = batch_size or min(256, eval_batch(images))  # 256 up to 45x45 images
     for start in range(0, len(images), batch_size):
         model(images[start : start + batch_size].to(device))
     model.train(was_training)
