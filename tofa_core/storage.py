@@ -403,6 +403,10 @@ class S3Storage(Storage):
             )
         return self._client
 
+    def __getstate__(self) -> dict:
+        # Sent to another process (a Ray task): it makes its own client from its own environment.
+        return {**self.__dict__, "_client": None}
+
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"{self.root}/{prefix.strip('/')}", self._client)
 
