@@ -14,10 +14,12 @@ Per seed:
          (`train_supernet(fixed=...)`, what `tofa baseline` runs)
 The references train in this process on `--threads` threads, on the splits TOFA trained on (the
 same labelled, validation and test images). Prints per target: MACs, parameters, TOFA's ONNX
-test accuracy and the references' (mean ± std over seeds), the gap to (a); writes the rows as
-JSON and a plot to --out.
+test accuracy and the references' (mean ± std over seeds), the gap to (a), and each seed's
+training images/s per epoch (the last against the first); writes the rows as JSON and a plot
+to --out.
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 3] [--first-seed 0] [--alone] \
+        [--alone-targets fm-3m fm-8m-300k ...] \
         [--ref-seconds N] [--threads 2] [--out docs/results/quality] [--refs-from FILE] [--quick] \
         [--train '{"epochs": 40}']
 
@@ -107,6 +109,8 @@ def references(summary: dict, work: Path, seed: int, args) -> dict:
     if args.alone:
         out["alone"] = {}
         for row in summary["targets"]:
+            if args.alone_targets and row["target"] not in args.alone_targets:
+                continue
             arch = Arch.from_dict(row["arch"])
             run_dir = open_storage(str(work / "alone" / row["target"]))
             result = train_supernet(cfg, store, summary["dataset"], run_dir, fixed=arch)
@@ -126,6 +130,7 @@ def one_seed(folder: Path, tmp: Path, seed: int, args) -> dict:
         "train": args.train,
         "wall_seconds": round(summary["wall_seconds"], 1),
         "training_seconds": round(summary["training_seconds"], 1),
+        "pace": _pace(work),
         "targets": {
             t["target"]: {
                 "macs": t["macs"],
@@ -147,6 +152,12 @@ def one_seed(folder: Path, tmp: Path, seed: int, args) -> dict:
     return row
 
 
+def _pace(work: Path) -> list[float]:
+    """Training images/s per epoch of the run in `work` (its progress.json), both workers."""
+    found = sorted((work / ".tofa" / "store" / "runs").glob("*/progress.json"))
+    return [round(r["images_per_s"], 1) for r in json.loads(found[-1].read_text())] if found else []
+
+
 def _stat(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
@@ -164,6 +175,10 @@ def report(rows: list[dict], out: Path) -> None:
         f"{statistics.mean(r['training_seconds'] for r in rows):.0f} s; references trained "
         f"{statistics.mean(r['ref_seconds'] for r in rows):.0f} s each"
     )
+    for r in rows:
+        if r.get("pace"):
+            pace = r["pace"]
+            print(f"seed {r['seed']} images/s per epoch: {pace} (last / first {pace[-1] / pace[0]:.2f})")
     print(f"(a) plain CNN supervised ({rows[0]['plain_macs'] / 1e6:.1f}M MACs): {_stat(plain)}")
     print(f"(b) plain CNN semi-supervised: {_stat(semi)}")
     alone = "alone" in rows[0]
@@ -179,9 +194,10 @@ def report(rows: list[dict], out: Path) -> None:
         mean_macs = statistics.mean(r["targets"][name]["macs"] for r in rows)
         mean_params = statistics.mean(r["targets"][name]["params"] for r in rows)
         cells = [name, f"{mean_macs / 1e6:.1f}M", f"{mean_params / 1e3:.0f}k", _stat(tofa), _stat(gap)]
-        if alone:
-            own = [r["alone"][name] for r in rows]
-            cells += [_stat(own), _stat([t - o for t, o in zip(tofa, own)])]
+        if alone:  # (c) may be trained for some targets only (--alone-targets)
+            pairs = [(r["targets"][name]["test_acc"], r["alone"][name]) for r in rows if name in r["alone"]]
+            own = [o for _, o in pairs]
+            cells += [_stat(own), _stat([t - o for t, o in pairs])] if pairs else ["-", "-"]
         print("| " + " | ".join(cells) + " |")
     plot(rows, out / "quality.png")
 
@@ -204,8 +220,8 @@ def plot(rows: list[dict], path: Path) -> None:
         )
         if "alone" in r:
             ax.scatter(
-                [r["targets"][n]["macs"] / 1e6 for n in names],
-                [100 * r["alone"][n] for n in names],
+                [r["targets"][n]["macs"] / 1e6 for n in names if n in r["alone"]],
+                [100 * r["alone"][n] for n in names if n in r["alone"]],
                 color="C2",
                 marker="x",
                 label="(c) trained alone" if r is rows[0] else None,
@@ -229,6 +245,12 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
         "--alone", action="store_true", help="also train each target's architecture alone (c)"
+    )
+    parser.add_argument(
+        "--alone-targets",
+        nargs="+",
+        metavar="TARGET",
+        help="with --alone: only these targets' (c) [default: all]",
     )
     parser.add_argument("--ref-seconds", type=float, default=None, help="[default: TOFA's training time]")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the references")
