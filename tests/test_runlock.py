@@ -26,25 +26,47 @@ def test_a_second_run_is_refused_naming_the_holder_until_the_first_ends(tmp_path
     assert [o.key for o in store.list("locks")] == []  # released: nothing left behind
 
 
+class Clock:
+    """A wall clock the test moves: leases expire when it says, however loaded the machine."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_killed_runs_lock_is_taken_over_after_its_lease(tmp_path):
-    store = open_storage(tmp_path)
-    dead = RunLock(store, "digits", "killed run", lease=0.5)
+    store, clock = open_storage(tmp_path), Clock()
+    dead = RunLock(store, "digits", "killed run", lease=30, clock=clock)
     dead.acquire()
     dead._stop.set()  # as if killed: the lease is no longer renewed and nothing is released
+    clock.now += 29
     with pytest.raises(RunLocked):
-        RunLock(store, "digits", "next run").acquire()
-    time.sleep(0.6)
-    with RunLock(store, "digits", "next run") as taker:
+        RunLock(store, "digits", "next run", clock=clock).acquire()
+    clock.now += 2  # past the lease
+    with RunLock(store, "digits", "next run", clock=clock) as taker:
         keys = [o.key for o in store.child("locks/digits").list()]
         assert keys == [taker.key] and taker.key > dead.key  # the stale generation is tidied away
 
 
 def test_the_holder_renews_its_lease_while_it_runs(tmp_path):
-    store = open_storage(tmp_path)
-    with RunLock(store, "digits", "long run", lease=0.3):
-        time.sleep(0.8)  # well past one lease
+    store, clock = open_storage(tmp_path), Clock()
+    record = store.child("locks/digits")
+    with RunLock(store, "digits", "long run", lease=30, clock=clock, renew_every=0.02) as holder:
+        first = json.loads(record.read_bytes(holder.key))["expires"]
+        clock.now += 100  # well past one lease: only a renewal keeps it
+        deadline = time.monotonic() + 30  # a renewal is due every 0.02 s; a loaded machine gets 30 s
+        while (
+            json.loads(record.read_bytes(holder.key))["expires"] < clock.now and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+        assert json.loads(record.read_bytes(holder.key))["expires"] == clock.now + 30 > first + 30
         with pytest.raises(RunLocked, match="long run"):
-            RunLock(store, "digits", "second").acquire()
+            RunLock(store, "digits", "second", clock=clock).acquire()
+    clock.now += 100
+    with RunLock(store, "digits", "second", clock=clock):  # released, not merely expired
+        pass
 
 
 def test_a_waiting_run_starts_when_the_holder_ends(tmp_path):

@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from tofa_core import names
@@ -57,9 +58,14 @@ class RunLock:
         lease: float = LEASE_SECONDS,
         wait: float = 0.0,
         poll: float = POLL_SECONDS,
+        clock: Callable[[], float] = time.time,
+        renew_every: float | None = None,
     ):
+        """`clock` is the wall clock leases are written and judged in (the same on every host
+        that shares the store); `renew_every`: seconds between renewals (a third of the lease)."""
         self.folder = store.child(f"locks/{names.dataset_name(dataset)}")
         self.dataset, self.owner, self.lease, self.wait, self.poll = dataset, owner, lease, wait, poll
+        self.clock, self.renew_every = clock, renew_every if renew_every is not None else lease / 3
         self.token = secrets.token_hex(8)
         self.key: str | None = None
         self.started = 0.0
@@ -78,16 +84,16 @@ class RunLock:
             held = Holder(**json.loads(self.folder.read_bytes(f"{generations[-1]:012d}.json")))
         except NotFound:  # released meanwhile
             return generations[-1] - 1, None
-        return generations[-1], held if held.expires > time.time() else None
+        return generations[-1], held if held.expires > self.clock() else None
 
     def _record(self) -> bytes:
-        expires = time.time() + self.lease
+        expires = self.clock() + self.lease
         holder = Holder(self.owner, socket.gethostname(), os.getpid(), self.started, expires, self.token)
         return json.dumps(asdict(holder)).encode()
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
-        self.started = time.time()
+        self.started = self.clock()
         while True:
             newest, held = self.holder()
             if held is None and self.folder.put_if_absent(f"{newest + 1:012d}.json", self._record()):
@@ -105,7 +111,7 @@ class RunLock:
         self._renewer.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.lease / 3):
+        while not self._stop.wait(self.renew_every):
             self.folder.write_bytes(self.key, self._record())
 
     def release(self) -> None:
