@@ -41,6 +41,20 @@ def stop_prefect_temporary_server():
         server.stop()
 
 
+@pytest.fixture(autouse=True)
+def fast_tests_train_nothing(request, monkeypatch):
+    """The fast tier's promise (`make test-fast`, tests not marked slow): nothing trains in it.
+    A test not marked slow that starts a training epoch fails and says which marker it needs."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    from tofa_core.training import loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} trains: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(loop, "_epoch", refuse)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A temporary Prefect API (SQLite) for the session: flows run for real, with state tracking."""

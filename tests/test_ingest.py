@@ -243,9 +243,7 @@ def test_digits_all_labelled(store):
 
 def test_many_new_images_decode_in_worker_processes(tmp_path, store, caplog):
     src = make_folder(tmp_path / "src", {"a": 300, "b": 300})
-    start = time.perf_counter()
     result = ingest(str(src), "big", store, IngestConfig(workers=2, shard_rows=256))
-    assert time.perf_counter() - start < 15
     assert "decode workers could not start" not in caplog.text  # the pool ran, no in-process fallback
     m = result.manifest
     assert result.decoded == 600 and m.counts == {"train": {"a": 300, "b": 300}}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from recompute import assert_reported
 
 from tofa_core.data.ingest import IngestConfig, ingest
 from tofa_core.data.loaders import ImageSet, ShardStream, StreamedSet, load_splits, take, worker_splits
@@ -138,13 +139,15 @@ def test_workers_share_the_rows_without_overlap(store, world):
         data.shard(world, world)
 
 
+@pytest.mark.slow
 def test_training_on_streamed_splits_resumes_exactly(store, tmp_path):
     cfg = TrainConfig(
         epochs=2, steps_per_epoch=3, batch_size=8, mu=4, k_random=1, resolutions=(8,), calib_images=32,
         threads=1, in_memory_mb=0,
     )  # fmt: skip
     straight = train_supernet(cfg, store, "big", open_storage(tmp_path / "a"))
-    assert len(straight.history) == 2 and 0 <= straight.final["test_acc/max"] <= 1
+    assert len(straight.history) == 2
+    assert_reported(straight.final, store, str(tmp_path / "a"))
 
     def crash(metrics):
         if metrics["epoch"] == 1:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from quick_config import config
+from recompute import assert_reported
 
 from tofa_core.storage import open_storage
 
@@ -42,7 +43,7 @@ def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(workspace):
     ]
     record = json.loads(run_dir.read_bytes("result.json"))
     assert [h["epoch"] for h in record["history"]] == [1, 2]
-    assert 0 <= summary["test_acc/max"] <= 1 and 0 <= summary["test_acc/min"] <= 1
+    assert_reported(summary, str(workspace / ".tofa" / "store"), summary["run_dir"])
 
     client = MlflowClient(tracking_uri=tracking_uri())
     run = client.get_run(summary["mlflow_run_id"])
@@ -66,7 +67,8 @@ def test_two_ray_workers_train_checkpoint_and_log_to_mlflow(workspace):
     other = train_flow(
         source="digits", config_file=config(workspace, 1, 2, space="tiny"), workers=1, warm_start="last"
     )
-    assert other["warm_start"] is None and 0 <= other["test_acc/max"] <= 1
+    assert other["warm_start"] is None
+    assert_reported(other, str(workspace / ".tofa" / "store"), other["run_dir"])
 
     # Named explicitly, the same checkpoint is a request that cannot be met: one clear error,
     # not three restarts by Ray's FailureConfig ending in its TrainingFailedError.
@@ -146,7 +148,9 @@ def test_baseline_trains_one_arch_alone_on_ray_and_stays_out_of_the_supernets(wo
 
     arch = SearchSpace.preset("tiny", num_classes=10, in_channels=1, resolutions=(8,)).min_arch()
     [result] = baseline_flow(archs={"small": arch.to_dict()}, config_file=config(workspace, 1, 2))
-    assert result["label"] == "small" and result["arch"] == arch.to_dict() and 0 <= result["test_acc"] <= 1
+    assert result["label"] == "small" and result["arch"] == arch.to_dict()
+    store_uri = str(workspace / ".tofa" / "store")
+    assert_reported({"test_acc/arch": result["test_acc"]}, store_uri, result["run_dir"], arch.to_dict())
     store = open_storage(workspace / ".tofa" / "store")
     assert store.exists(f"baselines/digits/{result['run_id']}.json")
     assert not store.child("supernets/digits").list()
