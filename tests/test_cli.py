@@ -341,3 +341,40 @@ def test_a_tflite_target_without_the_converter_is_a_clean_error_before_any_work(
     assert result.exit_code == 2, result.output
     shown = " ".join(result.output.split())  # the message, after Prefect's own log of the failed flow
     assert "error: the tflite formats need the LiteRT converter" in shown and "make litert" in shown
+
+
+@pytest.mark.slow  # starts Prefect's temporary server
+def test_a_recognised_error_ends_the_flow_run_with_its_message_and_no_traceback(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "loop").symlink_to("loop")  # the folder's only entry: a symlink loop
+    command = [str(Path(sys.executable).parent / "tofa"), "ingest", str(tmp_path / "src")]
+    out = subprocess.run(
+        [*command, "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=300
+    )
+    shown = out.stdout + out.stderr
+    assert out.returncode == 2, shown
+    assert "Finished in state Failed" in shown  # the flow run failed, and Prefect says so
+    assert _flat(shown).count("no train/ folder with images") >= 2  # in the run's log, then the CLI's
+    assert "Traceback" not in shown
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []  # nothing stored
+
+
+def test_only_recognised_errors_lose_their_traceback():
+    import logging
+
+    from flows.errors import MessageOnly
+    from tofa_core.data.sources import SourceError
+
+    def logged(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            record = logging.LogRecord(
+                "prefect.flow_runs", logging.ERROR, __file__, 1, "m", (), sys.exc_info()
+            )
+        assert MessageOnly().filter(record)  # kept either way
+        return record
+
+    assert logged(SourceError("no train/ folder")).exc_info is None
+    assert logged(ValueError("a bug")).exc_info[0] is ValueError
+    assert logging.getLogger("prefect.flow_runs").filters  # installed by importing flows
