@@ -109,3 +109,46 @@ def test_racing_processes_hold_the_lock_one_at_a_time(tmp_path):
     assert len(intervals) == 6
     for (_, end), (start, _) in zip(intervals, intervals[1:]):
         assert start >= end, intervals  # no two holders at once
+
+
+def test_a_lease_from_a_clock_running_ahead_is_refused_saying_so(tmp_path):
+    store, clock = open_storage(tmp_path), Clock()
+    ahead = Clock()
+    ahead.now = clock.now + 3600  # another host whose clock is an hour ahead
+    other = RunLock(store, "digits", "pipeline on a fast clock", lease=600, clock=ahead)
+    other.acquire()
+    other._stop.set()  # its host renews it, not this test
+    with pytest.raises(RunLocked) as err:
+        RunLock(store, "digits", "next run", lease=600, clock=clock).acquire()
+    message = str(err.value)
+    assert "lease ends in 4200 s" in message and "about 3600 s ahead" in message
+    assert "locks/digits/000000000000.json if that run is gone" in message
+    clock.now += 4201  # its lease, judged by our clock, has run out
+    with RunLock(store, "digits", "next run", lease=600, clock=clock):
+        pass
+
+
+def test_a_failed_renewal_is_retried_and_the_lease_kept(tmp_path, monkeypatch):
+    from tofa_core.storage import StorageError
+
+    store, clock = open_storage(tmp_path), Clock()
+    record = store.child("locks/digits")
+    with RunLock(store, "digits", "long run", lease=30, clock=clock, renew_every=0.02) as holder:
+        folder, failures = holder.folder, []
+        real = type(folder).write_bytes
+
+        def flaky(self, key, data):  # the store is down for the first two renewals
+            if len(failures) < 2:
+                failures.append(key)
+                raise StorageError("cannot write: S3 endpoint unreachable")
+            real(self, key, data)
+
+        monkeypatch.setattr(type(folder), "write_bytes", flaky)
+        clock.now += 100
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline and json.loads(record.read_bytes(holder.key))["expires"] < clock.now
+        ):
+            time.sleep(0.01)
+        assert len(failures) == 2 and holder._renewer.is_alive()
+        assert json.loads(record.read_bytes(holder.key))["expires"] >= clock.now + 30

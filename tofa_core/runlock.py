@@ -11,6 +11,7 @@ renews its lease from a background thread while it runs and deletes its generati
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import socket
@@ -20,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from tofa_core import names
-from tofa_core.storage import NotFound, Storage
+from tofa_core.storage import NotFound, Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 # A killed run blocks the next one at most this long; the holder renews at a third of it.
 LEASE_SECONDS = 600.0
@@ -41,10 +44,20 @@ class Holder:
     expires: float
     token: str  # tells this holder's generation from a later taker's
 
-    def describe(self) -> str:
+    def describe(self, now: float, lease: float) -> str:
+        """Who holds it and for how long by `now`; a lease longer than any holder writes
+        (`lease`) means the holder's clock runs ahead of ours, which the message says."""
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
-        left = max(0, round(self.expires - time.time()))
-        return f"{self.owner} (host {self.host}, pid {self.pid}, since {started}; lease ends in {left} s)"
+        left = max(0, round(self.expires - now))
+        skew = (
+            f"; that is more than a lease lasts ({lease:.0f} s): the clock of {self.host} runs "
+            f"about {left - lease:.0f} s ahead of this machine's"
+            if left > lease + 1
+            else ""
+        )
+        return (
+            f"{self.owner} (host {self.host}, pid {self.pid}, since {started}; lease ends in {left} s{skew})"
+        )
 
 
 class RunLock:
@@ -102,8 +115,9 @@ class RunLock:
                     self.folder.delete(f"{old:012d}.json")
                 break
             if held is not None and time.monotonic() >= deadline:
+                holder = held.describe(self.clock(), self.lease)
                 raise RunLocked(
-                    f"data set {self.dataset!r} is being processed by {held.describe()}; wait for it, "
+                    f"data set {self.dataset!r} is being processed by {holder}; wait for it, "
                     f"or remove {self.folder.uri(f'{newest:012d}.json')} if that run is gone"
                 )
             time.sleep(self.poll if held is not None else 0.0)
@@ -111,8 +125,14 @@ class RunLock:
         self._renewer.start()
 
     def _renew(self) -> None:
+        """Renew until released. A renewal that fails (the store restarting) is retried at the
+        next one: a lease outlives two missed renewals, and a thread that died here would
+        let another run take the lock while this one still works."""
         while not self._stop.wait(self.renew_every):
-            self.folder.write_bytes(self.key, self._record())
+            try:
+                self.folder.write_bytes(self.key, self._record())
+            except StorageError as err:
+                log.warning("could not renew the run lock of %r (retrying): %s", self.dataset, err)
 
     def release(self) -> None:
         self._stop.set()
