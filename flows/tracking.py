@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from flows import descriptions
 from flows.settings import state_dir
+from tofa_core import promotion
 from tofa_core.export import FILES, Evaluation
 from tofa_core.specialize import TargetResult
 from tofa_core.training.config import TrainConfig
@@ -367,72 +368,34 @@ METRIC_KEYS = (
 
 
 def _promote(client, name: str, version: str, folder: Path, about: dict, evaluation: Evaluation) -> dict:
-    """Move `champion` to `version` unless the current champion scores better on the same
-    evaluation. A champion that does not know every class of today's data is compared on the
-    images of the classes it knows, both models choosing among those classes only (the same
-    task for both); one that cannot be run on them at all (missing or malformed files, another
-    input shape, none of the classes) is replaced, with the reason."""
+    """Score the new version and the current champion on the same evaluation, decide by
+    tofa_core.promotion's rule, and set the aliases it decided."""
     new_file = folder / about.get("deployed", "model.onnx")  # at its precision
-    new_acc = evaluation.accuracy(new_file, about)
     current = client.get_registered_model(name).aliases.get("champion")
-    current = None if current is None else int(current)  # a str over REST, an int from SQLite
-    out = {
-        "eval_acc": new_acc,
-        "evaluation": evaluation.label,
-        "champion_version": current,
-        "champion_acc": None,
-    }
-    if current is None:
+    champion = None
+    if current is not None:
+        current = int(current)  # a str over REST, an int from SQLite
+        try:
+            champion = _champion(client, name, current, evaluation, new_file, about)
+        except Exception as err:  # noqa: BLE001 - whatever broke it, it must not jam every later run
+            champion = promotion.Champion(current, unusable=f"{type(err).__name__}: {err}"[:300])
+    missing = [c for c in evaluation.classes if champion and champion.classes and c not in champion.classes]
+    decision = promotion.decide(evaluation.accuracy(new_file, about), evaluation.label, champion, missing)
+    if decision["alias"] == "champion":
         client.set_registered_model_alias(name, "champion", version)
-        return {
-            **out,
-            "alias": "champion",
-            "reason": f"first version; {evaluation.label} accuracy {new_acc:.4f}",
-        }
-    try:
-        champion_acc, shared = _champion_accuracy(client, name, current, evaluation)
-    except Exception as err:  # noqa: BLE001 - whatever broke it, it must not jam every later run
-        _set_champion(client, name, version)
-        detail = f"{type(err).__name__}: {err}"[:300]
-        reason = (
-            f"champion v{current} cannot be evaluated on {evaluation.label} ({detail}); replaced by this "
-            f"version ({evaluation.label} accuracy {new_acc:.4f})"
-        )
-        return {**out, "alias": "champion", "reason": reason, "replaced_unusable": current}
-    out["champion_acc"] = champion_acc
-    compared, note = new_acc, ""
-    if shared is not None:
-        compared = evaluation.accuracy(new_file, about, shared)
-        missing = ", ".join(c for c in evaluation.classes if c not in shared)[:200]
-        note = (
-            f" (both on the images of the {len(shared)} classes the champion knows, choosing among "
-            f"them; it lacks {missing})"
-        )
-        out |= {"compared_on_classes": len(shared), "compared_acc": compared}
-    if compared >= champion_acc:
-        _set_champion(client, name, version)
-        reason = (
-            f"{evaluation.label} accuracy {compared:.4f} >= champion v{current}'s {champion_acc:.4f}{note}"
-        )
-        return {**out, "alias": "champion", "reason": reason}
-    client.set_registered_model_alias(name, "challenger", version)
-    reason = (
-        f"kept as challenger: {evaluation.label} accuracy {compared:.4f} < champion v{current}'s "
-        f"{champion_acc:.4f}{note}; champion stays v{current}"
-    )
-    return {**out, "alias": "challenger", "reason": reason}
+        if client.get_registered_model(name).aliases.get("challenger") is not None:
+            client.delete_registered_model_alias(name, "challenger")
+    else:
+        client.set_registered_model_alias(name, "challenger", version)
+    return decision
 
 
-def _set_champion(client, name: str, version: str) -> None:
-    client.set_registered_model_alias(name, "champion", version)
-    if client.get_registered_model(name).aliases.get("challenger") is not None:
-        client.delete_registered_model_alias(name, "challenger")
-
-
-def _champion_accuracy(client, name: str, version: int, evaluation: Evaluation) -> tuple[float, list | None]:
-    """The champion's score on today's evaluation: its artifacts, run on today's images (raises
+def _champion(
+    client, name: str, version: int, evaluation: Evaluation, new_file: Path, about: dict
+) -> promotion.Champion:
+    """The champion scored on today's evaluation: its artifacts, run on today's images (raises
     when it cannot be: missing or malformed files, another input shape, none of today's
-    classes), and the classes it was scored on when it lacks some (None: all)."""
+    classes); where it lacks some of today's classes, both are scored on those it knows."""
     with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
         local = Path(client.download_artifacts(client.get_model_version(name, version).run_id, "model", tmp))
         champion = json.loads((local / "model.json").read_text())
@@ -440,8 +403,11 @@ def _champion_accuracy(client, name: str, version: int, evaluation: Evaluation) 
         shared = [c for c in evaluation.classes if c in known]
         if not shared:
             raise ValueError("it knows none of today's classes")
-        shared = None if len(shared) == len(evaluation.classes) else shared
-        return evaluation.accuracy(local / champion.get("deployed", "model.onnx"), champion, shared), shared
+        if len(shared) == len(evaluation.classes):
+            shared = None
+        accuracy = evaluation.accuracy(local / champion.get("deployed", "model.onnx"), champion, shared)
+    new = None if shared is None else evaluation.accuracy(new_file, about, shared)
+    return promotion.Champion(version, accuracy, shared, new)
 
 
 def log_dict(run_id: str, data: dict, name: str) -> None:
