@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -35,6 +37,34 @@ def fail(message: str) -> None:
     # escape(): a message quoting a pattern or a list ("[a-z0-9]", "['a']") is text, not markup.
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code=2)
+
+
+def _flow(path: str, ray: bool = False):
+    """The flow at `path` ("module:function"), imported while Prefect's temporary API server
+    comes up (and Ray starts, for a command that trains): seconds each, side by side. Flows
+    start after this returns: the server must answer first."""
+    from flows.startup import prefect_api_starting
+
+    module, _, name = path.partition(":")
+    with prefect_api_starting():
+        flow = getattr(importlib.import_module(module), name)
+        if ray:
+            from flows.train import start_ray
+
+            start_ray()
+    return flow
+
+
+@contextmanager
+def _clean_errors(*more: type[Exception]):
+    """A recognised error (flows.errors), a bad value or one of `more` ends the command with
+    its message (exit 2); anything else keeps its traceback."""
+    from flows.errors import recognised
+
+    try:
+        yield
+    except (*recognised(), ValueError, *more) as err:
+        fail(str(err))
 
 
 def _space(preset: str, num_classes: int, in_channels: int, resolutions: str | None):
@@ -252,20 +282,11 @@ def ingest(
     ),
 ) -> None:
     """Ingest a source as a new version of a data set (a no-op when nothing is new)."""
-    from flows.startup import prefect_api_starting
-
-    with prefect_api_starting():  # the API server comes up while this imports
-        from flows.ingest import ingest_flow
-        from tofa_core.data.sources import SourceError
-        from tofa_core.runlock import RunLocked
-        from tofa_core.storage import StorageError
-
-    try:
+    ingest_flow = _flow("flows.ingest:ingest_flow")
+    with _clean_errors():
         result = ingest_flow(
             source=source, dataset=dataset, store=store, config_file=str(config) if config else None
         )
-    except (SourceError, StorageError, ValueError, RunLocked) as err:
-        fail(str(err))
     console.print(result["summary"], highlight=False)
     console.print(f"store: {result['store']}", highlight=False)
 
@@ -288,19 +309,16 @@ def gc(
     before their commit, temp files of interrupted writes. Holds the data set's run lock."""
     from flows.settings import store_uri
     from tofa_core.data.store import DatasetStore
-    from tofa_core.runlock import RunLock, RunLocked
-    from tofa_core.storage import StorageError, open_storage
+    from tofa_core.runlock import RunLock
+    from tofa_core.storage import open_storage
 
     root = open_storage(store_uri(store))
     ds = DatasetStore(root)
-    try:
-        with RunLock(root, dataset, f"tofa gc (pid {os.getpid()})"):
-            if dry_run:
-                keys = ds.garbage(dataset, older_than * 3600)
-            else:
-                keys = ds.collect_garbage(dataset, older_than * 3600)
-    except (RunLocked, StorageError) as err:
-        fail(str(err))
+    with _clean_errors(), RunLock(root, dataset, f"tofa gc (pid {os.getpid()})"):
+        if dry_run:
+            keys = ds.garbage(dataset, older_than * 3600)
+        else:
+            keys = ds.collect_garbage(dataset, older_than * 3600)
     for key in keys:
         console.print(f"  {ds.dataset(dataset).uri(key)}", highlight=False)
     what = "would be removed" if dry_run else "removed"
@@ -326,18 +344,8 @@ def train(
     ),
 ) -> None:
     """Train one elastic supernet with the unified semi-supervised loss on Ray Train."""
-    from flows.startup import prefect_api_starting
-
-    with prefect_api_starting():  # the API server comes up while this imports and starts Ray
-        from flows.train import start_ray, train_flow
-        from tofa_core.data.sources import SourceError
-        from tofa_core.runlock import RunLocked
-        from tofa_core.storage import StorageError
-        from tofa_core.training.checkpoint import CheckpointError
-
-        start_ray()
-
-    try:
+    train_flow = _flow("flows.train:train_flow", ray=True)
+    with _clean_errors():
         summary = train_flow(
             source=data,
             dataset=dataset,
@@ -349,8 +357,6 @@ def train(
             gpus_per_worker=gpus_per_worker,
             budget_minutes=budget,
         )
-    except (SourceError, StorageError, CheckpointError, ValueError, RunLocked) as err:
-        fail(str(err))
     table = Table(title=f"supernet {summary['run_id']}")
     table.add_column("")
     table.add_column("value")
@@ -383,23 +389,12 @@ def tune(
     epochs: int = typer.Option(4, "--epochs", min=1, help="Epochs per trial at most (ASHA stops weak ones)."),
 ) -> None:
     """Ray Tune sweep (ASHA) over lr, lambda_u, tau and lambda_kd; writes the best config."""
-    from flows.startup import prefect_api_starting
-
-    with prefect_api_starting():  # the API server comes up while this imports and starts Ray
-        from flows.train import start_ray
-        from flows.tune import tune_flow
-        from tofa_core.data.sources import SourceError
-        from tofa_core.storage import StorageError
-
-        start_ray()
-
-    try:
+    tune_flow = _flow("flows.tune:tune_flow", ray=True)
+    with _clean_errors(RuntimeError):  # RuntimeError: no trial reported a result
         summary = tune_flow(
             source=data, dataset=dataset, store=store, config_file=str(config) if config else None,
             trials=trials, epochs=epochs,
         )  # fmt: skip
-    except (SourceError, StorageError, ValueError, RuntimeError) as err:
-        fail(str(err))
     console.print(f"best of {summary['trials']} trials: {summary['best']}", highlight=False)
     console.print(f"mean val accuracy {summary['best_val_acc/mean']:.4f}; config: {summary['best_config']}")
 
@@ -499,36 +494,18 @@ def specialize(
     """Select, export (ONNX + TorchScript) and verify one subnet per target; no retraining."""
     if score not in ("agreement", "val"):
         fail(f"--score must be agreement or val, got {score!r}")
-    from flows.startup import prefect_api_starting
-
-    with prefect_api_starting():  # the API server comes up while this imports
-        from flows.specialize import SpecializationFailed, specialize_flow, task_runner
-        from tofa_core.costs import LatencyTableError
-        from tofa_core.litert import LiteRTUnavailable
-        from tofa_core.search.evolution import InfeasibleTarget
-        from tofa_core.search.targets import TargetError
-        from tofa_core.storage import StorageError
-        from tofa_core.training.checkpoint import CheckpointError
+    specialize_flow = _flow("flows.specialize:specialize_flow")
+    from flows.specialize import SpecializationFailed, task_runner
 
     failed = None
     try:
-        summary = specialize_flow.with_options(task_runner=task_runner())(
-            source=data, dataset=dataset, targets_file=str(targets) if targets else None, store=store,
-            run_id=run, samples=samples, score=score,
-        )  # fmt: skip
+        with _clean_errors(FileNotFoundError):  # FileNotFoundError: no supernet (or --run) to specialize
+            summary = specialize_flow.with_options(task_runner=task_runner())(
+                source=data, dataset=dataset, targets_file=str(targets) if targets else None, store=store,
+                run_id=run, samples=samples, score=score,
+            )  # fmt: skip
     except SpecializationFailed as err:
         summary, failed = err.summary, err
-    except (
-        TargetError,
-        InfeasibleTarget,
-        LatencyTableError,
-        CheckpointError,
-        StorageError,
-        FileNotFoundError,
-        ValueError,  # a bad --dataset or --run (names.InvalidName)
-        LiteRTUnavailable,
-    ) as err:
-        fail(str(err))
     summary = summary.to_json()
     if summary_out:
         summary_out.write_text(json.dumps(summary, indent=2))
@@ -560,54 +537,31 @@ def run(
     summary_out: Path | None = SummaryOpt,
 ) -> None:
     """The whole pipeline: ingest -> train (warm start) -> specialize every target -> register in MLflow."""
-    from flows.services import ServiceUnavailable, check_services
+    from flows.services import check_services
     from flows.settings import store_uri
-    from flows.startup import prefect_api_starting
 
-    try:
+    with _clean_errors():
         check_services(store_uri(store))  # seconds, before anything starts
-    except ServiceUnavailable as err:
-        fail(str(err))
     # Not Ray: with nothing new the run is a no-op in seconds and never trains.
-    with prefect_api_starting():  # the API server comes up while this imports
-        from flows.pipeline import retrain_flow
-        from flows.specialize import SpecializationFailed
+    retrain_flow = _flow("flows.pipeline:retrain_flow")
+    from flows.specialize import SpecializationFailed
 
     failed = None
     try:
-        summary = retrain_flow(
-            source=data, dataset=dataset, targets_file=str(targets) if targets else None,
-            config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
-            samples=samples, force=force, lock_wait=wait_lock, gpus_per_worker=gpus_per_worker,
-            budget_minutes=budget,
-        )  # fmt: skip
+        with _clean_errors(FileNotFoundError):
+            summary = retrain_flow(
+                source=data, dataset=dataset, targets_file=str(targets) if targets else None,
+                config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
+                samples=samples, force=force, lock_wait=wait_lock, gpus_per_worker=gpus_per_worker,
+                budget_minutes=budget,
+            )  # fmt: skip
     except SpecializationFailed as err:
         failed = err
         summary = None
-    except _pipeline_errors() as err:
-        fail(str(err))
     if failed is not None:
         Console(stderr=True).print(f"[bold red]failed:[/] {escape(str(failed))}", highlight=False)
         raise typer.Exit(code=1)
     _print_run(summary, summary_out)
-
-
-def _pipeline_errors() -> tuple[type[Exception], ...]:
-    """What a pipeline run raises for bad input or a missing service: a message, not a traceback."""
-    from flows.services import ServiceUnavailable
-    from tofa_core.costs import LatencyTableError
-    from tofa_core.data.sources import SourceError
-    from tofa_core.litert import LiteRTUnavailable
-    from tofa_core.runlock import RunLocked
-    from tofa_core.search.evolution import InfeasibleTarget
-    from tofa_core.search.targets import TargetError
-    from tofa_core.storage import StorageError
-    from tofa_core.training.checkpoint import CheckpointError
-
-    return (
-        RunLocked, ServiceUnavailable, SourceError, TargetError, InfeasibleTarget, LatencyTableError,
-        CheckpointError, StorageError, FileNotFoundError, ValueError, LiteRTUnavailable,
-    )  # fmt: skip
 
 
 def _print_run(summary: dict, summary_out: Path | None) -> None:
@@ -653,25 +607,13 @@ def baseline(
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the results here."),
 ) -> None:
     """The per-target baseline: train an architecture alone (same data, loss, schedule, evaluation)."""
-    from tofa_core.data.sources import SourceError
-    from tofa_core.runlock import RunLocked
-    from tofa_core.storage import StorageError
-
     archs = _baseline_archs(arch, from_summary, target)
-    from flows.startup import prefect_api_starting
-
-    with prefect_api_starting():  # the API server comes up while this imports and starts Ray
-        from flows.baseline import baseline_flow
-        from flows.train import start_ray
-
-        start_ray()
-    try:
+    baseline_flow = _flow("flows.baseline:baseline_flow", ray=True)
+    with _clean_errors():
         results = baseline_flow(
             archs=archs, source=data, dataset=dataset, store=store,
             config_file=str(config) if config else None, epochs=epochs, workers=workers, seed=seed,
         )  # fmt: skip
-    except (SourceError, StorageError, ValueError, RunLocked) as err:
-        fail(str(err))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
     table = Table(title=f"baselines: each architecture trained alone on {results[0]['dataset']}")

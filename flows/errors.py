@@ -21,14 +21,17 @@ def recognised() -> tuple[type[BaseException], ...]:
     from tofa_core.config_files import ConfigError
     from tofa_core.costs import LatencyTableError
     from tofa_core.data.sources import SourceError
+    from tofa_core.litert import LiteRTUnavailable
+    from tofa_core.names import InvalidName
     from tofa_core.runlock import RunLocked
+    from tofa_core.search.evolution import InfeasibleTarget
     from tofa_core.search.targets import TargetError
     from tofa_core.storage import StorageError
     from tofa_core.training.checkpoint import CheckpointError
 
     return (
-        CheckpointError, ConfigError, LatencyTableError, RunLocked, ServiceUnavailable, SourceError,
-        StorageError, TargetError,
+        CheckpointError, ConfigError, InfeasibleTarget, InvalidName, LatencyTableError, LiteRTUnavailable,
+        RunLocked, ServiceUnavailable, SourceError, StorageError, TargetError,
     )  # fmt: skip
 
 
