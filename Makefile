@@ -52,7 +52,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # `make bench`: the results scripts in quick mode (minutes; what CI can afford).
-# `make bench-full`: every benchmark in full mode (hours on 2 cores: README's figures).
+# `make bench-full`: every benchmark in full mode (hours on 2 cores: the figures in docs/results/).
 bench: setup
 	TOFA_BENCH_QUICK=1 $(PY) benchmarks/bench_results.py
 	TOFA_BENCH_QUICK=1 $(PY) benchmarks/bench_semisup.py

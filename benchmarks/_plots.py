@@ -1,4 +1,4 @@
-"""The benchmarks' own figures (README's results): per-target bars, cost and label curves.
+"""The benchmarks' own figures (docs/results/): per-target bars, cost and label curves.
 Same conventions as flows/plots.py, whose `save` they share."""
 
 from __future__ import annotations

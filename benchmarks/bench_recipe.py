@@ -38,7 +38,7 @@ from tofa_core.training.evaluate import accuracy, calibrated_subnet  # noqa: E40
 from tofa_core.training.loop import train_supernet  # noqa: E402
 
 KEYS = ("max", "min", "mid", "worst", "seconds")
-# Without --variant (as `make bench-full` runs it): the README table's default and best rows.
+# Without --variant (as `make bench-full` runs it): docs/results/recipe.md's default and best rows.
 DEFAULT_VARIANTS = [("default", {}), ("e40k2", {"epochs": 40, "k_random": 2})]
 
 

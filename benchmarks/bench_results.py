@@ -1,5 +1,5 @@
 """TOFA against the per-target baseline, end to end: accuracy per target, cost vs number of
-targets, and the Pareto front (README "Results", experiments 1, 2 and 4).
+targets, and the Pareto front (docs/results/cost.md, experiments 1, 2 and 4).
 
 For each data set and seed, in this one process on this machine:
   TOFA      one supernet (TrainConfig's defaults, what `tofa train` runs) + the accuracy

@@ -1,4 +1,4 @@
-"""Does specialization pick the best subnet that fits each target? (README "Search").
+"""Does specialization pick the best subnet that fits each target? (docs/results/cost.md, the search study).
 
 Per seed: train the default supernet on digits (10% labels; or use --store/--run), build the
 accuracy predictor as the pipeline does (300 subnets scored by agreement), measure the test

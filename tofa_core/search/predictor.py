@@ -7,7 +7,7 @@ validation set tiny (its accuracy moves in steps of several points):
 - `agreement`: share of (plentiful) unlabelled images on which the subnet predicts what the
   largest subnet predicts. It needs no labels, so it is measured on thousands of images.
 The default is `agreement`: it ranks subnets closer to their test accuracy in
-benchmarks/bench_predictor.py (see README).
+benchmarks/bench_predictor.py (docs/results/engineering.md).
 """
 
 from __future__ import annotations
