@@ -50,7 +50,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed to run")
-    parser.add_argument("--epochs", type=int, default=20, help="docs/results/cost.md's figures: 20 x 20 steps")
+    parser.add_argument("--epochs", type=int, default=20, help="the published figures: 20 x 20 steps")
     parser.add_argument(
         "--steps", type=int, default=20, help="steps per epoch, fixed so both losses train equally long"
     )
