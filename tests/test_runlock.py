@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +156,56 @@ def test_a_failed_renewal_is_retried_and_the_lease_kept(tmp_path, monkeypatch):
             time.sleep(0.01)
         assert len(failures) == 2 and holder._renewer.is_alive()
         assert json.loads(record.read_bytes(holder.key))["expires"] >= clock.now + 30
+
+
+HOLD = """
+import sys, time
+from tofa_core.runlock import RunLock
+from tofa_core.storage import open_storage
+lock = RunLock(open_storage(sys.argv[1]), "digits", "run in another process")
+lock.acquire()
+lock._stop.set()  # no renewals; and it never releases
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(tmp_path, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path), str(seconds)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_lock_left_by_a_process_gone_from_this_machine_is_taken_at_once(tmp_path):
+    store = open_storage(tmp_path)
+    alive = _holder(tmp_path, 60)
+    try:
+        with pytest.raises(RunLocked, match="run in another process"):  # alive: it holds
+            RunLock(store, "digits", "next run").acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+    # Gone without releasing (killed, or its store was down when it tried): not 600 s of waiting.
+    with RunLock(store, "digits", "next run") as taker:
+        assert [o.key for o in store.child("locks/digits").list()] == [taker.key]
+
+
+def test_a_failed_release_never_hides_the_error_that_ended_the_run(tmp_path, monkeypatch):
+    from tofa_core.storage import StorageError
+
+    store = open_storage(tmp_path)
+    lock = RunLock(store, "digits", "run")
+
+    def down(self, key):
+        raise StorageError("cannot delete: S3 endpoint unreachable")
+
+    with pytest.raises(ValueError, match="the stage's own error"):
+        with lock:
+            monkeypatch.setattr(type(lock.folder), "delete", down)
+            raise ValueError("the stage's own error")
+    with pytest.raises(StorageError):  # with no error in flight, a failed release is the error
+        with RunLock(store, "other", "run") as other:
+            assert other.key is not None

@@ -31,6 +31,14 @@ LEASE_SECONDS = 600.0
 POLL_SECONDS = 2.0
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace ("pid:[4026531836]"); containers on one host differ."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # no /proc (macOS): PIDs are the host's
+        return "host"
+
+
 class RunLocked(RuntimeError):
     """Another run holds the data set's lock; the message names it and when its lease ends."""
 
@@ -43,6 +51,21 @@ class Holder:
     started: float  # epoch seconds
     expires: float
     token: str  # tells this holder's generation from a later taker's
+    pid_namespace: str = ""  # with host, tells whether `pid` can be looked up from here
+
+    def exited_here(self) -> bool:
+        """The holder ran on this machine, in this PID namespace, and its process is gone: a
+        run killed or failed without releasing (its store was down when it tried). A reused
+        PID reads as alive, which only makes a run wait for the lease."""
+        if self.host != socket.gethostname() or self.pid_namespace != _pid_namespace():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process: alive
+            return False
+        return False
 
     def describe(self, now: float, lease: float) -> str:
         """Who holds it and for how long by `now`; a lease longer than any holder writes
@@ -97,11 +120,14 @@ class RunLock:
             held = Holder(**json.loads(self.folder.read_bytes(f"{generations[-1]:012d}.json")))
         except NotFound:  # released meanwhile
             return generations[-1] - 1, None
-        return generations[-1], held if held.expires > self.clock() else None
+        live = held.expires > self.clock() and not held.exited_here()
+        return generations[-1], held if live else None
 
     def _record(self) -> bytes:
         expires = self.clock() + self.lease
-        holder = Holder(self.owner, socket.gethostname(), os.getpid(), self.started, expires, self.token)
+        holder = Holder(
+            self.owner, socket.gethostname(), os.getpid(), self.started, expires, self.token, _pid_namespace()
+        )
         return json.dumps(asdict(holder)).encode()
 
     def acquire(self) -> None:
@@ -146,5 +172,12 @@ class RunLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            self.release()
+        except StorageError as err:
+            if error is None:
+                raise
+            # The block's own error (often the same outage) is the one to report; the lock
+            # lapses with its lease, or the next run on this machine sees this process gone.
+            log.warning("could not release the run lock of %r: %s", self.dataset, err)

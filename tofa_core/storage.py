@@ -396,7 +396,11 @@ class S3Storage(Storage):
                 "s3",
                 config=Config(
                     s3={"addressing_style": "path"},
-                    retries={"max_attempts": 5, "mode": "standard"},
+                    # Standard mode retries refused connections and 5xx with jittered
+                    # exponential backoff (capped at 20 s): 10 attempts ride out an S3 server's
+                    # restart of about half a minute; a store that is really gone is caught in
+                    # seconds by the preflight check of every run (flows/services.py).
+                    retries={"max_attempts": 10, "mode": "standard"},
                     connect_timeout=10,
                     read_timeout=60,
                 ),
