@@ -242,6 +242,7 @@ class Case:
 def run_case(case: Case, ctx: dict, timeout: float) -> dict:
     work, env, ds = ctx["work"], case.env(ctx), case.dataset
     ctx["images"].grow(*case.new)
+    ctx["fired"] = case.trigger is None  # a fault without a trigger is set up before the run
     before = committed(env, ds)
     started = time.monotonic()
     faulted = tofa_run(env, work, case.trigger, lambda: case.inject(ctx), case.extra, timeout, ds)
@@ -251,6 +252,8 @@ def run_case(case: Case, ctx: dict, timeout: float) -> dict:
     outcome, why = verdict(faulted, before, after, case.names)
     if case.trigger is not None and faulted.fault_at is None:
         outcome, why = "FAILED", f"the trigger {case.trigger!r} never came (rc {faulted.rc})"
+    elif not ctx["fired"]:
+        outcome, why = "FAILED", f"the fault was never injected (rc {faulted.rc}): nothing to kill in time"
     again = tofa_run(env, work, extra=case.extra, timeout=timeout, dataset=ds)
     recovered = None
     if again.rc != 0:
@@ -295,6 +298,7 @@ def _kill_after(service: str, delay: float, down_for: float | None):
     def inject(ctx: dict) -> None:
         time.sleep(delay)
         ctx["stack"].kill(service)
+        ctx["fired"] = True
         if down_for is not None:
             time.sleep(down_for)
             ctx["stack"].up()
@@ -332,7 +336,7 @@ def _kill_a_specialization_worker(ctx: dict) -> None:
         workers = _ray_workers(os.getpid())  # the bench's descendants: `tofa run` and its Ray
         if workers:
             os.kill(workers[-1], signal.SIGKILL)
-            ctx["killed"] = workers[-1]
+            ctx["fired"] = True
             return
         time.sleep(0.2)
 
@@ -394,13 +398,12 @@ def _mount_disk(work: Path, size_mb: int = 96) -> bool:
 
 def _fill_disk(ctx: dict) -> None:
     """Write a file until the disk is full (ENOSPC): every later write there fails."""
-    with open(ctx["work"] / "disk" / "filler", "wb") as f:
+    with open(ctx["work"] / "disk" / "filler", "wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 2**20)
-                f.flush()
+                f.write(b"\0" * 2**16)
         except OSError:
-            pass
+            ctx["fired"] = True
 
 
 def _free_disk(ctx: dict) -> None:
@@ -596,6 +599,9 @@ def prefect_case(ctx: dict, timeout: float) -> dict:
         return {"case": name, "fault": fault, "outcome": "FAILED", "what happened": f"never ran: {state}",
                 "recovered_s": None, "lost": "nothing", "faulted_rc": None}  # fmt: skip
     time.sleep(20)
+    if _flow_run(stack, run_id, lambda t: True, 30).get("type") != "RUNNING":
+        return {"case": name, "fault": fault, "outcome": "FAILED", "what happened": "ended before the fault",
+                "recovered_s": None, "lost": "nothing", "faulted_rc": None}  # fmt: skip
     fault_at = time.monotonic()
     stack.kill("prefect")
     time.sleep(3)

@@ -7,6 +7,7 @@ default is a SQLite file under .tofa/ with artifacts beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -376,9 +377,12 @@ def _promote(client, name: str, version: str, folder: Path, about: dict, evaluat
     if current is not None:
         current = int(current)  # a str over REST, an int from SQLite
         try:
-            champion = _champion(client, name, current, evaluation, new_file, about)
+            champion = _champion(client, name, current, evaluation)
         except Exception as err:  # noqa: BLE001 - whatever broke it, it must not jam every later run
             champion = promotion.Champion(current, unusable=f"{type(err).__name__}: {err}"[:300])
+    if champion is not None and champion.classes is not None:  # the new one on the same classes
+        new = evaluation.accuracy(new_file, about, champion.classes)
+        champion = dataclasses.replace(champion, new_accuracy=new)
     missing = [c for c in evaluation.classes if champion and champion.classes and c not in champion.classes]
     decision = promotion.decide(evaluation.accuracy(new_file, about), evaluation.label, champion, missing)
     if decision["alias"] == "champion":
@@ -390,12 +394,10 @@ def _promote(client, name: str, version: str, folder: Path, about: dict, evaluat
     return decision
 
 
-def _champion(
-    client, name: str, version: int, evaluation: Evaluation, new_file: Path, about: dict
-) -> promotion.Champion:
+def _champion(client, name: str, version: int, evaluation: Evaluation) -> promotion.Champion:
     """The champion scored on today's evaluation: its artifacts, run on today's images (raises
     when it cannot be: missing or malformed files, another input shape, none of today's
-    classes); where it lacks some of today's classes, both are scored on those it knows."""
+    classes); where it lacks some of today's classes, on those it knows."""
     with tempfile.TemporaryDirectory(prefix="tofa-champion-") as tmp:
         local = Path(client.download_artifacts(client.get_model_version(name, version).run_id, "model", tmp))
         champion = json.loads((local / "model.json").read_text())
@@ -406,8 +408,7 @@ def _champion(
         if len(shared) == len(evaluation.classes):
             shared = None
         accuracy = evaluation.accuracy(local / champion.get("deployed", "model.onnx"), champion, shared)
-    new = None if shared is None else evaluation.accuracy(new_file, about, shared)
-    return promotion.Champion(version, accuracy, shared, new)
+    return promotion.Champion(version, accuracy, shared)
 
 
 def log_dict(run_id: str, data: dict, name: str) -> None:

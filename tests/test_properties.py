@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,14 @@ FILES = settings(
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 
+# YAML keys are not only strings: `{1: 2}` and `{null: x}` load as an int and a None key.
+keys = st.text(max_size=12) | st.integers() | st.none() | st.booleans()
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40),
 )  # fmt: skip
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
     max_leaves=12,
 )
 
@@ -52,17 +55,18 @@ def test_a_name_is_either_a_safe_path_part_or_an_invalid_name(value):
             assert "\n" not in checked and "\x00" not in checked
 
 
-def _write(text: str | bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="tofa-prop-"))
-    path = folder / "file.yaml"
-    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
-    return path
+@contextmanager
+def _written(text: str | bytes):
+    with tempfile.TemporaryDirectory(prefix="tofa-prop-") as folder:
+        path = Path(folder) / "file.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+        yield path
 
 
 train_fields = st.sampled_from(sorted(TrainConfig.model_fields) + ["no_such_setting"])
 config_docs = st.one_of(
     values,
-    st.fixed_dictionaries({"train": st.dictionaries(train_fields, values, max_size=4)}),
+    st.fixed_dictionaries({"train": st.dictionaries(train_fields | keys, values, max_size=4)}),
     st.fixed_dictionaries({"train": values}),
 )
 
@@ -71,7 +75,8 @@ config_docs = st.one_of(
 @given(st.one_of(config_docs.map(yaml.safe_dump), st.text(max_size=300), st.binary(max_size=100)))
 def test_a_config_file_loads_or_raises_a_config_error(text):
     try:
-        cfg = TrainConfig.from_yaml(_write(text))
+        with _written(text) as path:
+            cfg = TrainConfig.from_yaml(path)
     except ConfigError as err:
         assert "file.yaml" in str(err)  # names the file
     else:
@@ -79,7 +84,7 @@ def test_a_config_file_loads_or_raises_a_config_error(text):
 
 
 target_fields = st.sampled_from(sorted(Target.model_fields) + ["max_energy"])
-target = st.dictionaries(target_fields, values, max_size=5) | st.fixed_dictionaries(
+target = st.dictionaries(target_fields | keys, values, max_size=5) | st.fixed_dictionaries(
     {"name": st.text(max_size=20), "max_macs": st.integers() | st.floats() | st.text(max_size=5)}
 )
 targets_docs = st.one_of(
@@ -91,7 +96,8 @@ targets_docs = st.one_of(
 @given(st.one_of(targets_docs.map(yaml.safe_dump), st.text(max_size=300), st.binary(max_size=100)))
 def test_a_targets_file_loads_or_raises_a_target_error(text):
     try:
-        targets = load_targets(_write(text))
+        with _written(text) as path:
+            targets = load_targets(path)
     except TargetError as err:
         assert "file.yaml" in str(err)
     else:

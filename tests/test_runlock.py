@@ -148,11 +148,13 @@ def test_a_failed_renewal_is_retried_and_the_lease_kept(tmp_path, monkeypatch):
             real(self, key, data)
 
         monkeypatch.setattr(type(folder), "write_bytes", flaky)
-        clock.now += 100
+        clock.now += 100  # after the patch: a lease valid at the new time comes after 2 failures
         deadline = time.monotonic() + 30
-        while (
-            time.monotonic() < deadline and json.loads(record.read_bytes(holder.key))["expires"] < clock.now
-        ):
+
+        def renewed() -> bool:
+            return json.loads(record.read_bytes(holder.key))["expires"] >= clock.now and len(failures) == 2
+
+        while time.monotonic() < deadline and not renewed():
             time.sleep(0.01)
         assert len(failures) == 2 and holder._renewer.is_alive()
         assert json.loads(record.read_bytes(holder.key))["expires"] >= clock.now + 30

@@ -104,6 +104,8 @@ def load_section(path: str | Path, section: str) -> dict:
 def load_section_model(model, path: str | Path, section: str, **overrides):
     """Build pydantic `model` from a config file's `section`; errors name file, field and value."""
     data = {**load_section(path, section), **overrides}
+    if bad := [k for k in data if not isinstance(k, str)]:  # YAML keys may be numbers, null, lists
+        raise ConfigError(f"{path}: {section}: setting names are words, got {short(repr(bad[0]))}")
     try:
         return model(**data)
     except ValidationError as err:

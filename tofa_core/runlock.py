@@ -18,7 +18,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from tofa_core import names
 from tofa_core.storage import NotFound, Storage, StorageError
@@ -31,12 +32,15 @@ LEASE_SECONDS = 600.0
 POLL_SECONDS = 2.0
 
 
-def _pid_namespace() -> str:
-    """This process's PID namespace ("pid:[4026531836]"); containers on one host differ."""
+def _machine() -> str:
+    """This boot of this machine and this process's PID namespace: host names repeat (cloned
+    VMs, containers), and every host's first PID namespace has the same id; "" where Linux's
+    /proc does not say (then no holder is ever judged gone before its lease)."""
     try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:  # no /proc (macOS): PIDs are the host's
-        return "host"
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 class RunLocked(RuntimeError):
@@ -51,13 +55,19 @@ class Holder:
     started: float  # epoch seconds
     expires: float
     token: str  # tells this holder's generation from a later taker's
-    pid_namespace: str = ""  # with host, tells whether `pid` can be looked up from here
+    machine: str = ""  # boot id and PID namespace: whether `pid` can be looked up from here
+
+    @classmethod
+    def read(cls, data: bytes) -> Holder:
+        """A record, whatever fields a newer or older version wrote beside these."""
+        record = json.loads(data)
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
     def exited_here(self) -> bool:
-        """The holder ran on this machine, in this PID namespace, and its process is gone: a
-        run killed or failed without releasing (its store was down when it tried). A reused
-        PID reads as alive, which only makes a run wait for the lease."""
-        if self.host != socket.gethostname() or self.pid_namespace != _pid_namespace():
+        """The holder ran on this machine (same host name, boot and PID namespace) and its
+        process is gone: a run killed or failed without releasing (its store was down when it
+        tried). A reused PID reads as alive, which only makes a run wait for the lease."""
+        if self.host != socket.gethostname() or not self.machine or self.machine != _machine():
             return False
         try:
             os.kill(self.pid, 0)
@@ -99,7 +109,8 @@ class RunLock:
     ):
         """`clock` is the wall clock leases are written and judged in (the same on every host
         that shares the store); `renew_every`: seconds between renewals (a third of the lease)."""
-        self.folder = store.child(f"locks/{names.dataset_name(dataset)}")
+        # Impatient: a renewal that waited out S3's long retries could outlast the lease.
+        self.folder = store.impatient().child(f"locks/{names.dataset_name(dataset)}")
         self.dataset, self.owner, self.lease, self.wait, self.poll = dataset, owner, lease, wait, poll
         self.clock, self.renew_every = clock, renew_every if renew_every is not None else lease / 3
         self.token = secrets.token_hex(8)
@@ -117,7 +128,7 @@ class RunLock:
         if not generations:
             return -1, None
         try:
-            held = Holder(**json.loads(self.folder.read_bytes(f"{generations[-1]:012d}.json")))
+            held = Holder.read(self.folder.read_bytes(f"{generations[-1]:012d}.json"))
         except NotFound:  # released meanwhile
             return generations[-1] - 1, None
         live = held.expires > self.clock() and not held.exited_here()
@@ -126,7 +137,7 @@ class RunLock:
     def _record(self) -> bytes:
         expires = self.clock() + self.lease
         holder = Holder(
-            self.owner, socket.gethostname(), os.getpid(), self.started, expires, self.token, _pid_namespace()
+            self.owner, socket.gethostname(), os.getpid(), self.started, expires, self.token, _machine()
         )
         return json.dumps(asdict(holder)).encode()
 

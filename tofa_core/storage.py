@@ -89,6 +89,11 @@ class Storage:
     def child(self, prefix: str) -> Storage:
         raise NotImplementedError
 
+    def impatient(self) -> Storage:
+        """The same place, with calls that give up within about a minute (a run lock's lease
+        must outlast its renewal); local storage never waits."""
+        return self
+
     def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes; `TooLarge` without reading it when it has more than `max_bytes`."""
         raise NotImplementedError
@@ -376,13 +381,13 @@ class S3Storage(Storage):
     """An S3 prefix. Endpoint and credentials come from the usual AWS_* environment
     (AWS_ENDPOINT_URL_S3 for a non-AWS server such as SeaweedFS or MinIO)."""
 
-    def __init__(self, uri: str, client=None):
+    def __init__(self, uri: str, client=None, patient: bool = True):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._client = client
+        self._client, self.patient = client, patient
 
     @property
     def client(self):
@@ -400,9 +405,10 @@ class S3Storage(Storage):
                     # exponential backoff (capped at 20 s): 10 attempts ride out an S3 server's
                     # restart of about half a minute; a store that is really gone is caught in
                     # seconds by the preflight check of every run (flows/services.py).
-                    retries={"max_attempts": 10, "mode": "standard"},
+                    # An impatient client (run locks) gives up within about a minute.
+                    retries={"max_attempts": 10 if self.patient else 4, "mode": "standard"},
                     connect_timeout=10,
-                    read_timeout=60,
+                    read_timeout=60 if self.patient else 10,
                 ),
             )
         return self._client
@@ -412,7 +418,10 @@ class S3Storage(Storage):
         return {**self.__dict__, "_client": None}
 
     def child(self, prefix: str) -> S3Storage:
-        return S3Storage(f"{self.root}/{prefix.strip('/')}", self._client)
+        return S3Storage(f"{self.root}/{prefix.strip('/')}", self._client, self.patient)
+
+    def impatient(self) -> S3Storage:
+        return self if not self.patient else S3Storage(self.root, patient=False)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

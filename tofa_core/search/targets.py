@@ -111,6 +111,8 @@ def parse_targets(data, where: str, devices: Iterable[str] | None = None) -> lis
         label = f"target #{i + 1}" + (f" ({item.get('name')!r})" if isinstance(item, dict) else "")
         if not isinstance(item, dict):
             raise TargetError(f"{where}: {label} must be a mapping with a name and budgets, got {item!r}")
+        if bad := [k for k in item if not isinstance(k, str)]:  # YAML keys may be numbers or null
+            raise TargetError(f"{where}: {label}: field names are words, got {bad[0]!r}")
         try:
             target = Target(**item)
         except ValidationError as err:
