@@ -42,9 +42,10 @@ stack-up: setup
 stack-down: setup
 	$(VENV)/bin/tofa stack down
 
+# --durations: the slowest tests, printed after the summary (what a faster suite starts from).
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 # The tests that start no server, no Ray and train nothing (tests marked `slow` are left out).
 test-fast: setup
