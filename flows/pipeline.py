@@ -48,7 +48,7 @@ from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
 from tofa_core.search.pareto import subnet_points
 from tofa_core.search.predictor import predictor_key
-from tofa_core.search.targets import load_targets, table_devices
+from tofa_core.search.targets import Target, read_targets, table_devices
 from tofa_core.specialize import TargetResult, Trained
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
@@ -242,9 +242,9 @@ def _retrain(p: Retrain) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     targets_file = p.targets_file or default_targets()
-    targets_text = Path(targets_file).read_text()
-    targets = load_targets(targets_file, devices=table_devices(latency_dir()))  # a bad file fails now
-    litert.require_for(targets)  # and so does a LiteRT format this machine cannot make
+    # read once: the "nothing new" key hashes the text these targets were parsed from
+    targets_text, targets = read_targets(targets_file, devices=table_devices(latency_dir()))
+    litert.require_for(targets)  # a bad file fails now, and so does a LiteRT format not made here
     cfg = p.train_config()
 
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
@@ -269,7 +269,7 @@ def _retrain(p: Retrain) -> dict:
             trained_record, reused = _train_stage(p, cfg, data["version"], parent)
         with _timed(timings, "specialize"):
             logger.info("stage 3/4: specialize for every target in %s", targets_file)
-            spec, failed_stage = _specialize_stage(p, targets_file, trained_record["run_id"])
+            spec, failed_stage = _specialize_stage(p, targets_file, targets, trained_record["run_id"])
         with _timed(timings, "report"):
             registered, plot_files = _report_stage(p, parent, spec, trained_record)
         timings["total"] = time.perf_counter() - started
@@ -348,12 +348,14 @@ def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tup
     return trained, False
 
 
-def _specialize_stage(p: Retrain, targets_file: str, run_id: str) -> tuple[Specialization, Exception | None]:
+def _specialize_stage(
+    p: Retrain, targets_file: str, targets: list[Target], run_id: str
+) -> tuple[Specialization, Exception | None]:
     """Every target in parallel; a failed target's error is kept to raise after registering the rest."""
     try:
         spec = specialize_flow.with_options(task_runner=task_runner())(
             source=p.source, dataset=p.dataset, targets_file=targets_file, store=p.store,
-            run_id=run_id, samples=p.samples, score=p.score,
+            run_id=run_id, samples=p.samples, score=p.score, targets=targets,
         )  # fmt: skip
         return spec, None
     except SpecializationFailed as err:  # register what succeeded, then fail

@@ -224,15 +224,18 @@ def specialize_flow(
     samples: int = 300,
     score: str = "agreement",
     seed: int = 0,
+    targets: list[Target] | None = None,
 ) -> Specialization:
-    """Specialize the newest supernet of `dataset` (or run `run_id`) for every target in the file."""
+    """Specialize the newest supernet of `dataset` (or run `run_id`) for every target in the file
+    (or `targets`, already parsed: the pipeline passes the ones it read and hashed)."""
     logger = get_run_logger()
     started = time.perf_counter()
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     tables_dir = str(latency_dir())
-    targets = load_targets(targets_file or default_targets(), devices=table_devices(tables_dir))
-    litert.require_for(targets)
+    if targets is None:
+        targets = load_targets(targets_file or default_targets(), devices=table_devices(tables_dir))
+        litert.require_for(targets)
     runs = Runs(open_storage(store))
     record = last_supernet(store, dataset) if run_id is None else runs.supernet(dataset, run_id)
     run_dir = record["run_dir"]

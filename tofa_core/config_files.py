@@ -73,8 +73,16 @@ def _read_text(path: Path, what: str) -> str:
 
 def read_yaml(path: str | Path, what: str = "config file") -> object:
     """The parsed YAML of one file, or a ConfigError naming it."""
-    path = Path(path)
-    text = _read_text(path, what)
+    return parse_yaml(read_text(path, what), path)
+
+
+def read_text(path: str | Path, what: str = "config file") -> str:
+    """One small UTF-8 file's text (a regular file, at most MAX_BYTES), or a ConfigError."""
+    return _read_text(Path(path), what)
+
+
+def parse_yaml(text: str, path: str | Path) -> object:
+    """The YAML in `text` (read from `path`), or a ConfigError naming `path`."""
     try:
         loader = _StrictLoader(text)  # a SafeLoader: nothing but plain YAML types is built
         try:

@@ -137,11 +137,18 @@ def parse_targets(data, where: str, devices: Iterable[str] | None = None) -> lis
 
 def load_targets(path: str | Path, devices: Iterable[str] | None = None) -> list[Target]:
     """Read and validate a targets file; `devices` are the device names that have tables."""
+    return read_targets(path, devices)[1]
+
+
+def read_targets(path: str | Path, devices: Iterable[str] | None = None) -> tuple[str, list[Target]]:
+    """The targets file's text and its targets, parsed from that same text: what a run hashes
+    is what it specializes for, even if the file changes meanwhile."""
     try:
-        data = config_files.read_yaml(path, "targets file")
+        text = config_files.read_text(path, "targets file")
+        data = config_files.parse_yaml(text, path)
     except config_files.ConfigError as err:
         raise TargetError(str(err)) from None
-    return parse_targets(data, str(path), devices)
+    return text, parse_targets(data, str(path), devices)
 
 
 def table_devices(latency_dir: str | Path) -> dict[str, Path]:
