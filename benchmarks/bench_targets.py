@@ -7,7 +7,11 @@ and one accuracy predictor serve every target. For N = 1, 8, 32, 128 generated t
 each target is searched, exported (ONNX + TorchScript) and verified, one after another.
 Pipeline time(N) = training + predictor + specialization of N targets.
 
-    .venv/bin/python benchmarks/bench_targets.py [--counts 1,8,32,128] [--store DIR --run RUN]
+    .venv/bin/python benchmarks/bench_targets.py [--counts 1,8,32,128] [--store DIR --run RUN] \
+        [--alone-seconds S]
+
+With --alone-seconds (the mean time to train one target's architecture alone, (c) of
+bench_quality.py), the table adds the cost claim: N x S against TOFA's pipeline time at N.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300, help="predictor samples (the flow's default)")
     parser.add_argument("--store")
     parser.add_argument("--run")
+    parser.add_argument("--alone-seconds", type=float, help="mean training time of one target alone")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     torch.set_num_threads(2)
@@ -79,12 +84,15 @@ def main() -> None:
             rows[n] = spent
             print(f"N={n}: {spent:.1f} s, {spent / n:.2f} s per target", flush=True)
     print(f"training {train_s:.0f} s; predictor ({len(report.scored)} subnets) {shared_s:.0f} s")
-    print("| targets | specialization s | s per target | pipeline s | pipeline / pipeline(N=1) |")
-    print("| --- | --- | --- | --- | --- |")
+    alone = args.alone_seconds
+    head = "| targets | specialization s | s per target | pipeline s | pipeline / pipeline(N=1) |"
+    print(head + (" N x alone s | N x alone / pipeline |" if alone else ""))
+    print("| --- | --- | --- | --- | --- |" + (" --- | --- |" if alone else ""))
     base = train_s + shared_s + rows.get(1, 0.0)
     for n, spent in rows.items():
         total = train_s + shared_s + spent
-        print(f"| {n} | {spent:.1f} | {spent / n:.2f} | {total:.0f} | {total / base:.3f} |")
+        cells = f"| {n} | {spent:.1f} | {spent / n:.2f} | {total:.0f} | {total / base:.3f} |"
+        print(cells + (f" {n * alone:.0f} | {n * alone / total:.2f}x |" if alone else ""))
     print(json.dumps({"train_s": train_s, "predictor_s": shared_s, "specialize_s": rows}))
 
 
