@@ -1,0 +1,182 @@
+"""What every command shares: the app, its options, the start of a flow, its errors, the table
+of targets."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tofa_core import config_files, names
+
+# Prefect's ephemeral API migrates a fresh database on first start, which takes longer than its
+# 20 s default on a small loaded machine; its analytics would try the network. Users override.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    help="Transfer-Once-For-All: one elastic supernet for small data, one subnet per edge target.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def fail(message: str) -> None:
+    """Exit non-zero with one paragraph on stderr: what is wrong and how to fix it."""
+    # escape(): a message quoting a pattern or a list ("[a-z0-9]", "['a']") is text, not markup.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _flow(path: str, ray: bool = False):
+    """The flow at `path` ("module:function"), imported while Prefect's temporary API server
+    comes up (and Ray starts, for a command that trains): seconds each, side by side. Flows
+    start after this returns: the server must answer first."""
+    from flows.startup import prefect_api_starting
+
+    module, _, name = path.partition(":")
+    with prefect_api_starting():
+        flow = getattr(importlib.import_module(module), name)
+        if ray:
+            from flows.train import start_ray
+
+            start_ray()
+    return flow
+
+
+@contextmanager
+def _clean_errors(*more: type[Exception]):
+    """A recognised error (flows.errors), a bad value or one of `more` ends the command with
+    its message (exit 2); anything else keeps its traceback."""
+    from flows.errors import recognised
+
+    try:
+        yield
+    except (*recognised(), ValueError, *more) as err:
+        fail(str(err))
+
+
+def _space(preset: str, num_classes: int, in_channels: int, resolutions: str | None):
+    from tofa_core.arch import SearchSpace
+
+    overrides = {}
+    if resolutions:
+        try:
+            overrides["resolutions"] = tuple(int(r) for r in resolutions.split(","))
+        except ValueError:
+            fail(f"--resolutions must be comma-separated integers such as 16,24,32; got {resolutions!r}")
+    try:
+        return SearchSpace.preset(preset, num_classes=num_classes, in_channels=in_channels, **overrides)
+    except ValueError as err:
+        fail(str(err))
+
+
+PresetArg = typer.Argument("tiny", help="Search space preset: tiny, tiny-fused, small-fused or ofa-mbv3.")
+ClassesOpt = typer.Option(10, "--num-classes", min=1, help="Classifier outputs.")
+ChannelsOpt = typer.Option(
+    None,
+    "--in-channels",
+    min=1,
+    help="Input channels \\[default: 1 for tiny, tiny-fused and small-fused, 3 for ofa-mbv3].",
+)
+ResOpt = typer.Option(None, "--resolutions", help="Override the input resolutions, e.g. 16,24,32.")
+
+
+def _name(check):
+    """An option callback: a name that becomes a store path is refused before anything starts."""
+
+    def callback(value: str | None) -> str | None:
+        try:
+            return value if value is None else check(value)
+        except names.InvalidName as err:
+            raise typer.BadParameter(str(err)) from None
+
+    return callback
+
+
+def _config(value: Path | None) -> Path | None:
+    """An option callback: a config file is read and its sections checked before anything starts."""
+    try:
+        for section in config_files.SECTIONS if value is not None else ():
+            config_files.load_section(value, section)
+    except config_files.ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+    return value
+
+
+# Options several commands share (one definition, one help text).
+DatasetOpt = typer.Option(
+    None, "--dataset", help="Data set name \\[default: from the source].", callback=_name(names.dataset_name)
+)
+StoreOpt = typer.Option(None, "--store", help="Store root \\[default: $TOFA_STORE or .tofa/store].")
+ConfigOpt = typer.Option(
+    None, "--config", help="YAML config; its 'ingest:' and 'train:' sections apply.", callback=_config
+)
+EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override train.epochs.")
+BudgetOpt = typer.Option(
+    None,
+    "--budget",
+    min=0.01,
+    help="Minutes of training at most: the epochs that fit at the first epoch's pace (train.budget_minutes).",
+)
+GpusOpt = typer.Option(
+    None, "--gpus-per-worker", min=0, help="GPUs Ray gives each training worker (train.gpus_per_worker)."
+)
+WorkersOpt = typer.Option(2, "--workers", min=1, max=1024, help="Ray Train workers.")
+TargetsOpt = typer.Option(None, "--targets", help="Targets YAML \\[default: infra/targets/default.yaml].")
+SamplesOpt = typer.Option(300, "--samples", min=10, help="Subnets scored to fit the accuracy predictor.")
+SummaryOpt = typer.Option(None, "--summary-out", help="Write the JSON summary here.")
+
+
+def _channels(preset: str, in_channels: int | None) -> int:
+    return in_channels if in_channels is not None else (3 if preset == "ofa-mbv3" else 1)
+
+
+def _short(n: int) -> str:
+    """1396512 -> 1.40M, 71354 -> 71k: the table has to fit an 80-column terminal."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
+def _budget_cell(field: str, value: float) -> str:
+    """160k macs, 75k params, 0.3ms, 32KB RAM: one constraint of the budget column."""
+    from tofa_core.constraints import BY_FIELD
+
+    c = BY_FIELD[field]
+    if c.kind is int:
+        return f"{_short(value)} {c.key}"
+    return f"{value:g}{c.unit}" + (f" {c.label}" if c.from_arch is not None else "")
+
+
+def targets_table(rows: list[dict], title: str) -> Table:
+    table = Table(
+        title=f"specialized subnets: {title}", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
+    )
+    registered = any("registered_model" in r for r in rows)
+    table.add_column("target", no_wrap=True)
+    table.add_column("budget", min_width=10)
+    for col in ("MACs", "params", "lat ms", "val/test", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    if registered:
+        table.add_column("model", no_wrap=True)
+    for r in rows:
+        budget = " ".join(_budget_cell(k, v) for k, v in r["constraints"].items())
+        budget += " int8" if r.get("precision") == "int8" else ""
+        latency = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
+        pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
+        cells = [
+            r["target"], budget, _short(r["macs"]), _short(r["params"]), latency,
+            f"{pct(r.get('val_acc'))}/{pct(r.get('test_acc'))}", f"{r['seconds']:.1f}",
+        ]  # fmt: skip
+        if registered:
+            reg = r["registered_model"]
+            cells.append(f"v{reg['version']} {reg['alias']}")
+        table.add_row(*cells)
+    return table
