@@ -1,4 +1,4 @@
-"""`tofa stack`: the local S3, MLflow and Prefect services (flows/stack.py supervises them)."""
+"""`tofa stack`: the local S3, MLflow and Prefect services (flows/stack/ supervises them)."""
 
 from __future__ import annotations
 
