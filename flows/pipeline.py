@@ -30,7 +30,7 @@ from prefect.runtime import flow_run
 
 from flows import descriptions, plots, tracking
 from flows.ingest import ingest_flow
-from flows.services import check_services
+from flows.services import ServiceUnavailable, check_mlflow, check_services
 from flows.settings import dataset_name, latency_dir, redact, store_uri
 from flows.specialize import (
     Specialization,
@@ -93,11 +93,37 @@ def _evaluation(trained: Trained) -> Evaluation:
     return Evaluation(label, part.images, part.labels, tuple(splits.classes))
 
 
+def _unless_server_down(task, task_run, state) -> bool:
+    """Retry a failed registration, unless the tracking server itself is down: the MLflow client
+    already retried each request for minutes, and a retry would wait as long again."""
+    try:
+        state.result()
+    except ServiceUnavailable:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure: a dropped request, worth a retry
+        return True
+    return True
+
+
 # Retried: a tracking server can drop a request; targets registered before the failure are
 # returned as they were (tracking.register_target is idempotent per pipeline run and target).
-@task(name="register-models", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+@task(
+    name="register-models", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+    retry_condition_fn=_unless_server_down,
+)  # fmt: skip
 def register_models(parent: str, dataset: str, rows: list[TargetResult], trained: Trained) -> dict[str, dict]:
-    """Each target: a nested MLflow run, a new registered model version, its alias decision."""
+    """Each target: a nested MLflow run, a new registered model version, its alias decision.
+    A tracking server that stops answering fails it with ServiceUnavailable, naming it."""
+    try:
+        return _register(parent, dataset, rows, trained)
+    except ServiceUnavailable:
+        raise
+    except Exception:
+        check_mlflow()  # the server gone: that is the error to report (its URL and the fix)
+        raise
+
+
+def _register(parent: str, dataset: str, rows: list[TargetResult], trained: Trained) -> dict[str, dict]:
     logger = get_run_logger()
     evaluation = _evaluation(trained)
     out = {}
@@ -380,12 +406,18 @@ def _close(runs: Runs, record: dict, parent: str, ok: bool, timings: dict[str, f
         if not ok and record["status"] == "running":  # a stage raised: say so in the store too
             runs.write_pipeline(record["dataset"], {**record, "status": "failed"})
         seconds = {f"seconds/{k}": v for k, v in timings.items()}
+        if not ok:
+            check_mlflow()  # seconds; a server that is down would hold this for its client's retries
         tracking.finish_run(parent, ok, seconds, descriptions.pipeline(record, ok))
-    except Exception:
+    except Exception as err:
         if ok:
             raise
         # A stage's error is on its way out: a failure to record it must not replace it.
-        get_run_logger().exception("could not record the failed pipeline run %s", record["pipeline_run"])
+        logger = get_run_logger()
+        if isinstance(err, ServiceUnavailable):  # said in one line: the run's own error follows
+            logger.error("could not record the failed pipeline run %s: %s", record["pipeline_run"], err)
+        else:
+            logger.exception("could not record the failed pipeline run %s", record["pipeline_run"])
 
 
 def _target_row(result: TargetResult, registration: dict) -> dict:

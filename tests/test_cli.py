@@ -379,3 +379,15 @@ def test_only_recognised_errors_lose_their_traceback():
     assert logged(ValueError("a bug")).exc_info[0] is ValueError
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # installed by importing flows
         assert any(isinstance(f, MessageOnly) for f in logging.getLogger(name).filters), name
+
+
+def test_registration_is_not_retried_while_the_tracking_server_is_down():
+    """The MLflow client already retried every request for minutes; a task retry would wait
+    as long again. A failure of anything else is retried."""
+    from prefect.states import Failed
+
+    from flows.pipeline import _unless_server_down
+    from flows.services import ServiceUnavailable
+
+    assert _unless_server_down(None, None, Failed(data=ServiceUnavailable("MLflow does not answer"))) is False
+    assert _unless_server_down(None, None, Failed(data=ConnectionResetError("dropped"))) is True
