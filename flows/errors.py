@@ -18,6 +18,7 @@ import logging
 def recognised() -> tuple[type[BaseException], ...]:
     """The recognised error types (imported on first use: installing the filter costs no import)."""
     from flows.services import ServiceUnavailable
+    from flows.specialize import SpecializationFailed  # its message lists each target's error
     from tofa_core.config_files import ConfigError
     from tofa_core.costs import LatencyTableError
     from tofa_core.data.sources import SourceError
@@ -31,7 +32,7 @@ def recognised() -> tuple[type[BaseException], ...]:
 
     return (
         CheckpointError, ConfigError, InfeasibleTarget, InvalidName, LatencyTableError, LiteRTUnavailable,
-        RunLocked, ServiceUnavailable, SourceError, StorageError, TargetError,
+        RunLocked, ServiceUnavailable, SourceError, SpecializationFailed, StorageError, TargetError,
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from flows.ingest import ingest_flow
 from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
 from flows.train_worker import FATAL_KEY, train_worker
+from tofa_core.data.store import DamagedShard
 from tofa_core.runs import Runs, WarmStart
 from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
 from tofa_core.training.checkpoint import CheckpointError, OtherSpaceError
@@ -153,7 +154,11 @@ def _raise_recurring(run_dir) -> None:
         fatal = json.loads(run_dir.read_bytes(FATAL_KEY))
     except NotFound:
         return
-    kinds = {"CheckpointError": CheckpointError, "OtherSpaceError": OtherSpaceError}
+    kinds = {
+        "CheckpointError": CheckpointError,
+        "OtherSpaceError": OtherSpaceError,
+        "DamagedShard": DamagedShard,
+    }
     raise kinds.get(fatal["type"], ValueError)(fatal["message"])
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 
 from tofa_core.arch import Arch
-from tofa_core.data.store import DatasetStore
+from tofa_core.data.store import DamagedShard, DatasetStore
 from tofa_core.runs import WarmStart
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 
 # Errors of the input, not of the machine: the same run fails the same way every time.
-RECURRING = (ValueError, MemoryError)  # CheckpointError is a ValueError; so are bad configs
+# CheckpointError is a ValueError; so are bad configs. A damaged shard reads the same every time.
+RECURRING = (ValueError, MemoryError, DamagedShard)
 FATAL_KEY = "fatal.json"  # in the run folder: why the workers stopped without a result
 
 

@@ -201,6 +201,34 @@ def test_a_damaged_shard_is_refused_when_read(src, store, tmp_path):
         load_splits(store, "hostile", val_fraction=0.0)
 
 
+def test_a_byte_flipped_in_transit_is_read_again_and_one_flipped_in_the_store_is_damage(
+    src, store, tmp_path, monkeypatch
+):
+    from tofa_core.data.store import DamagedShard, read_shard
+
+    result, _, _ = run(src, store)
+    ds, shard = store.dataset("hostile"), result.manifest.shards[0]
+    real, reads = type(ds).read_bytes, []
+
+    def flips_once(self, key, max_bytes=None):  # the first read of the shard arrives damaged
+        data = bytearray(real(self, key, max_bytes))
+        if key == shard.path and not reads:
+            data[len(data) // 2] ^= 0xFF
+        reads.append(key)
+        return bytes(data)
+
+    monkeypatch.setattr(type(ds), "read_bytes", flips_once)
+    assert read_shard(ds, shard).num_rows > 0  # the second read matched its SHA-256
+    assert reads == [shard.path, shard.path]
+    monkeypatch.undo()
+    path = tmp_path / "store" / "datasets" / "hostile" / shard.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedShard, match="ingest the source again"):
+        read_shard(ds, shard)
+
+
 def test_failed_writes_leave_no_temp_files(tmp_path, monkeypatch):
     from tofa_core.storage import StorageError
 

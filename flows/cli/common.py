@@ -55,12 +55,17 @@ def _flow(path: str, ray: bool = False):
 @contextmanager
 def _clean_errors(*more: type[Exception]):
     """A recognised error (flows.errors), a bad value or one of `more` ends the command with
-    its message (exit 2); anything else keeps its traceback."""
+    its message (exit 2); anything else keeps its traceback. Failed targets are the caller's
+    to report (a table, exit 1)."""
     from flows.errors import recognised
 
     try:
         yield
     except (*recognised(), ValueError, *more) as err:
+        from flows.specialize import SpecializationFailed
+
+        if isinstance(err, SpecializationFailed):
+            raise
         fail(str(err))
 
 

@@ -175,14 +175,21 @@ class DatasetStore:
         return self.dataset(manifest.dataset).read_table(manifest.quarantine.path)
 
 
+class DamagedShard(StorageError):
+    """A stored shard whose bytes no longer match its manifest's SHA-256: every read fails alike."""
+
+
 def read_shard(ds: Storage, shard: ShardRef) -> pa.Table:
-    data = ds.read_bytes(shard.path)
-    if hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise StorageError(
-            f"{ds.uri(shard.path)} does not match the SHA-256 its manifest recorded: the stored shard "
-            "is damaged or was changed; ingest the source again into a fresh store or data set name"
-        )
-    return pq.read_table(pa.BufferReader(data))
+    """The shard's table, its bytes checked against the manifest. A mismatch is read once more
+    (a byte flipped on the way, not in the store) before it is called damaged."""
+    for _ in range(2):
+        data = ds.read_bytes(shard.path)
+        if hashlib.sha256(data).hexdigest() == shard.sha256:
+            return pq.read_table(pa.BufferReader(data))
+    raise DamagedShard(
+        f"{ds.uri(shard.path)} does not match the SHA-256 its manifest recorded: the stored shard "
+        "is damaged or was changed; ingest the source again into a fresh store or data set name"
+    )
 
 
 def common_shape(heights: np.ndarray, widths: np.ndarray) -> tuple[int, int]:
