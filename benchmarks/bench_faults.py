@@ -541,13 +541,15 @@ def main() -> None:
                 if case.name == "shard-flipped":
                     _damage_shard(ctx)
                 rows.append(run_case(case, ctx, args.timeout))
+                report(rows)  # as it goes: a bench stopped half-way keeps its table
             if not wanted or "prefect-restart" in wanted:
                 rows.append(prefect_case(ctx, args.timeout))
+                report(rows)
         finally:
             stack.down()
             if disk:
                 subprocess.run(["umount", str(work / "disk")], check=False)
-    report(rows)
+    print((OUT / "faults.md").read_text() if rows else "no case ran")
     if any(r["outcome"] == "FAILED" for r in rows):
         raise SystemExit(1)
 
@@ -647,7 +649,6 @@ def report(rows: list[dict]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "faults.md").write_text("\n".join(lines) + "\n")
     (OUT / "faults.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
