@@ -183,6 +183,7 @@ def tofa_run(
         *RUN_ARGS,
         *extra,
     ]
+    env = env | {"COLUMNS": "400"}  # the CLI's error on one line, not wrapped mid-word for 80 columns
     proc = subprocess.Popen(
         command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )  # fmt: skip
@@ -634,8 +635,14 @@ def _skipped(case: Case, why: str) -> dict:
 def report(rows: list[dict]) -> None:
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
     lines = [
+        "# Faults of the services",
+        "",
         f"Faults of the real services during `tofa run` ({stamp};"
-        " `.venv/bin/python benchmarks/bench_faults.py`)",
+        " `.venv/bin/python benchmarks/bench_faults.py`, alone on 2 cores). resumed: the run"
+        " completed; refused: it failed with the error shown, and a plain `tofa run` after the"
+        " fault ended completed; kept: what the refused run had completed before the fault (whole,"
+        " reused by the next run). Lost compares the data versions, supernets, registered"
+        " versions and champions before and after.",
         "",
         "| case | fault | outcome | what happened | fault to a completed run (s) | lost |",
         "| --- | --- | --- | --- | ---: | --- |",
