@@ -20,14 +20,15 @@ and, to check the RAM and flash models beyond the picks, 30 random subnets of th
 
 `--summary` reuses the summary of an earlier `tofa run` (its store must still exist).
 
-`--seeds N` instead trains N digits supernets (`train.seed` 0..N-1, each kept in its own store
-under `--stores`, trained once: a later call reuses them), specializes each for the default
-targets (`tofa specialize`, timed), and prints per target and seed: float, ONNX int8 and LiteRT
-int8 test accuracy, both int8 files' agreement with float on the held-out unlabelled images
-(the gate), rejected candidates and seconds; beside it, the same subnet's LiteRT int8 file
-with the quantizer's default moving-average ranges (what the pipeline shipped before min-max).
+`--seeds N` instead trains 2N digits supernets, for `train.seed` 0..N-1 one float and one
+quantization-aware (`train.quantization_aware` off / on; each kept in its own store under
+`--stores`, trained once: a later call reuses them), specializes each for the default targets
+(`tofa specialize`, timed), and prints per target and training, the mean over seeds: float, ONNX
+int8 and LiteRT int8 test accuracy, both int8 files' agreement with float on the held-out
+unlabelled images (the gate), the LiteRT file's loss against float, rejected candidates and
+seconds; then each training's time.
 
-    .venv/bin/python benchmarks/bench_edge.py --seeds 5 [--stores .tofa/bench-seeds]
+    .venv/bin/python benchmarks/bench_edge.py --seeds 3 [--stores .tofa/bench-seeds]
 """
 
 from __future__ import annotations
@@ -226,94 +227,86 @@ MEASURED = (
 )
 
 
-def one_seed(seed: int, store: Path) -> list[dict]:
-    """Train (once) and specialize the `seed`-th supernet; a row per default target."""
+TRAININGS = {"float": "off", "quantization-aware": "on"}
+
+
+def one_seed(seed: int, training: str, store: Path) -> list[dict]:
+    """Train (once) and specialize the `seed`-th supernet, float or quantization-aware; a row per
+    default target."""
     store.mkdir(parents=True, exist_ok=True)
     if not (store / "runs").exists():
-        (store / "seed.yaml").write_text(f"train:\n  seed: {seed}\n")
-        tofa(["train", "--config", str(store / "seed.yaml"), "--store", str(store)], store / "train.log")
+        (store / "seed.yaml").write_text(
+            f"train:\n  seed: {seed}\n  quantization_aware: {TRAININGS[training]}\n"
+        )
+        seconds = tofa(
+            ["train", "--config", str(store / "seed.yaml"), "--store", str(store)], store / "train.log"
+        )
+        (store / "train_seconds.json").write_text(json.dumps(seconds))
     summary_file = store / "specialize.json"
     summary_file.unlink(missing_ok=True)
     args = ["specialize", "--store", str(store), "--summary-out", str(summary_file)]
     wall = tofa(args, store / "specialize.log", check=False)  # failed targets are listed, not fatal
     summary = json.loads(summary_file.read_text())
-    trained = load_trained(DatasetStore(open_storage(str(store))), open_storage(summary["supernet_dir"]))
+    about = {
+        "seed": seed,
+        "training": training,
+        "train_seconds": json.loads((store / "train_seconds.json").read_text()),
+    }
     rows = []
     for row in summary["targets"]:
-        out = {
-            "seed": seed,
-            "target": row["target"],
-            "flow_seconds": summary["seconds"],
-            "wall_seconds": wall,
-        }
+        out = about | {"target": row["target"], "flow_seconds": summary["seconds"], "wall_seconds": wall}
         out |= {k: row.get(k) for k in (*MEASURED, "seconds", "rejected_candidates")}
-        if "model.int8.tflite" in row["files"]:
-            out["before"] = moving_average(trained, Arch.from_dict(row["arch"]))
         rows.append(out)
-    return rows + [{"seed": seed, "target": f["target"], "failed": f["error"]} for f in summary["failed"]]
+    return rows + [about | {"target": f["target"], "failed": f["error"]} for f in summary["failed"]]
 
 
-def moving_average(trained, arch: Arch) -> dict:
-    """The subnet's LiteRT int8 file with the quantizer's default (moving-average) ranges,
-    made and measured by benchmarks/litert_moving_average.py in the converter's venv."""
-    data = trained.data
-    model = calibrated_subnet(trained.net, arch, data.calib).to(memory_format=torch.contiguous_format).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        pool = at_resolution(data.pool, arch.resolution)
-        with torch.no_grad():
-            np.save(folder / "pool_picks.npy", model(pool).argmax(1).numpy())
-        for name, images in (("calib", data.calib), ("pool", data.pool), ("test", data.test_x)):
-            np.save(folder / f"{name}.npy", at_resolution(images, arch.resolution).numpy())
-        np.save(folder / "test_y.npy", data.test_y.numpy())
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        example = at_resolution(data.calib[:2], arch.resolution)
-        torch.export.save(
-            torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), folder / "model.pt2"
-        )
-        script = ROOT / "benchmarks" / "litert_moving_average.py"
-        subprocess.run(
-            [str(litert.converter_python()), "-I", str(script), tmp], check=True, capture_output=True
-        )
-        return json.loads((folder / "moving_average.json").read_text())
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def report_seeds(rows: list[dict]) -> None:
-    def pct(v) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
+    """Per target and training, the mean over seeds (and the worst seed's int8 loss)."""
 
-    print("| seed | target | fp32 | ONNX int8 (agree) | LiteRT int8 (agree) | before: LiteRT int8 (agree) "
-          "| rejected | s |")  # fmt: skip
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
     for r in [r for r in rows if "failed" in r]:
-        print(f"| {r['seed']} | {r['target']} | failed: {r['failed'][:200]} |")
+        print(f"failed: seed {r['seed']} {r['training']} {r['target']}: {r['failed'][:200]}")
     rows = [r for r in rows if "failed" not in r]
-    for r in rows:
-        before = r.get("before") or {}
-        print(
-            f"| {r['seed']} | {r['target']} | {pct(r['test_acc_fp32'])} "
-            f"| {pct(r['test_acc_int8'])} ({pct(r['int8_agreement'])}) "
-            f"| {pct(r['test_acc_tflite_int8'])} ({pct(r['tflite_int8_agreement'])}) "
-            f"| {pct(before.get('test_acc_tflite_int8'))} ({pct(before.get('tflite_int8_agreement'))}) "
-            f"| {r['rejected_candidates']} | {r['seconds']:.1f} |"
-        )
-    lite = [r for r in rows if r.get("tflite_int8_agreement") is not None]
-    if lite:
-        agree = [r["tflite_int8_agreement"] for r in lite]
-        before = [r["before"]["tflite_int8_agreement"] for r in lite]
-        drop = [r["test_acc_fp32"] - r["test_acc_tflite_int8"] for r in lite]
-        print(
-            f"LiteRT int8 agreement over {len(lite)} target runs: {pct(min(agree))}-{pct(max(agree))}% "
-            f"(before: {pct(min(before))}-{pct(max(before))}%); float minus int8 test accuracy at most "
-            f"{100 * max(drop):.2f} points"
-        )
-    for seed in sorted({r["seed"] for r in rows}):
-        mine = [r for r in rows if r["seed"] == seed]
-        per = [r["seconds"] for r in mine if r.get("tflite_int8_agreement") is not None]
-        print(
-            f"seed {seed}: specialization {mine[0]['flow_seconds']:.0f} s for {len(mine)} targets "
-            f"({sum(per) / max(len(per), 1):.1f} s per LiteRT target on average)"
-        )
+    seeds = sorted({r["seed"] for r in rows})
+    print(
+        f"mean over seeds {seeds}; LiteRT loss = fp32 - LiteRT int8 test accuracy (points), worst seed in ()"
+    )
+    print(
+        "| target | training | fp32 | ONNX int8 (agree) | LiteRT int8 (agree) | LiteRT loss (worst) "
+        "| rejected | s |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for target in dict.fromkeys(r["target"] for r in rows):
+        for training in TRAININGS:
+            mine = [r for r in rows if r["target"] == target and r["training"] == training]
+            if not mine:
+                continue
+            m = {k: _mean([r[k] for r in mine]) for k in (*MEASURED, "seconds", "rejected_candidates")}
+            loss = [
+                r["test_acc_fp32"] - r["test_acc_tflite_int8"]
+                for r in mine
+                if r["test_acc_tflite_int8"] is not None
+            ]
+            lost = f"{100 * _mean(loss):+.2f} ({100 * max(loss):+.2f})" if loss else "-"
+            print(
+                f"| {target} | {training} | {pct(m['test_acc_fp32'])} "
+                f"| {pct(m['test_acc_int8'])} ({pct(m['int8_agreement'])}) "
+                f"| {pct(m['test_acc_tflite_int8'])} ({pct(m['tflite_int8_agreement'])}) | {lost} "
+                f"| {m['rejected_candidates']:.1f} | {m['seconds']:.1f} |"
+            )
+    for training in TRAININGS:
+        mine = [r for r in rows if r["training"] == training]
+        if mine:
+            train = _mean([r["train_seconds"] for r in {r["seed"]: r for r in mine}.values()])
+            spec = _mean([r["flow_seconds"] for r in {r["seed"]: r for r in mine}.values()])
+            print(f"{training}: training {train:.0f} s, specialization {spec:.0f} s per seed (mean)")
 
 
 def main() -> None:
@@ -329,7 +322,10 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.seeds:
         rows = [
-            row for seed in range(args.seeds) for row in one_seed(seed, Path(args.stores) / f"seed{seed}")
+            row
+            for seed in range(args.seeds)
+            for training in TRAININGS
+            for row in one_seed(seed, training, Path(args.stores) / f"seed{seed}-{training}")
         ]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,7 @@ def log_training(
         step = int(row.get("epoch", 0))
         for key, value in row.items():
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if numeric and ("/" in key or key in ("lr", "images_per_s", "mask_rate")):
+            if numeric and ("/" in key or key in ("lr", "images_per_s", "mask_rate", "fake_quant")):
                 metrics.append(Metric(key, float(value), now, step))
     for key in ("test_acc/max", "test_acc/min", "test_acc/arch", "seconds"):
         if isinstance(summary.get(key), (int, float)):

@@ -275,6 +275,36 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path
 
 
 @pytest.mark.slow
+def test_quantization_aware_training_is_the_last_epochs_and_saves_a_float_supernet(digits_store, tmp_path):
+    qat = QUICK.model_copy(update={"quantization_aware": "on", "qat_fraction": 0.5})
+    plain = train_supernet(QUICK, digits_store, "digits", open_storage(tmp_path / "float"))
+    aware = train_supernet(qat, digits_store, "digits", open_storage(tmp_path / "qat"))
+    assert [h["fake_quant"] for h in aware.history] == [0.0, 1.0]
+    assert [h["fake_quant"] for h in plain.history] == [0.0, 0.0]
+
+    def weights(run: str, key: str) -> dict:
+        return load_checkpoint(open_storage(tmp_path / run), key)["model"]
+
+    first = [weights(r, "checkpoints/epoch-0001.pt") for r in ("float", "qat")]
+    last = [weights(r, "supernet.pt") for r in ("float", "qat")]
+    assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])  # the same float epoch
+    assert not torch.equal(last[0]["stem.conv.weight"], last[1]["stem.conv.weight"])  # then not
+    assert set(last[1]) == set(last[0])  # nothing of fake quantization is saved: a float supernet
+    assert_reported(aware.final, digits_store, str(tmp_path / "qat"))  # judged as float subnets
+
+
+def test_quantization_aware_auto_is_on_exactly_when_a_target_deploys_int8():
+    auto = TrainConfig()
+    assert auto.quantization_aware == "auto" and auto.quantization_aware_epochs(30) == 0
+    assert auto.for_targets(int8=True).quantization_aware == "on"
+    assert auto.for_targets(int8=False).quantization_aware == "off"
+    off = TrainConfig(quantization_aware="off")
+    assert off.for_targets(int8=True) is off  # a config that says so is obeyed
+    assert TrainConfig(quantization_aware="on").quantization_aware_epochs(30) == 6
+    assert TrainConfig(quantization_aware="on", qat_fraction=0.01).quantization_aware_epochs(30) == 1
+
+
+@pytest.mark.slow
 def test_unified_loss_logs_every_term(digits_store, tmp_path):
     result = train_supernet(
         QUICK.model_copy(update={"epochs": 1}), digits_store, "digits", open_storage(tmp_path)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tofa_core.arch import SearchSpace
+from tofa_core.supernet import quant
 from tofa_core.supernet.ops import ElasticConvBN, ElasticDepthwiseConvBN, ElasticKernelConvBN, ElasticSE
 from tofa_core.supernet.static import MBConv
 
@@ -17,6 +18,8 @@ class ElasticMBConv(nn.Module):
     in OFA. A block without expansion (`max_expand == 1`) has no 1x1 expand conv. A `fused`
     block (Fused-MBConv) expands with one dense kxk conv instead of 1x1 expand + depthwise kxk.
     """
+
+    fake_quant = False
 
     def __init__(
         self,
@@ -60,7 +63,7 @@ class ElasticMBConv(nn.Module):
         if self.se is not None:
             y = self.se(y)
         y = self.project(y, out_channels)
-        return x + y if self.residual else y
+        return quant.activation(x + y, self.fake_quant) if self.residual else y
 
     def extract(self, in_channels: int, kernel: int, expand: float, out_channels: int) -> MBConv:
         mid = self.mid_channels(in_channels, expand)

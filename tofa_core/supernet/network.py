@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tofa_core.arch import Arch, SearchSpace
+from tofa_core.supernet import quant
 from tofa_core.supernet.blocks import ElasticMBConv
 from tofa_core.supernet.ops import ElasticConvBN, extract_linear
 from tofa_core.supernet.static import StaticNet, at_resolution
@@ -18,6 +18,8 @@ class Supernet(nn.Module):
     The architecture is an argument, never module state: two threads may run two archs on
     one supernet (in eval mode; training mode updates the shared BN statistics).
     """
+
+    fake_quant = False  # quant.set_fake_quant: every subnet's int8 rounding, for training
 
     def __init__(self, space: SearchSpace, channels_last: bool = True):
         super().__init__()
@@ -87,7 +89,7 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         space = self.space
         space.validate(arch)
-        x = at_resolution(x, arch.resolution)
+        x = quant.resized(x, arch.resolution, at_resolution, self.fake_quant)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stem = space.channels(space.stem_width, arch.width)
@@ -96,9 +98,8 @@ class Supernet(nn.Module):
         for i, j, k, e, out in self._plan(arch):
             x = self.stages[i][j](x, k, e, out)
         x = self.final_expand(x, space.channels(space.final_expand_width, arch.width))
-        x = F.hardswish(F.linear(x.mean((2, 3)), self.feature_mix.weight[:, : x.shape[1]]))
-        x = F.dropout(x, space.dropout, self.training)
-        return self.classifier(x)
+        mix = self.feature_mix.weight[:, : x.shape[1]]
+        return quant.head(x, mix, space.dropout, self.training, self.classifier, self.fake_quant)
 
     @torch.no_grad()
     def extract(self, arch: Arch) -> StaticNet:

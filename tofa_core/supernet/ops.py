@@ -16,15 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tofa_core.supernet import quant
 from tofa_core.supernet.static import ConvBNAct, SqueezeExcite, activation
-
-
-def act_fn(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return F.relu(x)
-    if name == "hswish":
-        return F.hardswish(x)
-    return x
 
 
 class ElasticBatchNorm2d(nn.BatchNorm2d):
@@ -67,6 +60,8 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
 class ElasticConvBN(nn.Module):
     """Dense conv (any odd kernel, no bias) + elastic BN + activation; in/out channels elastic."""
 
+    fake_quant = False  # see quant.py; on for quantization-aware training
+
     def __init__(self, max_in: int, max_out: int, kernel: int = 1, stride: int = 1, act: str = "none"):
         super().__init__()
         self.kernel, self.stride, self.act = kernel, stride, act
@@ -74,9 +69,9 @@ class ElasticConvBN(nn.Module):
         self.bn = ElasticBatchNorm2d(max_out)
 
     def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
-        w = self.conv.weight[:out_channels, : x.shape[1]]
+        w = quant.weight(self.conv.weight[:out_channels, : x.shape[1]], self.fake_quant)
         y = F.conv2d(x, w, None, self.stride, self.kernel // 2)
-        return act_fn(self.act, self.bn(y))
+        return quant.activate(self.act, self.bn(y), self.fake_quant)
 
     def extract(self, in_channels: int, out_channels: int) -> ConvBNAct:
         layer = ConvBNAct(in_channels, out_channels, self.kernel, self.stride, act=self.act)
@@ -129,6 +124,8 @@ class ElasticDepthwiseConvBN(nn.Module):
     """Depthwise conv with elastic channels and kernel size (transformed centres), + elastic BN
     + activation."""
 
+    fake_quant = False
+
     def __init__(self, max_channels: int, kernel_choices: tuple[int, ...], stride: int, act: str):
         super().__init__()
         self.kernels = tuple(sorted(kernel_choices))
@@ -144,12 +141,14 @@ class ElasticDepthwiseConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor, kernel: int) -> torch.Tensor:
         c, h, wd = x.shape[1], x.shape[2], x.shape[3]
-        w, radius = _crop_to_map(self.kernel_weight(c, kernel), kernel, h, wd)
+        # quantized at full kernel size, as the deployed file holds it, then cropped
+        w = quant.weight(self.kernel_weight(c, kernel), self.fake_quant)
+        w, radius = _crop_to_map(w, kernel, h, wd)
         if h * wd <= SMALL_MAP:
             y = depthwise_as_matmul(x, w, self.stride)
         else:
             y = F.conv2d(x, w, None, self.stride, radius, 1, c)
-        return act_fn(self.act, self.bn(y))
+        return quant.activate(self.act, self.bn(y), self.fake_quant)
 
     def extract(self, channels: int, kernel: int) -> ConvBNAct:
         layer = ConvBNAct(channels, channels, kernel, self.stride, groups=channels, act=self.act)
@@ -162,6 +161,8 @@ class ElasticDepthwiseConvBN(nn.Module):
 class ElasticKernelConvBN(nn.Module):
     """Dense conv with elastic in/out channels and kernel size (transformed centres), + elastic
     BN + activation: the expansion of a Fused-MBConv block."""
+
+    fake_quant = False
 
     def __init__(self, max_in: int, max_out: int, kernel_choices: tuple[int, ...], stride: int, act: str):
         super().__init__()
@@ -176,9 +177,9 @@ class ElasticKernelConvBN(nn.Module):
         return _transformed(self, self.conv.weight[:out_channels, :in_channels], kernel)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int) -> torch.Tensor:
-        w = self.kernel_weight(x.shape[1], out_channels, kernel)
+        w = quant.weight(self.kernel_weight(x.shape[1], out_channels, kernel), self.fake_quant)
         w, radius = _crop_to_map(w, kernel, x.shape[2], x.shape[3])
-        return act_fn(self.act, self.bn(F.conv2d(x, w, None, self.stride, radius)))
+        return quant.activate(self.act, self.bn(F.conv2d(x, w, None, self.stride, radius)), self.fake_quant)
 
     def extract(self, in_channels: int, out_channels: int, kernel: int) -> ConvBNAct:
         layer = ConvBNAct(in_channels, out_channels, kernel, self.stride, act=self.act)
@@ -227,6 +228,8 @@ def depthwise_as_matmul(x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.
 class ElasticSE(nn.Module):
     """Squeeze-and-excite whose channels and hidden size follow the input's channel count."""
 
+    fake_quant = False
+
     def __init__(self, max_channels: int, max_mid: int, mid_of):
         super().__init__()
         self.mid_of = mid_of  # channels -> hidden size, the space's rounding rule
@@ -236,9 +239,10 @@ class ElasticSE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         m = self.mid_of(c)
-        y = F.relu(F.linear(x.mean((2, 3)), self.reduce.weight[:m, :c], self.reduce.bias[:m]))
-        y = F.hardsigmoid(F.linear(y, self.expand.weight[:c, :m], self.expand.bias[:c]))
-        return x * y[:, :, None, None]
+        reduce, expand = self.reduce, self.expand
+        return quant.squeeze_excite(
+            x, reduce.weight[:m, :c], reduce.bias[:m], expand.weight[:c, :m], expand.bias[:c], self.fake_quant
+        )
 
     def extract(self, channels: int) -> SqueezeExcite:
         m = self.mid_of(channels)
@@ -268,6 +272,5 @@ __all__ = [
     "ElasticKernelConvBN",
     "ElasticSE",
     "activation",
-    "act_fn",
     "extract_linear",
 ]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tofa_core.supernet import quant
+
 
 def at_resolution(x: torch.Tensor, resolution: int) -> torch.Tensor:
     """Resize images to a subnet's input side: bilinear, align_corners=False. The one resize
@@ -31,9 +33,20 @@ class ConvBNAct(nn.Module):
         self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.act = activation(act)
+        self.act_name = act
+        self.fake_quant = False  # quant.set_fake_quant; an attribute TorchScript can read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake_quant:
+            return self._fake_quant_forward(x)
         return self.act(self.bn(self.conv(x)))
+
+    @torch.jit.unused
+    def _fake_quant_forward(self, x):  # unannotated: TorchScript stubs it as Tensor -> Tensor
+        conv = self.conv
+        w = quant.weight(conv.weight, True)
+        y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return quant.activate(self.act_name, self.bn(y), True)
 
 
 class SqueezeExcite(nn.Module):
@@ -43,11 +56,19 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         self.reduce = nn.Linear(channels, mid)
         self.expand = nn.Linear(mid, channels)
+        self.fake_quant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake_quant:
+            return self._fake_quant_forward(x)
         y = F.relu(self.reduce(x.mean((2, 3))))
         y = F.hardsigmoid(self.expand(y))
         return x * y[:, :, None, None]
+
+    @torch.jit.unused
+    def _fake_quant_forward(self, x):  # unannotated: TorchScript stubs it as Tensor -> Tensor
+        r, e = self.reduce, self.expand
+        return quant.squeeze_excite(x, r.weight, r.bias, e.weight, e.bias, True)
 
 
 class MBConv(nn.Module):
@@ -68,10 +89,17 @@ class MBConv(nn.Module):
         self.se = se
         self.project = project
         self.residual = residual
+        self.fake_quant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(self.se(self.depthwise(self.expand(x))))
-        return x + y if self.residual else y
+        if not self.residual:
+            return y
+        return self._fake_quant(x + y) if self.fake_quant else x + y
+
+    @torch.jit.unused
+    def _fake_quant(self, x):
+        return quant.activation(x, True)
 
 
 class StaticNet(nn.Module):
@@ -95,9 +123,17 @@ class StaticNet(nn.Module):
         self.feature_mix = feature_mix
         self.dropout = nn.Dropout(dropout)
         self.classifier = classifier
+        self.fake_quant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = at_resolution(x, self.resolution)
-        x = self.final_expand(self.blocks(self.stem(x)))
+        if self.fake_quant:
+            return self._fake_quant_forward(x)
+        x = self.final_expand(self.blocks(self.stem(at_resolution(x, self.resolution))))
         x = F.hardswish(self.feature_mix(x.mean((2, 3))))
         return self.classifier(self.dropout(x))
+
+    @torch.jit.unused
+    def _fake_quant_forward(self, x):  # unannotated: TorchScript stubs it as Tensor -> Tensor
+        x = quant.resized(x, self.resolution, at_resolution, True)
+        x = self.final_expand(self.blocks(self.stem(x)))
+        return quant.head(x, self.feature_mix.weight, self.dropout, self.training, self.classifier, True)

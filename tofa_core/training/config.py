@@ -73,6 +73,17 @@ class TrainConfig(BaseModel):
     warmup: float = Field(
         0.25, ge=0, le=1, description="lambda_u and lambda_kd ramp up linearly over this share of the steps"
     )
+    # int8 deployment
+    quantization_aware: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="train every subnet for int8 over the last qat_fraction of the epochs: weights "
+        "and activations fake-quantized as the deployed int8 files round them, so each target's "
+        "int8 file keeps its float accuracy with no per-target training; auto: on when the run's "
+        "targets include an int8 one (tofa run), off where no targets are known (tofa train)",
+    )
+    qat_fraction: float = Field(
+        0.2, gt=0, le=1, description="share of the epochs, the last ones, that train quantization-aware"
+    )
     # data
     val_fraction: float = Field(0.1, ge=0, lt=1)
     # A worker is torch, its activations and the allocator's slack (about 1.2 GiB at 32 px on
@@ -104,6 +115,16 @@ class TrainConfig(BaseModel):
     def semi_supervised(self) -> bool:
         """Whether unlabelled images take part at all (they do not when both their terms are off)."""
         return self.mu > 0 and (self.lambda_u > 0 or self.lambda_kd > 0)
+
+    def for_targets(self, int8: bool) -> TrainConfig:
+        """This config with quantization_aware auto decided: on when a target deploys int8."""
+        if self.quantization_aware != "auto":
+            return self
+        return self.model_copy(update={"quantization_aware": "on" if int8 else "off"})
+
+    def quantization_aware_epochs(self, epochs: int) -> int:
+        """How many of `epochs` (the last ones) train quantization-aware."""
+        return math.ceil(self.qat_fraction * epochs) if self.quantization_aware == "on" else 0
 
     def epoch_steps(self, labelled: int, unlabelled: int) -> int:
         """Steps per epoch for a data set of `labelled` and `unlabelled` training images.

@@ -37,6 +37,7 @@ from tofa_core.data.loaders import (
 from tofa_core.data.store import DatasetStore
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet, load_ofa_weights
+from tofa_core.supernet.quant import set_fake_quant
 from tofa_core.training.checkpoint import (
     CheckpointError,
     OtherSpaceError,
@@ -351,6 +352,8 @@ def _epoch(run: _Run, epoch: int, calib: torch.Tensor) -> dict:
     """One epoch of sandwich steps; its mean losses, pace and validation accuracies."""
     cfg, net, aug, gen = run.cfg, run.net, run.aug, run.aug_gen
     net.train()
+    fake_quant = epoch >= run.epochs - cfg.quantization_aware_epochs(run.epochs)
+    set_fake_quant(net, fake_quant)
     sums: dict[str, float] = {}
     started, images = time.perf_counter(), 0
     total = run.epochs * run.steps_per_epoch
@@ -373,8 +376,10 @@ def _epoch(run: _Run, epoch: int, calib: torch.Tensor) -> dict:
         run.scheduler.step()
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v / run.steps_per_epoch
+    set_fake_quant(net, False)  # what is judged and saved is the float supernet
     metrics = {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0], **sums}
     metrics["images_per_s"] = images * run.world / (time.perf_counter() - started)
+    metrics["fake_quant"] = float(fake_quant)  # its pace is another one: read it apart
     val = run.splits.val
     for name, arch in run.judged:
         model = calibrated_subnet(net, arch, calib)
