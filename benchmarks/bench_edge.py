@@ -227,7 +227,7 @@ MEASURED = (
 )
 
 
-TRAININGS = {"float": "off", "quantization-aware": "on"}
+TRAININGS = {"float": "false", "quantization-aware": "true"}
 
 
 def one_seed(seed: int, training: str, store: Path) -> list[dict]:

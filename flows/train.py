@@ -214,7 +214,7 @@ def train_flow(
     parent_run: str | None = None,
     gpus_per_worker: float | None = None,
     budget_minutes: float | None = None,
-    quantization_aware: str | None = None,
+    quantization_aware: bool | None = None,
 ) -> dict:
     """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray.
 

@@ -157,3 +157,51 @@ def _dequantized_weights(model, inits) -> list[np.ndarray]:
             shape[axis] = -1
             out.append(codes * scale.reshape(shape) if scale.ndim else codes * scale)
     return out
+
+
+@pytest.mark.slow  # starts the LiteRT converter's Python (seconds)
+def test_the_trained_weight_grid_reaches_the_int8_litert_file(tmp_path):
+    """ai-edge-quantizer writes the same integers: each conv's int8 weights in the .tflite file,
+    times their per-channel scales, are the fake-quantized weights with BN folded."""
+    from tofa_core import litert
+
+    net = _net("tiny-fused")
+    arch = net.space.sample(random.Random(2))
+    static = net.extract(arch).eval()
+    x = torch.rand(32, 1, arch.resolution, arch.resolution)
+    program = tmp_path / "model.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    torch.export.save(torch.export.export(static, (x[:2],), dynamic_shapes={"x": {0: batch}}), program)
+    tflite = tmp_path / "model.int8.tflite"
+    litert.shared_converter().convert(program, x.numpy(), float_out=None, int8_out=tflite)
+    stored = _litert_int8_weights(tflite)
+    convs = [m for m in static.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        bn = _bn_after(static, conv)
+        fold = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        want = (quant.weight(conv.weight.detach(), True) * fold[:, None, None, None]).numpy()
+        # LiteRT holds a conv's weights as (out, kh, kw, in), a depthwise conv's as (1, kh, kw, channels)
+        layouts = [w.transpose(0, 3, 1, 2) for w in stored] + [w.transpose(3, 0, 1, 2) for w in stored]
+        assert any(w.shape == want.shape and np.allclose(w, want, rtol=1e-4, atol=1e-6) for w in layouts), (
+            conv,
+            want.shape,
+        )
+    assert len(convs) > 3
+
+
+def _litert_int8_weights(path) -> list[np.ndarray]:
+    """The file's 4-d int8 constant tensors with per-channel scales, dequantized."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    out = []
+    for detail in interpreter.get_tensor_details():
+        q = detail["quantization_parameters"]
+        if detail["dtype"] != np.int8 or len(detail["shape"]) != 4 or len(q["scales"]) < 2:
+            continue
+        codes = interpreter.get_tensor(detail["index"]).astype(np.float32)
+        shape = [1] * 4
+        shape[q["quantized_dimension"]] = -1
+        out.append(codes * q["scales"].reshape(shape))
+    return out

@@ -276,7 +276,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path
 
 @pytest.mark.slow
 def test_quantization_aware_training_is_the_last_epochs_and_saves_a_float_supernet(digits_store, tmp_path):
-    qat = QUICK.model_copy(update={"quantization_aware": "on", "qat_fraction": 0.5})
+    qat = QUICK.model_copy(update={"quantization_aware": True, "qat_fraction": 0.5})
     plain = train_supernet(QUICK, digits_store, "digits", open_storage(tmp_path / "float"))
     aware = train_supernet(qat, digits_store, "digits", open_storage(tmp_path / "qat"))
     assert [h["fake_quant"] for h in aware.history] == [0.0, 1.0]
@@ -293,15 +293,18 @@ def test_quantization_aware_training_is_the_last_epochs_and_saves_a_float_supern
     assert_reported(aware.final, digits_store, str(tmp_path / "qat"))  # judged as float subnets
 
 
-def test_quantization_aware_auto_is_on_exactly_when_a_target_deploys_int8():
+def test_quantization_aware_auto_is_on_exactly_when_a_target_deploys_int8(tmp_path):
     auto = TrainConfig()
     assert auto.quantization_aware == "auto" and auto.quantization_aware_epochs(30) == 0
-    assert auto.for_targets(int8=True).quantization_aware == "on"
-    assert auto.for_targets(int8=False).quantization_aware == "off"
-    off = TrainConfig(quantization_aware="off")
+    assert auto.for_targets(int8=True).quantization_aware is True
+    assert auto.for_targets(int8=False).quantization_aware is False
+    off = TrainConfig(quantization_aware=False)
     assert off.for_targets(int8=True) is off  # a config that says so is obeyed
-    assert TrainConfig(quantization_aware="on").quantization_aware_epochs(30) == 6
-    assert TrainConfig(quantization_aware="on", qat_fraction=0.01).quantization_aware_epochs(30) == 1
+    assert TrainConfig(quantization_aware=True).quantization_aware_epochs(30) == 6
+    assert TrainConfig(quantization_aware=True, qat_fraction=0.01).quantization_aware_epochs(30) == 1
+    for text, value in (("on", True), ("off", False), ("true", True), ("auto", "auto")):
+        (tmp_path / "c.yaml").write_text(f"train:\n  quantization_aware: {text}\n")  # YAML's on is true
+        assert TrainConfig.load(tmp_path / "c.yaml").quantization_aware == value
 
 
 @pytest.mark.slow

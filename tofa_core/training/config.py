@@ -74,7 +74,8 @@ class TrainConfig(BaseModel):
         0.25, ge=0, le=1, description="lambda_u and lambda_kd ramp up linearly over this share of the steps"
     )
     # int8 deployment
-    quantization_aware: Literal["auto", "on", "off"] = Field(
+    # YAML reads on/off as true/false: a bool, or auto
+    quantization_aware: bool | Literal["auto"] = Field(
         "auto",
         description="train every subnet for int8 over the last qat_fraction of the epochs: weights "
         "and activations fake-quantized as the deployed int8 files round them, so each target's "
@@ -120,11 +121,11 @@ class TrainConfig(BaseModel):
         """This config with quantization_aware auto decided: on when a target deploys int8."""
         if self.quantization_aware != "auto":
             return self
-        return self.model_copy(update={"quantization_aware": "on" if int8 else "off"})
+        return self.model_copy(update={"quantization_aware": int8})
 
     def quantization_aware_epochs(self, epochs: int) -> int:
         """How many of `epochs` (the last ones) train quantization-aware."""
-        return math.ceil(self.qat_fraction * epochs) if self.quantization_aware == "on" else 0
+        return math.ceil(self.qat_fraction * epochs) if self.quantization_aware is True else 0
 
     def epoch_steps(self, labelled: int, unlabelled: int) -> int:
         """Steps per epoch for a data set of `labelled` and `unlabelled` training images.
