@@ -20,15 +20,16 @@ and, to check the RAM and flash models beyond the picks, 30 random subnets of th
 
 `--summary` reuses the summary of an earlier `tofa run` (its store must still exist).
 
-`--seeds N` instead trains 2N digits supernets, for `train.seed` 0..N-1 one float and one
-quantization-aware (`train.quantization_aware` off / on; each kept in its own store under
-`--stores`, trained once: a later call reuses them), specializes each for the default targets
-(`tofa specialize`, timed), and prints per target and training, the mean over seeds: float, ONNX
-int8 and LiteRT int8 test accuracy, both int8 files' agreement with float on the held-out
-unlabelled images (the gate), the LiteRT file's loss against float, rejected candidates and
-seconds; then each training's time.
+`--seeds N` instead trains 2N supernets, for `train.seed` 0..N-1 one float and one
+quantization-aware (`train.quantization_aware` false / true; each kept in its own store under
+`--stores`, trained once: a later call reuses them), specializes each (`tofa specialize`, timed),
+and prints per target and training, the mean over seeds: float, ONNX int8 and LiteRT int8 test
+accuracy, both int8 files' agreement with float on the held-out unlabelled images (the gate), the
+LiteRT file's loss against float, rejected candidates and seconds; then each training's time.
+`--data digits` (default): the built-in digits and the default targets; `--data fmnist`:
+Fashion-MNIST as bench_quality.py builds it (1,000 labels, 28 px) and infra/targets/fmnist.yaml.
 
-    .venv/bin/python benchmarks/bench_edge.py --seeds 3 [--stores .tofa/bench-seeds]
+    .venv/bin/python benchmarks/bench_edge.py --seeds 3 [--data fmnist] [--stores DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -230,21 +232,34 @@ MEASURED = (
 TRAININGS = {"float": "false", "quantization-aware": "true"}
 
 
-def one_seed(seed: int, training: str, store: Path) -> list[dict]:
+def data_args(data: str, stores: Path) -> tuple[list[str], list[str]]:
+    """(train's, specialize's) extra arguments for the data set: digits and the default targets,
+    or the Fashion-MNIST folder (written once beside the stores) and infra/targets/fmnist.yaml."""
+    if data == "digits":
+        return [], []
+    folder = stores / "fmnist-data"
+    if not (folder / "train").exists():
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from _datasets import fmnist_folder
+
+        fmnist_folder(folder)
+    targets = str(ROOT / "infra" / "targets" / "fmnist.yaml")
+    return ["--data", str(folder), "--dataset", "fmnist"], ["--dataset", "fmnist", "--targets", targets]
+
+
+def one_seed(seed: int, training: str, store: Path, data: tuple[list[str], list[str]]) -> list[dict]:
     """Train (once) and specialize the `seed`-th supernet, float or quantization-aware; a row per
-    default target."""
+    target."""
     store.mkdir(parents=True, exist_ok=True)
     if not (store / "runs").exists():
-        (store / "seed.yaml").write_text(
-            f"train:\n  seed: {seed}\n  quantization_aware: {TRAININGS[training]}\n"
-        )
-        seconds = tofa(
-            ["train", "--config", str(store / "seed.yaml"), "--store", str(store)], store / "train.log"
-        )
+        config = f"train:\n  seed: {seed}\n  quantization_aware: {TRAININGS[training]}\n"
+        (store / "seed.yaml").write_text(config)
+        args = ["train", "--config", str(store / "seed.yaml"), "--store", str(store), *data[0]]
+        seconds = tofa(args, store / "train.log")
         (store / "train_seconds.json").write_text(json.dumps(seconds))
     summary_file = store / "specialize.json"
     summary_file.unlink(missing_ok=True)
-    args = ["specialize", "--store", str(store), "--summary-out", str(summary_file)]
+    args = ["specialize", "--store", str(store), "--summary-out", str(summary_file), *data[1]]
     wall = tofa(args, store / "specialize.log", check=False)  # failed targets are listed, not fatal
     summary = json.loads(summary_file.read_text())
     about = {
@@ -317,19 +332,25 @@ def main() -> None:
     parser.add_argument("--summary", help="the summary JSON of an earlier `tofa run` (with --store)")
     parser.add_argument("--store", help="that run's store folder [default: .tofa/store beside the summary]")
     parser.add_argument("--seeds", type=int, help="train and specialize this many seeds instead")
-    parser.add_argument("--stores", default=str(ROOT / ".tofa" / "bench-seeds"), help="their kept stores")
+    parser.add_argument("--data", choices=("digits", "fmnist"), default="digits", help="with --seeds")
+    parser.add_argument("--stores", help="their kept stores [default: .tofa/bench-seeds(-fmnist)]")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.seeds:
+        name = "bench-seeds" + ("-fmnist" if args.data == "fmnist" else "")
+        stores = Path(args.stores or ROOT / ".tofa" / name)
+        data = data_args(args.data, stores)
         rows = [
             row
             for seed in range(args.seeds)
             for training in TRAININGS
-            for row in one_seed(seed, training, Path(args.stores) / f"seed{seed}-{training}")
+            for row in one_seed(seed, training, stores / f"seed{seed}-{training}", data)
         ]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "seeds.json").write_text(json.dumps(rows, indent=1))
+        (out / ("seeds.json" if args.data == "digits" else f"seeds-{args.data}.json")).write_text(
+            json.dumps(rows, indent=1)
+        )
         report_seeds(rows)
         return
     with tempfile.TemporaryDirectory() as tmp:
