@@ -155,6 +155,8 @@ def specialize_target(
         "dataset": trained.state["dataset"],
         "data_version": trained.state["data_version"],
         "supernet": prefix,
+        # whether the weights were trained on their int8 grid (train.quantization_aware)
+        "quantization_aware_training": trained.config.quantization_aware is True,
     }
     with tempfile.TemporaryDirectory(prefix=f"tofa-{target.name}-") as tmp:
         done = specialize(
