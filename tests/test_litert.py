@@ -10,6 +10,19 @@ from tofa_core.search.targets import Target
 from tofa_core.specialize import specialize
 
 
+def _no_litert() -> bool:
+    try:
+        litert.require()
+    except litert.LiteRTUnavailable:
+        return True
+    return False
+
+
+needs_litert = pytest.mark.skipif(
+    _no_litert(), reason="no LiteRT converter (.venv-litert: `make litert`) or interpreter (ai-edge-litert)"
+)
+
+
 def test_a_missing_converter_is_named_with_its_fix(tmp_path, monkeypatch):
     monkeypatch.setenv(litert.PYTHON_ENV, str(tmp_path / "no-python"))
     with pytest.raises(litert.LiteRTUnavailable, match="make litert") as err:
@@ -159,3 +172,36 @@ def test_int8_activation_ranges_span_every_calibration_image_not_the_last_ones(t
         np.testing.assert_allclose(
             litert.run(out, bright.numpy()), model(bright).numpy(), rtol=0.05, atol=0.1
         )
+
+
+# The presets' usual input sides; benchmarks/bench_litert_ram.py converts 20 subnets of each.
+LITERT_RAM_SUBNETS = 4
+LITERT_RAM_PRESETS = {"tiny-fused": (8,), "small-fused": (28,), "tiny": (16, 32)}
+
+
+@pytest.mark.slow  # converts 4 subnets to float and int8 LiteRT (10-25 s each on 2 cores)
+@needs_litert
+@pytest.mark.parametrize("preset", LITERT_RAM_PRESETS)
+def test_the_litert_ram_model_equals_liveness_on_the_converted_files(tmp_path, preset):
+    import random
+
+    import torch
+
+    from tofa_core.arch import SearchSpace
+    from tofa_core.costs import peak_ram_bytes
+    from tofa_core.export import _save_pt2
+    from tofa_core.supernet import Supernet
+
+    space = SearchSpace.preset(preset, num_classes=10, in_channels=1, resolutions=LITERT_RAM_PRESETS[preset])
+    torch.manual_seed(1)
+    net, rng = Supernet(space).eval(), random.Random(1)
+    for i in range(LITERT_RAM_SUBNETS):
+        arch = space.sample(rng)
+        images = torch.randn(16, 1, arch.resolution, arch.resolution)
+        _save_pt2(net.extract(arch).eval(), images[:2], tmp_path / f"{i}.pt2")  # as export writes it
+        files = {"tflite": tmp_path / f"{i}.tflite", "tflite-int8": tmp_path / f"{i}.int8.tflite"}
+        litert.shared_converter().convert(
+            tmp_path / f"{i}.pt2", images.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"]
+        )
+        for kind, file in files.items():
+            assert peak_ram_bytes(arch, space, kind) == litert.peak_activation_bytes(file), (kind, arch)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tofa_core import onnx_runtime
-from tofa_core.arch import SearchSpace
+from tofa_core.arch import Arch, SearchSpace
 from tofa_core.constraints import CONSTRAINTS, KB
 from tofa_core.costs import flash_bytes, peak_ram_bytes
 from tofa_core.quantize import QuantizationError, compact, peak_activation_bytes, quantize_int8
@@ -159,5 +159,39 @@ def test_a_target_shipping_a_litert_file_is_priced_on_its_largest_file():
     assert costs.costs(largest, "tflite-int8")["flash_kb"] == litert_kb
     for arch in (space.min_arch(), largest):  # never under the ONNX file it ships as well
         assert costs.costs(arch, "tflite-int8")["flash_kb"] >= flash_bytes(arch, space, "int8") / KB
-    # RAM is priced at the precision's element size either way
-    assert peak_ram_bytes(largest, space, "tflite-int8") == peak_ram_bytes(largest, space, "int8")
+
+
+def test_a_target_shipping_a_litert_file_is_priced_on_its_ram():
+    """The largest subnet's LiteRT file needs 1.5x the ONNX graph's RAM (a PAD before each
+    stride-2 conv, HARD_SWISH and layout transposes as tensors of their own): a RAM budget
+    between the two fits a target deploying ONNX only, not one that ships the LiteRT file."""
+    space = SearchSpace.preset("tiny-fused", num_classes=10, in_channels=1, resolutions=(8,))
+    largest, costs = space.max_arch(), CostModel(space)
+    onnx, tflite = (peak_ram_bytes(largest, space, p) for p in ("int8", "tflite-int8"))
+    assert (onnx, tflite) == (5120, 7680)
+    assert peak_ram_bytes(largest, space, "tflite") == 4 * tflite  # the same ops on float32
+    between = (onnx + tflite) / 2 / KB
+    plain = Target(name="onnx-only", precision="int8", max_ram_kb=between)
+    shipping = Target(name="tflm", precision="int8", max_ram_kb=between, formats=("onnx", "tflite-int8"))
+    assert costs.fits(largest, plain) and not costs.fits(largest, shipping)
+    assert costs.costs(largest, "tflite-int8")["ram_kb"] == tflite / KB
+
+
+# Float bytes that `litert.peak_activation_bytes` measured on converted files (litert-torch 0.10,
+# ai-edge-quantizer 0.10; the int8 file: a quarter): stride-2 PADs on even sides only (small-fused
+# at 20 px reaches a 5 px side: a PAD there would make it 14,208), three input channels.
+LITERT_FILES = [
+    ("tiny-fused", 1, ([2, 2, 1, 2], [5, 5, 5, 5, 3, 3, 5], [1, 1, 3, 2, 3, 3, 3], 8, 0.5), 9984),
+    ("small-fused", 1, ([1, 2, 1, 3], [5, 3, 3, 3, 3, 5, 5], [1, 1, 3, 3, 2, 2, 1], 20, 0.5), 10368),
+    ("tiny", 1, ([1, 3, 1, 2], [5, 5, 5, 7, 5, 3, 3], [3, 2, 3, 3, 4, 2, 4], 20, 0.75), 187392),
+    ("tiny", 3, ([2, 3, 2, 2], [3, 7, 5, 7, 7, 3, 3, 5, 5], [2, 2, 4, 4, 4, 2, 4, 3, 3], 16, 1.0), 79872),
+]
+
+
+@pytest.mark.parametrize("preset,channels,genes,measured", LITERT_FILES)
+def test_litert_ram_model_equals_what_the_converted_files_measured(preset, channels, genes, measured):
+    space = SearchSpace.preset(preset, num_classes=10, in_channels=channels)
+    depths, kernels, expands, resolution, width = genes
+    arch = Arch(resolution=resolution, depths=depths, kernels=kernels, expands=expands, width=width)
+    assert peak_ram_bytes(arch, space, "tflite") == measured
+    assert peak_ram_bytes(arch, space, "tflite-int8") == measured // 4

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tofa_core.arch import Arch, SearchSpace
-from tofa_core.costs import count_macs, count_params, deployed_flash_bytes, peak_ram_bytes
+from tofa_core.costs import count_macs, count_params, deployed_flash_bytes, deployed_ram_bytes
 
 KB = 1024  # device memories are sized in KiB: a "32 KB" Cortex-M0+ holds 32,768 bytes
 
@@ -50,8 +50,9 @@ CONSTRAINTS = (
     ),
     Constraint(
         "max_ram_kb", "ram_kb", "RAM", "KB", float,
-        "peak activation memory at batch 1 at the target's precision, KiB",
-        lambda arch, space, precision: peak_ram_bytes(arch, space, precision) / KB,
+        "peak activation memory at batch 1 at the target's precision (of the ONNX graph, and of the "
+        "LiteRT file when the target ships one), KiB",
+        lambda arch, space, precision: deployed_ram_bytes(arch, space, precision) / KB,
     ),
     Constraint(
         "max_flash_kb", "flash_kb", "flash", "KB", float,

@@ -349,14 +349,117 @@ def _block_peak(block: Block, x: int, residual: bool) -> tuple[int, int]:
 
 
 def peak_ram_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> int:
-    """Peak bytes of activations alive at once for one image, in forward order at `precision`
-    (a LiteRT file is priced as the ONNX graph: it can need more, see specialize.TIGHTEN_LITERT)."""
+    """Peak bytes of activations alive at once for one image, in forward order at `precision`:
+    the ONNX graph's (fp32, int8), or the LiteRT file's (tflite, tflite-int8: `_litert_block_peak`)."""
     x = space.in_channels * arch.resolution**2
-    peak = x
+    peak, litert_file = x, precision.startswith("tflite")
     for block in arch_blocks(arch, space):
-        inside, x = _block_peak(block, x, _residual(block, space))
+        if litert_file:
+            inside, x = _litert_block_peak(block, x, _residual(block, space))
+        else:
+            inside, x = _block_peak(block, x, _residual(block, space))
         peak = max(peak, inside)
     return peak * ELEMENT_BYTES[ELEMENT_PRECISION[precision]]
+
+
+def deployed_ram_bytes(arch: Arch, space: SearchSpace, precision: str = "fp32") -> int:
+    """The most RAM a file the target deploys at `precision` needs: for a LiteRT format, that
+    file or the ONNX file at its precision (both are verified against the budget), else the
+    ONNX file."""
+    return max(peak_ram_bytes(arch, space, p) for p in {precision, ELEMENT_PRECISION[precision]})
+
+
+# A LiteRT file's RAM is what `litert.peak_activation_bytes` measures on it: the input and every
+# op output alive from its producer to its last reader; no op works in place. Over the ONNX graph
+# (`_block_peak`) litert-torch's conversion adds, in op order:
+#   - RESHAPE (one input channel) or TRANSPOSE of the NCHW input to NHWC, a copy of the input;
+#   - PAD before a strided conv whose padding (k // 2 each side) is not TFLite's SAME padding
+#     (stride 2 on an even side), the padded input, then a VALID conv;
+#   - HARD_SWISH as an op of its own (ReLU fuses into the conv; hard sigmoid into the SE's
+#     expand linear, plus a MUL by 1/6);
+#   - TRANSPOSE back to NCHW before each global pool (MEAN over the channels-first axes), a
+#     copy of the feature map, in every SE and in the head;
+#   - the SE's scale (MUL) and the residual ADD into new tensors.
+# The int8 file has the same ops on int8 tensors (int8 input and output, no QUANTIZE ops).
+# Checked op by op and on the peak against converted files (benchmarks/bench_litert_ram.py).
+
+
+class _OpOrder:
+    """A block's tensors in op order: tensor 0 the block's input, tensor i the output of op i."""
+
+    def __init__(self, x: int):
+        self.sizes, self.reads = [x], [()]
+
+    def op(self, size: int, *reads: int) -> int:
+        self.sizes.append(size)
+        self.reads.append(reads)
+        return len(self.sizes) - 1
+
+    def peak(self) -> int:
+        """Largest sum of tensors alive at an op: each from its producer (the input: the first
+        op) to its last reader (the block's output: read in the next block, counted there)."""
+        last = list(range(len(self.sizes)))
+        for step, reads in enumerate(self.reads):
+            for t in reads:
+                last[t] = max(last[t], step)
+        return max(
+            sum(size for t, size in enumerate(self.sizes) if t <= step <= last[t])
+            for step in range(1, len(self.sizes))
+        )
+
+
+def _explicit_pad(spec: LayerSpec) -> bool:
+    """Whether the converter writes PAD before this conv: TFLite's SAME padding puts the extra
+    pixel after, torch pads k // 2 on both sides; they differ where the stride does not divide
+    the padded span evenly (stride 2 on an even side)."""
+    total = max((spec.out_size - 1) * spec.stride + spec.kernel - spec.in_size, 0)
+    return (total // 2, total - total // 2) != (spec.kernel // 2, spec.kernel // 2)
+
+
+def _litert_conv(graph: _OpOrder, spec: LayerSpec, t: int) -> int:
+    """[PAD to torch's padding], the conv (ReLU fused), [HARD_SWISH]: the tensor it ends in."""
+    if _explicit_pad(spec):
+        t = graph.op(spec.cin * (spec.in_size + spec.kernel // 2 * 2) ** 2, t)
+    t = graph.op(spec.cout * spec.out_size**2, t)
+    return graph.op(graph.sizes[t], t) if spec.act == "hswish" else t
+
+
+def _litert_pool(graph: _OpOrder, t: int, channels: int) -> int:
+    """TRANSPOSE to NCHW, MEAN over the spatial axes."""
+    return graph.op(channels, graph.op(graph.sizes[t], t))
+
+
+def _litert_se(graph: _OpOrder, spec: LayerSpec, t: int) -> int:
+    """Pool, reduce (ReLU fused), expand (+3, ReLU6 fused), MUL by 1/6, MUL into the input."""
+    s = graph.op(spec.cout, _litert_pool(graph, t, spec.cin))
+    s = graph.op(spec.cin, graph.op(spec.cin, s))
+    return graph.op(graph.sizes[t], t, s)
+
+
+def _litert_head(graph: _OpOrder, specs: tuple[LayerSpec, ...]) -> int:
+    final, mix, classifier = specs
+    t = _litert_pool(graph, _litert_conv(graph, final, 0), final.cout)
+    t = graph.op(mix.cout, t)
+    return graph.op(classifier.cout, graph.op(mix.cout, t))  # HARD_SWISH, classifier
+
+
+@lru_cache(maxsize=1 << 14)
+def _litert_block_peak(block: Block, x: int, residual: bool) -> tuple[int, int]:
+    """(peak elements alive inside `block` in the LiteRT file, its output elements) for an
+    input of `x` elements."""
+    graph, specs = _OpOrder(x), list(block.layers)
+    if block.name == "head":
+        out = _litert_head(graph, block.layers)
+        return graph.peak(), graph.sizes[out]
+    t = 0
+    if block.name == "stem":  # the NCHW input to NHWC, the stem conv, then the first block
+        t = _litert_conv(graph, specs.pop(0), graph.op(x, 0))
+    start = t
+    for spec in specs:
+        t = _litert_se(graph, spec, t) if spec.kind == "se" else _litert_conv(graph, spec, t)
+    if residual:
+        t = graph.op(graph.sizes[t], start, t)
+    return graph.peak(), graph.sizes[t]
 
 
 # Bytes of an exported ONNX file beyond its weights, fitted on 18 random subnets of tiny-fused,

@@ -184,10 +184,9 @@ def _tightened(target: Target, search_round: int, failed: set[str]) -> Target | 
     there is none (candidates that failed only the int8 agreement say nothing of the budgets)."""
     if not search_round:
         return target
-    factors = TIGHTEN | (TIGHTEN_LITERT if target.litert_file else {})
     update = {
         field: getattr(target, field) * factor**search_round
-        for field, factor in factors.items()
+        for field, factor in TIGHTEN.items()
         if getattr(target, field) is not None and field in failed
     }
     if update:
@@ -198,10 +197,8 @@ def _tightened(target: Target, search_round: int, failed: set[str]) -> Target | 
 # Searches per target when every candidate measures over a predicted budget, and the factor by
 # which each further search tightens that budget.
 SEARCH_ROUNDS = 3
+# RAM is not among them: its model is exact for the ONNX graph and the LiteRT file alike.
 TIGHTEN = {"max_latency_ms": 0.8, "max_flash_kb": 0.97}
-# The RAM model is exact for the ONNX graph; a LiteRT file can need more (it spells some
-# padding out as tensors), so a target deploying one tightens RAM faster.
-TIGHTEN_LITERT = {"max_ram_kb": 0.7}
 # Verification failures after which the next-ranked candidate is tried.
 NEXT_CANDIDATE = ("max_latency_ms", "max_flash_kb", "max_ram_kb", "int8-agreement")
 
