@@ -13,11 +13,12 @@ its `fake_quant` attribute is on (`set_fake_quant`); off, every function here is
   current batch: each subnet is quantized over its own ranges, as the exporter calibrates each
   subnet on its own (min and max over its calibration images). A range shared by all subnets
   would fit none of them.
-- The points quantized are the tensors an int8 LiteRT graph holds: the input (and its resize),
-  each conv's output after its fused ReLU (before and after a HardSwish, which is an op of its
-  own), every tensor of the squeeze-excite (pool, both linears, the HardSigmoid, the product),
-  each residual sum, the pooled features, the feature mix before and after its HardSwish, and
-  the logits.
+- The points quantized are the tensors an int8 LiteRT graph holds (read off converted files):
+  the input (and its resize), each conv's output after its fused ReLU (before and after a
+  HardSwish, which is an op of its own), every tensor of the squeeze-excite (pool, the reduce
+  linear with its ReLU, the expand linear with HardSigmoid's + 3 and ReLU6, the / 6, the
+  product), each residual sum, the pooled features, the feature mix before and after its
+  HardSwish, and the logits.
 
 Gradients pass straight through the rounding (the straight-through estimator); the scales are
 read off the tensors and get none.
@@ -78,8 +79,10 @@ def squeeze_excite(x, reduce_w, reduce_b, expand_w, expand_b, on: bool) -> torch
     """Squeeze-and-excite of `x` with the given (possibly sliced) weights, quantized throughout."""
     y = activation(x.mean((2, 3)), on)
     y = activation(F.relu(F.linear(y, weight(reduce_w, on), reduce_b)), on)
-    y = activation(F.linear(y, weight(expand_w, on), expand_b), on)
-    y = activation(F.hardsigmoid(y), on)
+    # HardSigmoid is ReLU6(x + 3) / 6: LiteRT fuses the + 3 and the ReLU6 into the linear (one
+    # int8 output in [0, 6]) and multiplies by 1/6 in an op of its own (another)
+    y = activation(F.relu6(F.linear(y, weight(expand_w, on), expand_b) + 3.0), on)
+    y = activation(y / 6.0, on)
     return activation(x * y[:, :, None, None], on)
 
 
