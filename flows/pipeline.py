@@ -271,7 +271,7 @@ def _retrain(p: Retrain) -> dict:
     # read once: the "nothing new" key hashes the text these targets were parsed from
     targets_text, targets = read_targets(targets_file, devices=table_devices(latency_dir()))
     litert.require_for(targets)  # a bad file fails now, and so does a LiteRT format not made here
-    cfg = p.train_config().for_targets(int8=any(t.precision == "int8" for t in targets))
+    cfg = p.train_config()
 
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
     with _timed(timings, "ingest"):
@@ -370,7 +370,6 @@ def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tup
         source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, epochs=p.epochs,
         workers=p.workers, warm_start="last", version=version, parent_run=parent,
         gpus_per_worker=p.gpus_per_worker, budget_minutes=p.budget_minutes,
-        quantization_aware=cfg.quantization_aware,
     )  # fmt: skip
     return trained, False
 

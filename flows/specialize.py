@@ -155,8 +155,9 @@ def specialize_target(
         "dataset": trained.state["dataset"],
         "data_version": trained.state["data_version"],
         "supernet": prefix,
-        # whether the weights were trained on their int8 grid (train.quantization_aware)
-        "quantization_aware_training": trained.config.quantization_aware is True,
+        # the last epochs trained every subnet on its int8 grid (train.quantization_aware); 0 for
+        # a supernet trained without, or before the option existed
+        "quantization_aware_epochs": trained.state.get("quantization_aware_epochs", 0),
     }
     with tempfile.TemporaryDirectory(prefix=f"tofa-{target.name}-") as tmp:
         done = specialize(

@@ -214,13 +214,12 @@ def train_flow(
     parent_run: str | None = None,
     gpus_per_worker: float | None = None,
     budget_minutes: float | None = None,
-    quantization_aware: bool | None = None,
 ) -> dict:
     """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray.
 
     `version`: train on this stored data version (the caller ingested it); `parent_run`: the
-    MLflow run (a pipeline's) this training is nested under; `gpus_per_worker`,
-    `budget_minutes` and `quantization_aware` override the config file's train section."""
+    MLflow run (a pipeline's) this training is nested under; `gpus_per_worker` and
+    `budget_minutes` override train.gpus_per_worker and train.budget_minutes."""
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
@@ -228,9 +227,8 @@ def train_flow(
         version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     data = {"version": version}
     cfg = TrainConfig.load(
-        config_file, epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes,
-        quantization_aware=quantization_aware,
-    )  # fmt: skip
+        config_file, epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes
+    )
     runs = Runs(open_storage(store))
     warm = WarmStart.resolve(warm_start, runs, dataset)
     run_id = new_run_id()

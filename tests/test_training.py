@@ -277,7 +277,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(digits_store, tmp_path
 @pytest.mark.slow
 def test_quantization_aware_training_is_the_last_epochs_and_saves_a_float_supernet(digits_store, tmp_path):
     qat = QUICK.model_copy(update={"quantization_aware": True, "qat_fraction": 0.5})
-    plain = train_supernet(QUICK, digits_store, "digits", open_storage(tmp_path / "float"))
+    plain = train_supernet(
+        QUICK.model_copy(update={"quantization_aware": False}),
+        digits_store,
+        "digits",
+        open_storage(tmp_path / "float"),
+    )
     aware = train_supernet(qat, digits_store, "digits", open_storage(tmp_path / "qat"))
     assert [h["fake_quant"] for h in aware.history] == [0.0, 1.0]
     assert [h["fake_quant"] for h in plain.history] == [0.0, 0.0]
@@ -290,21 +295,17 @@ def test_quantization_aware_training_is_the_last_epochs_and_saves_a_float_supern
     assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])  # the same float epoch
     assert not torch.equal(last[0]["stem.conv.weight"], last[1]["stem.conv.weight"])  # then not
     assert set(last[1]) == set(last[0])  # nothing of fake quantization is saved: a float supernet
+    assert load_checkpoint(open_storage(tmp_path / "qat"), "supernet.pt")["quantization_aware_epochs"] == 1
     assert_reported(aware.final, digits_store, str(tmp_path / "qat"))  # judged as float subnets
 
 
-def test_quantization_aware_auto_is_on_exactly_when_a_target_deploys_int8(tmp_path):
-    auto = TrainConfig()
-    assert auto.quantization_aware == "auto" and auto.quantization_aware_epochs(30) == 0
-    assert auto.for_targets(int8=True).quantization_aware is True
-    assert auto.for_targets(int8=False).quantization_aware is False
-    off = TrainConfig(quantization_aware=False)
-    assert off.for_targets(int8=True) is off  # a config that says so is obeyed
-    assert TrainConfig(quantization_aware=True).quantization_aware_epochs(30) == 6
-    assert TrainConfig(quantization_aware=True, qat_fraction=0.01).quantization_aware_epochs(30) == 1
-    for text, value in (("on", True), ("off", False), ("true", True), ("auto", "auto")):
+def test_quantization_aware_is_on_by_default_over_the_last_fifth_and_reads_yaml_on_off(tmp_path):
+    assert TrainConfig().quantization_aware is True and TrainConfig().quantization_aware_epochs(30) == 6
+    assert TrainConfig(qat_fraction=0.01).quantization_aware_epochs(30) == 1
+    assert TrainConfig(quantization_aware=False).quantization_aware_epochs(30) == 0
+    for text, value in (("on", True), ("off", False), ("true", True), ("false", False)):
         (tmp_path / "c.yaml").write_text(f"train:\n  quantization_aware: {text}\n")  # YAML's on is true
-        assert TrainConfig.load(tmp_path / "c.yaml").quantization_aware == value
+        assert TrainConfig.load(tmp_path / "c.yaml").quantization_aware is value
 
 
 @pytest.mark.slow

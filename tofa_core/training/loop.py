@@ -440,7 +440,10 @@ def _finish(run: _Run, run_dir: Storage, calib: torch.Tensor, seconds: float) ->
     }
     supernet_key = "supernet.pt" if run.rank == 0 else None
     if supernet_key is not None:
-        save_checkpoint(run_dir, supernet_key, {**run.about, "model": run.net.state_dict(), "final": final})
+        # what specialization tells model.json: how many of the last epochs trained every subnet for int8
+        qat = run.cfg.quantization_aware_epochs(run.epochs)
+        state = {**run.about, "model": run.net.state_dict(), "final": final, "quantization_aware_epochs": qat}
+        save_checkpoint(run_dir, supernet_key, state)
     result = TrainResult(
         run_dir.root,
         run.splits.version,
