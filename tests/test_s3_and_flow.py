@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from console import plain
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -168,19 +169,19 @@ def test_cli_ingest_runs_the_flow_and_reports(tmp_path, prefect_server, monkeypa
     runner = CliRunner()
     result = runner.invoke(app, ["ingest", str(src), "--dataset", "tiny-set"])
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
+    text = plain(result.output)
     assert "created" in text and "6 images" in text and "quarantined 1" in text
     assert (tmp_path / "store" / "datasets" / "tiny-set").is_dir()
     result = runner.invoke(app, ["ingest", str(src), "--dataset", "tiny-set"])
     assert result.exit_code == 0 and "unchanged" in result.output
     result = runner.invoke(app, ["ingest", str(tmp_path / "missing"), "--dataset", "tiny-set"])
-    assert result.exit_code == 2 and "no such folder" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "no such folder" in plain(result.output)
     from tofa_core.runlock import RunLock
 
     (src / "train" / "k1" / "new.png").write_bytes(png(1, 7))
     with RunLock(open_storage(tmp_path / "store"), "tiny-set", "a pipeline run"):  # gc must not race it
         result = runner.invoke(app, ["ingest", str(src), "--dataset", "tiny-set"])
-    assert result.exit_code == 2 and "a pipeline run" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "a pipeline run" in plain(result.output)
     assert len(DatasetStore(open_storage(tmp_path / "store")).versions("tiny-set")) == 1
     config = tmp_path / "bad.yaml"
     config.write_text("ingest:\n  labelled_fraction: 3\n")
