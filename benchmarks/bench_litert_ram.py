@@ -23,7 +23,7 @@ import torch
 from tofa_core import litert
 from tofa_core.arch import Arch, SearchSpace
 from tofa_core.costs import peak_ram_bytes
-from tofa_core.export import _save_pt2
+from tofa_core.formats import save_pt2
 from tofa_core.supernet import Supernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def converted(net: Supernet, arch: Arch, folder: Path) -> dict[str, Path]:
     program converted by the shared converter, int8 calibrated on 16 images."""
     folder.mkdir(parents=True, exist_ok=True)
     images = torch.randn(16, net.space.in_channels, arch.resolution, arch.resolution)
-    _save_pt2(net.extract(arch).eval(), images[:2], folder / "model.pt2")
+    save_pt2(net.extract(arch).eval(), images[:2], folder / "model.pt2")
     files = {kind: folder / name for kind, name in FILES.items()}
     litert.shared_converter().convert(
         folder / "model.pt2", images.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"]

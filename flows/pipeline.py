@@ -43,7 +43,7 @@ from flows.specialize import (
 from flows.train import config_hash, new_run_id, train_flow
 from tofa_core import litert
 from tofa_core.arch import Arch
-from tofa_core.export import Evaluation, preprocess
+from tofa_core.export import MEASURED_KEYS, Evaluation, preprocess
 from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
 from tofa_core.search.pareto import subnet_points
@@ -422,30 +422,9 @@ def _close(runs: Runs, record: dict, parent: str, ok: bool, timings: dict[str, f
 
 def _target_row(result: TargetResult, registration: dict) -> dict:
     keep = (
-        "target",
-        "constraints",
-        "device",
-        "precision",
-        "arch",
-        "macs",
-        "params",
-        "ram_kb",
-        "flash_kb",
-        "latency_ms",
-        "val_acc",
-        "test_acc",
-        "test_acc_fp32",
-        "test_acc_int8",
-        "test_acc_tflite",
-        "test_acc_tflite_int8",
-        "int8_agreement",
-        "tflite_int8_agreement",
-        "tflite_ram_kb",
-        "tflite_flash_kb",
-        "rejected_candidates",
-        "rejected_by",
-        "files",
-        "seconds",
+        *("target", "constraints", "device", "precision", "arch"),
+        *MEASURED_KEYS,
+        *("rejected_candidates", "rejected_by", "files", "seconds"),
     )
     row = result.to_json()
     out = {k: row.get(k) for k in keep}

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from flows import descriptions
 from flows.settings import state_dir
 from tofa_core import promotion
-from tofa_core.export import FILES, Evaluation
+from tofa_core.export import FILES, MEASURED_KEYS, Evaluation
 from tofa_core.specialize import TargetResult
 from tofa_core.training.config import TrainConfig
 
@@ -359,13 +359,8 @@ def _registered_before(client, parent_run: str, dataset: str, target: str, finge
     return None
 
 
-# test_acc is the deployed file's (int8 for an int8 target); test_acc_fp32/int8 are per file.
-METRIC_KEYS = (
-    "test_acc", "val_acc", "test_acc_fp32", "test_acc_int8", "int8_agreement", "macs", "params",
-    "ram_kb", "flash_kb", "latency_ms", "predicted_score", "score", "seconds",
-    "test_acc_tflite", "test_acc_tflite_int8", "tflite_int8_agreement", "tflite_ram_kb", "tflite_flash_kb",
-    "rejected_candidates",
-)  # fmt: skip
+# test_acc is the deployed file's (int8 for an int8 target); test_acc_<format> each file's.
+METRIC_KEYS = (*MEASURED_KEYS, "predicted_score", "score", "seconds", "rejected_candidates")
 
 
 def _promote(client, name: str, version: str, folder: Path, about: dict, evaluation: Evaluation) -> dict:

@@ -189,7 +189,7 @@ def test_the_litert_ram_model_equals_liveness_on_the_converted_files(tmp_path, p
 
     from tofa_core.arch import SearchSpace
     from tofa_core.costs import peak_ram_bytes
-    from tofa_core.export import _save_pt2
+    from tofa_core.formats import save_pt2
     from tofa_core.supernet import Supernet
 
     space = SearchSpace.preset(preset, num_classes=10, in_channels=1, resolutions=LITERT_RAM_PRESETS[preset])
@@ -197,7 +197,7 @@ def test_the_litert_ram_model_equals_liveness_on_the_converted_files(tmp_path, p
     net, rng = Supernet(space).eval(), random.Random(1)
     for i, arch in enumerate((space.max_arch(), space.sample(rng))):
         images = torch.randn(16, 1, arch.resolution, arch.resolution)
-        _save_pt2(net.extract(arch).eval(), images[:2], tmp_path / f"{i}.pt2")  # as export writes it
+        save_pt2(net.extract(arch).eval(), images[:2], tmp_path / f"{i}.pt2")  # as export writes it
         files = {"tflite": tmp_path / f"{i}.tflite", "tflite-int8": tmp_path / f"{i}.int8.tflite"}
         litert.shared_converter().convert(
             tmp_path / f"{i}.pt2", images.numpy(), float_out=files["tflite"], int8_out=files["tflite-int8"]

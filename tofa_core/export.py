@@ -9,10 +9,7 @@ naming the check; nothing is published for that export.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,23 +19,26 @@ from torch import nn
 
 from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch, SearchSpace
-from tofa_core.constraints import BY_FIELD, KB
+from tofa_core.constraints import BY_FIELD, CONSTRAINTS, KB
 from tofa_core.costs import count_macs, count_params, folded_params
 from tofa_core.data.normalise import PIXEL_SCALE, normalise
-from tofa_core.quantize import peak_activation_bytes, quantize_int8
-from tofa_core.search.targets import HOST_DEVICE, LITERT_FORMATS, Target
+from tofa_core.formats import BY_NAME, DEFAULT, FORMATS, Job, by_runtime, deployed, metric_keys, write_files
+from tofa_core.quantize import peak_activation_bytes
+from tofa_core.search.targets import HOST_DEVICE, Target
 from tofa_core.supernet.static import at_resolution
 from tofa_core.training.evaluate import EvalData
 
-MAX_ABS_DIFF = 1e-4
-FILES = {
-    "onnx": "model.onnx",
-    "onnx-int8": "model.int8.onnx",
-    "torchscript": "model.pt",
-    "pt2": "model.pt2",
-    "tflite": "model.tflite",
-    "tflite-int8": "model.int8.tflite",
-}
+FILES = {f.name: f.file for f in FORMATS}
+# What `verify` reports, derived from the two registries: accuracies, agreements, the
+# constraints' measured values (and the shipped LiteRT file's RAM and flash).
+MEASURED_KEYS = (
+    "test_acc",
+    "val_acc",
+    *metric_keys(),
+    *(c.key for c in CONSTRAINTS),
+    "tflite_ram_kb",
+    "tflite_flash_kb",
+)
 # What model.json says about an int8 file: how it was made, so a runtime knows what it gets.
 INT8_SCHEME = {
     "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around each op)",
@@ -83,7 +83,7 @@ def export_subnet(
     folder: str | Path,
     *,
     classes: list[str],
-    formats: tuple[str, ...] = ("onnx", "torchscript"),
+    formats: tuple[str, ...] = DEFAULT,
     about: dict | None = None,
     precision: str = "fp32",
 ) -> Exported:
@@ -92,11 +92,11 @@ def export_subnet(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval().to(memory_format=torch.contiguous_format)  # the layout ONNX describes
-    files = _write_formats(model, arch, data, folder, formats)
+    files = write_files(Job(model, arch, data.calib, folder), formats)
     if "model.int8.onnx" in files:
         scheme = INT8_SCHEME | {"calibration_images": len(data.calib)}
         about = {"quantization": scheme} | (about or {})
-    litert_files = [FILES[f] for f in LITERT_FORMATS if f in formats]
+    litert_files = [FILES[f] for f in by_runtime("LiteRT") if f in formats]
     if litert_files:
         described = {name: litert.io_description(files[name]) for name in litert_files}
         about = {"litert": described} | (about or {})
@@ -113,99 +113,12 @@ def export_subnet(
         "normalisation": {"scale": PIXEL_SCALE, "mean": data.mean, "std": data.std},
         "output": {"name": "logits", "classes": list(classes)},
         "precision": precision,
-        "deployed": FILES["onnx-int8" if precision == "int8" else "onnx"],
+        "deployed": FILES[deployed("ONNX Runtime", precision)],
         **(about or {}),
     }
     files["model.json"] = folder / "model.json"
     files["model.json"].write_text(json.dumps(description, indent=2))
     return Exported(folder, files, description)
-
-
-def _write_formats(
-    model: nn.Module, arch: Arch, data: EvalData, folder: Path, formats: tuple[str, ...]
-) -> dict[str, Path]:
-    """Each format's file in `folder`, by file name."""
-    example = at_resolution(data.calib[:1], arch.resolution)
-    files = {FILES[f]: folder / FILES[f] for f in formats}
-    if "onnx" in formats:
-        files["model.onnx"].write_bytes(onnx_runtime.onnx_bytes(model, example))
-    if "onnx-int8" in formats:
-        calibration = at_resolution(data.calib, arch.resolution).numpy()
-        files["model.int8.onnx"].write_bytes(quantize_int8(files["model.onnx"].read_bytes(), calibration))
-    if "torchscript" in formats:
-        _save_torchscript(model, example, files["model.pt"])
-    if "pt2" in formats:
-        _save_pt2(model, at_resolution(data.calib[:2], arch.resolution), files["model.pt2"])
-    if any(f in formats for f in LITERT_FORMATS):
-        _save_litert(model, arch, data, files)
-    return files
-
-
-def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the subnet's
-    own resolution (any batch size); model.json says how to resize to it."""
-    with onnx_runtime.EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript is deprecated in 2.13; tracer notes
-        scripted = torch.jit.trace(model, example, check_trace=False)
-    scripted.save(str(path))
-
-
-def _save_litert(model: nn.Module, arch: Arch, data: EvalData, files: dict[str, Path]) -> None:
-    """model.tflite / model.int8.tflite, converted from the model's torch.export program (the
-    pt2 file when it is one of the formats) by this process's LiteRT converter. A subnet that
-    another target or candidate already converted (the same weights and calibration images)
-    is copied from that conversion."""
-    calibration = at_resolution(data.calib, arch.resolution).numpy()
-    converter = litert.shared_converter()
-    outputs = {"float_out": files.get("model.tflite"), "int8_out": files.get("model.int8.tflite")}
-    key = _content_key(model, calibration)
-    if converter.copy_converted(key, **outputs):
-        return
-    with tempfile.TemporaryDirectory(prefix="tofa-pt2-") as tmp:
-        program = files.get("model.pt2") or Path(tmp) / "model.pt2"
-        if not program.exists():
-            _save_pt2(model, at_resolution(data.calib[:2], arch.resolution), program)
-        converter.convert(program, calibration, **outputs, key=key)
-
-
-def _content_key(model: nn.Module, calibration: np.ndarray) -> str:
-    """A digest of what a conversion depends on: the model's structure and numbers, its
-    calibration images."""
-    digest = hashlib.sha256(repr(model).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    digest.update(np.ascontiguousarray(calibration).tobytes())
-    return digest.hexdigest()
-
-
-def _save_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.export's ExportedProgram with a dynamic batch dimension (the example has 2 images:
-    torch.export fixes a dimension of size 1)."""
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with onnx_runtime.EXPORT_LOCK, torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
-    torch.export.save(program, str(path))
-
-
-def _check_torchscript(path: Path, x: torch.Tensor, reference: np.ndarray) -> tuple[float, int]:
-    """Largest difference between the TorchScript file's outputs and PyTorch's; its parameters."""
-    scripted = torch.jit.load(str(path))
-    with torch.no_grad():
-        diff = float((scripted(x) - torch.from_numpy(reference)).abs().max()) if len(x) else 0.0
-    if not diff <= MAX_ABS_DIFF:
-        raise VerificationError("torchscript-matches-pytorch", f"TorchScript differs by {diff:.2e}")
-    return diff, sum(p.numel() for p in scripted.parameters())
-
-
-def _check_pt2(path: Path, x: torch.Tensor, reference: np.ndarray) -> float:
-    """Largest difference between the saved ExportedProgram's outputs and PyTorch's."""
-    program = torch.export.load(str(path)).module()
-    with torch.no_grad():
-        diff = float((program(x) - torch.from_numpy(reference)).abs().max()) if len(x) else 0.0
-    if not diff <= MAX_ABS_DIFF:
-        raise VerificationError("pt2-matches-pytorch", f"the torch.export program differs by {diff:.2e}")
-    return diff
 
 
 def verify(
@@ -220,8 +133,9 @@ def verify(
 ) -> dict:
     """Check the exported files against PyTorch and the target's budget; return what was measured.
 
-    Accuracy, RAM, flash and latency are measured on the deployed file (model.int8.onnx for an
-    int8 target, else model.onnx); `test_acc` is the deployed file's, `test_acc_fp32` the float's."""
+    Each file is judged as its format's entry says (tofa_core.formats). Accuracy, RAM, flash and
+    latency are measured on the deployed file (model.int8.onnx for an int8 target, else
+    model.onnx); `test_acc` is the deployed file's, `test_acc_<format>` each file's."""
     model = model.eval().to(memory_format=torch.contiguous_format)
     x = at_resolution(data.test_x if len(data.test_y) else data.val_x, arch.resolution)
     if len(x) == 0:
@@ -229,37 +143,45 @@ def verify(
     with torch.no_grad():
         reference = model(x).numpy()
     onnx_file = exported.files["model.onnx"]
-    logits = onnx_runtime.run(onnx_runtime.session(str(onnx_file)), x.numpy().astype(np.float32))
-    diff = float(np.abs(logits - reference).max()) if len(x) else 0.0
-    if not diff <= MAX_ABS_DIFF:
-        raise VerificationError(
-            "onnx-matches-pytorch", f"ONNX Runtime differs from PyTorch by {diff:.2e} > {MAX_ABS_DIFF}"
-        )
-    measured: dict = {"onnx_max_abs_diff": diff}
-    if "model.pt" in exported.files:
-        ts_diff, params = _check_torchscript(exported.files["model.pt"], x, reference)
-        measured["torchscript_max_abs_diff"] = ts_diff
-    else:
-        params = sum(p.numel() for p in model.parameters())
-    if "model.pt2" in exported.files:
-        measured["pt2_max_abs_diff"] = _check_pt2(exported.files["model.pt2"], x, reference)
-    measured |= _check_costs(onnx_file, params, arch, space, target)
-    gate = _Gate.of(model, data, arch, x, reference)
-    deployed, logits = onnx_file, {"fp32": logits}
-    if "model.int8.onnx" in exported.files:
-        int8 = onnx_runtime.session(str(exported.files["model.int8.onnx"]))
-        run_int8 = lambda g: onnx_runtime.run(int8, g)  # noqa: E731
-        measured["int8_agreement"] = gate.check("model.int8.onnx", run_int8, target)
-        logits["int8"] = onnx_runtime.run(int8, x.numpy().astype(np.float32))
-        deployed = exported.files["model.int8.onnx"] if target.precision == "int8" else onnx_file
-    measured |= _check_memory(deployed, target)
-    litert_measured, logits_litert = _check_litert(exported.files, x, reference, target, gate)
-    measured |= litert_measured
-    logits |= logits_litert
+    measured = _check_costs(onnx_file, _file_params(exported.files, model), arch, space, target)
+    checked, logits = _check_files(exported.files, model, data, arch, x, reference, target)
+    measured |= checked
+    deployed_file = exported.files[FILES[deployed("ONNX Runtime", target.precision)]]
+    measured |= _check_memory(deployed_file, target)
+    measured |= _check_litert_memory(exported.files, target)
     if target.device == HOST_DEVICE:
-        measured["latency_ms"] = _check_latency(deployed, data, arch, target, latency_threads)
-    _accuracies(measured, logits, target.precision, deployed, data, arch)
+        measured["latency_ms"] = _check_latency(deployed_file, data, arch, target, latency_threads)
+    _accuracies(measured, logits, target.precision, deployed_file, data, arch)
     return measured
+
+
+def _check_files(files: dict[str, Path], model, data, arch, x: torch.Tensor, reference, target) -> tuple:
+    """Each exported file run by its runtime, in registry order: a float file matches PyTorch
+    within its tolerance, a quantized one agrees with the float model (the gate's images).
+    Returns (what was measured, each file's logits on `x` by accuracy name)."""
+    gate = _Gate.of(model, data, arch, x, reference)
+    measured, logits, images = {}, {}, x.numpy().astype(np.float32)
+    for fmt in (f for f in FORMATS if f.file in files):
+        run = fmt.runner(files[fmt.file])
+        out = run(images)
+        if fmt.accuracy:
+            logits[fmt.accuracy] = out
+        if fmt.tolerance is None:
+            measured[fmt.measured] = gate.check(fmt.file, run, target)
+            continue
+        diff = float(np.abs(out - reference).max()) if out.size else 0.0
+        if not diff <= fmt.tolerance:
+            shown = f"{fmt.runtime} ({fmt.file}) differs from PyTorch by {diff:.2e} > {fmt.tolerance:g}"
+            raise VerificationError(fmt.check, shown)
+        measured[fmt.measured] = diff
+    return measured, logits
+
+
+def _file_params(files: dict[str, Path], model: nn.Module) -> int:
+    """Parameters counted on the TorchScript file when there is one, else on the model."""
+    if BY_NAME["torchscript"].file in files:
+        return sum(p.numel() for p in torch.jit.load(str(files[BY_NAME["torchscript"].file])).parameters())
+    return sum(p.numel() for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -308,30 +230,15 @@ def _check_fits(name: str, ram_kb: float, flash_kb: float, target: Target) -> No
             raise VerificationError(field, f"{name} needs {shown.show(value)} > {budget:g} {shown.unit}")
 
 
-def _check_litert(
-    files: dict[str, Path], x: torch.Tensor, reference: np.ndarray, target: Target, gate: _Gate
-) -> tuple[dict, dict]:
-    """The LiteRT files run by LiteRT's interpreter: the float one matches PyTorch, the int8 one
-    agrees with it on top-1 (>= min_int8_agreement, on the gate's images); the one at the
-    target's precision fits its RAM (op-order liveness) and flash (file bytes) budgets.
-    Returns (measured, logits on `x`)."""
-    measured, logits = {}, {}
-    if "model.tflite" in files:
-        logits["tflite"] = litert.run(files["model.tflite"], x.numpy())
-        diff = float(np.abs(logits["tflite"] - reference).max()) if len(x) else 0.0
-        if not diff <= MAX_ABS_DIFF:
-            raise VerificationError("tflite-matches-pytorch", f"LiteRT differs from PyTorch by {diff:.2e}")
-        measured["tflite_max_abs_diff"] = diff
-    if "model.int8.tflite" in files:
-        int8 = files["model.int8.tflite"]
-        measured["tflite_int8_agreement"] = gate.check(int8.name, lambda g: litert.run(int8, g), target)
-        logits["tflite_int8"] = litert.run(int8, x.numpy())
-    if target.litert_file:
-        deployed = files[FILES[target.litert_file]]
-        ram_kb, flash_kb = litert.peak_activation_bytes(deployed) / KB, deployed.stat().st_size / KB
-        _check_fits(deployed.name, ram_kb, flash_kb, target)
-        measured |= {"tflite_ram_kb": ram_kb, "tflite_flash_kb": flash_kb}
-    return measured, logits
+def _check_litert_memory(files: dict[str, Path], target: Target) -> dict:
+    """The LiteRT file at the target's precision, when it ships one, fits its RAM (op-order
+    liveness) and flash (file bytes) budgets: that file is what a LiteRT device runs."""
+    if not target.litert_file:
+        return {}
+    shipped = files[FILES[target.litert_file]]
+    ram_kb, flash_kb = litert.peak_activation_bytes(shipped) / KB, shipped.stat().st_size / KB
+    _check_fits(shipped.name, ram_kb, flash_kb, target)
+    return {"tflite_ram_kb": ram_kb, "tflite_flash_kb": flash_kb}
 
 
 def _check_latency(deployed: Path, data: EvalData, arch: Arch, target: Target, threads: int) -> float:

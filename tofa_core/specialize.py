@@ -23,10 +23,11 @@ from tofa_core.arch import Arch
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import Exported, VerificationError, export_subnet, verify
+from tofa_core.formats import by_runtime
 from tofa_core.quantize import quantize_int8
 from tofa_core.search.evolution import CostModel, EvolutionConfig, InfeasibleTarget, SearchResult, evolve
 from tofa_core.search.predictor import AccuracyPredictor, Scored, score_subnets, teacher_labels
-from tofa_core.search.targets import LITERT_FORMATS, Target
+from tofa_core.search.targets import Target
 from tofa_core.storage import Storage
 from tofa_core.supernet import Supernet
 from tofa_core.supernet.static import at_resolution
@@ -147,7 +148,7 @@ def specialize(
     computed once for all targets; computed here when not given. `measured`: subnets already
     scored (the predictor's samples); the best of them that fit compete with search's picks."""
     started = time.perf_counter()
-    if any(f in LITERT_FORMATS for f in target.formats):
+    if any(f in by_runtime("LiteRT") for f in target.formats):
         litert.require()  # now, not after a search
     rejected: list[VerificationError] = []
     searches = 0

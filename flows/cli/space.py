@@ -102,7 +102,7 @@ def sample(
     if json_out:
         json_out.write_text(json.dumps(rows, indent=2))
         console.print(f"wrote {json_out}")
-    from tofa_core.export import MAX_ABS_DIFF
+    from tofa_core.formats import MAX_ABS_DIFF
 
     if verify and worst > MAX_ABS_DIFF:
         fail(f"an extracted subnet differs from the supernet by {worst:.2e}; this is a bug, please report it")

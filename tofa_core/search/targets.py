@@ -17,12 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tofa_core import config_files
 from tofa_core.constraints import BY_FIELD, CONSTRAINTS, Constraint
+from tofa_core.formats import DEFAULT, NAMES, deployed
 
 HOST_DEVICE = "host-cpu"  # the machine a command runs on; its table is built on demand
-FORMATS = ("onnx", "torchscript")
-# The LiteRT files (converted in the converter's own venv, see tofa_core.litert).
-LITERT_FORMATS = ("tflite", "tflite-int8")
-Format = Literal["onnx", "onnx-int8", "torchscript", "pt2", "tflite", "tflite-int8"]
+Format = Literal[NAMES]  # the registry's names (tofa_core.formats)
 
 
 def _budget(c: Constraint):
@@ -40,7 +38,7 @@ class _TargetFields(BaseModel):
     precision: Literal["fp32", "int8"] = Field(
         "fp32", description="the deployed model's numbers: fp32, or int8 (post-training quantized)"
     )
-    formats: tuple[Format, ...] = Field(FORMATS, min_length=1)
+    formats: tuple[Format, ...] = Field(DEFAULT, min_length=1)
     min_int8_agreement: float = Field(
         0.98,
         gt=0,
@@ -65,15 +63,16 @@ class Target(_Budgets):
             raise ValueError("max_latency_ms and device go together (a latency is measured on a device)")
         if "onnx" not in self.formats:
             raise ValueError("formats must include onnx: verification runs the ONNX model")
-        if self.precision == "int8" and "onnx-int8" not in self.formats:
-            object.__setattr__(self, "formats", (*self.formats, "onnx-int8"))  # the deployed file
+        shipped = deployed("ONNX Runtime", self.precision)
+        if shipped not in self.formats:
+            object.__setattr__(self, "formats", (*self.formats, shipped))  # the deployed file
         return self
 
     @property
     def litert_file(self) -> str | None:
         """The LiteRT format at the target's precision, when it asks for one: its RAM and flash
         are checked against the budget too (that file is what a LiteRT device runs)."""
-        wanted = "tflite-int8" if self.precision == "int8" else "tflite"
+        wanted = deployed("LiteRT", self.precision)
         return wanted if wanted in self.formats else None
 
     @property
