@@ -79,7 +79,10 @@ format: setup
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or
 # anchor and on a page missing from the nav. `setup` installs the `docs` extra.
+# The site's home page is README with its links made relative to docs/ (tests/test_docs.py
+# checks that the committed copy is current).
 docs: setup
+	sed 's#](docs/#](#g' README.md > docs/index.md
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # Regenerate constraints.txt from a fresh temporary venv: torch first, then the

@@ -88,3 +88,34 @@ def test_every_docs_page_is_in_the_mkdocs_nav():
     present = {p.relative_to(DOCS).as_posix() for p in pages()}
     assert present - listed == set(), "pages missing from mkdocs.yml's nav"
     assert listed - present == set(), "nav entries without a page"
+
+
+def table_rows(path: Path) -> dict[str, list[str]]:
+    """The rows of a page's Markdown tables whose first cell is `code`, by that name."""
+    rows = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) > 1:
+            rows[cells[0].strip("`").split("`")[0]] = cells[1:]
+    return rows
+
+
+def test_the_targets_guide_has_a_row_for_every_registered_format_and_constraint():
+    from tofa_core.constraints import CONSTRAINTS
+    from tofa_core.formats import FORMATS
+
+    rows = table_rows(DOCS / "guides" / "targets.md")
+    for fmt in FORMATS:
+        assert fmt.name in rows, f"docs/guides/targets.md: no row for the format {fmt.name}"
+        assert rows[fmt.name][0] == f"`{fmt.file}`", (fmt.name, rows[fmt.name])
+    for c in CONSTRAINTS:
+        assert c.field in rows, f"docs/guides/targets.md: no row for the constraint {c.field}"
+    listed = {name for name, cells in rows.items() if cells[0].startswith("`model.")}
+    assert listed == {f.name for f in FORMATS}, "a row for a format the registry does not have"
+
+
+def test_the_sites_home_page_is_the_readme():
+    """docs/index.md is README with its links made relative to docs/ (`make docs` writes it)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    home = (DOCS / "index.md").read_text(encoding="utf-8")
+    assert home == readme.replace("](docs/", "]("), "docs/index.md is stale: run `make docs`"
