@@ -170,8 +170,8 @@ def _check_files(files: dict[str, Path], model, data, arch, x: torch.Tensor, ref
             measured[fmt.measured] = gate.check(fmt.file, run, target)
             continue
         diff = float(np.abs(out - reference).max()) if out.size else 0.0
-        if not diff <= fmt.tolerance:
-            shown = f"{fmt.runtime} ({fmt.file}) differs from PyTorch by {diff:.2e} > {fmt.tolerance:g}"
+        if not diff <= (allowed := fmt.allowed(reference)):
+            shown = f"{fmt.runtime} ({fmt.file}) differs from PyTorch by {diff:.2e} > {allowed:.2e}"
             raise VerificationError(fmt.check, shown)
         measured[fmt.measured] = diff
     return measured, logits

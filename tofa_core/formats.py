@@ -58,6 +58,12 @@ class Format:
     write: Callable[[Job, tuple[str, ...]], None]
     runner: Callable[[Path], Runner]
     tolerance: float | None = None  # largest |logit - PyTorch's logit|; None: judged by agreement
+    relative: bool = False  # tolerance is a share of the largest |logit| (at least 1): half floats
+
+    def allowed(self, reference: np.ndarray) -> float:
+        """The largest difference from PyTorch's logits `reference` this file may have."""
+        scale = max(1.0, float(np.abs(reference).max())) if self.relative and reference.size else 1.0
+        return self.tolerance * scale
 
     @property
     def check(self) -> str:
