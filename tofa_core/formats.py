@@ -88,6 +88,15 @@ def _write_onnx_int8(job: Job, names: tuple[str, ...]) -> None:
     job.path("onnx-int8").write_bytes(quantize_int8(job.path("onnx").read_bytes(), calibration))
 
 
+def _write_onnx_fp16(job: Job, names: tuple[str, ...]) -> None:
+    """The ONNX file's weights and arithmetic in float16, its input and output float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(onnx.load_from_string(job.path("onnx").read_bytes()), keep_io_types=True)
+    job.path("onnx-fp16").write_bytes(half.SerializeToString())
+
+
 def _write_torchscript(job: Job, names: tuple[str, ...]) -> None:
     """Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the subnet's
     own resolution (any batch size); model.json says how to resize to it."""
@@ -186,6 +195,18 @@ FORMATS = (
         accuracy="int8",
         write=_write_onnx_int8,
         runner=_onnx_runner,
+    ),
+    Format(
+        name="onnx-fp16",
+        file="model.fp16.onnx",
+        precision="fp16",
+        runtime="ONNX Runtime",
+        key="fp16",
+        accuracy="fp16",
+        write=_write_onnx_fp16,
+        runner=_onnx_runner,
+        tolerance=1e-2,  # float16 keeps ~3 significant digits: 1e-3 of the largest logit measured
+        relative=True,
     ),
     Format(
         name="torchscript",
