@@ -48,3 +48,11 @@ def test_an_fp16_file_of_other_weights_fails_verification(tmp_path):
     with pytest.raises(VerificationError, match=r"model.fp16.onnx\) differs from PyTorch") as err:
         verify(exported, model, arch, SPACE, TARGET, data)
     assert err.value.check == "onnx-fp16-matches-pytorch"
+
+
+def test_an_unknown_format_is_refused_before_any_file_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown export formats \['onnx-fp8'\]: the formats are onnx, "):
+        export_subnet(
+            subnet(0), SPACE.max_arch(), images(), tmp_path, classes=CLASSES, formats=("onnx", "onnx-fp8")
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,8 @@ the numbers it holds, the runtime that runs it, how it is written and how verifi
 it: a float file must compute what PyTorch computes (within `tolerance`); a quantized one must
 agree with the float model on top-1 (the target's `min_int8_agreement`). The target schema,
 the exporter, the verifier, the MLflow metric keys and the summary derive from it. Adding a
-format is one entry here (with its writer and runner) and its test.
+format is one entry here (with its writer and runner) and its test. The table itself imports
+nothing heavy (targets are validated without torch); writers and runners import their runtimes.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from tofa_core import litert, onnx_runtime
-from tofa_core.arch import Arch
-from tofa_core.quantize import quantize_int8
-from tofa_core.supernet.static import at_resolution
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tofa_core.arch import Arch
 
 Runner = Callable[[np.ndarray], np.ndarray]  # images (N, C, H, W) float32 -> logits
 
@@ -37,11 +38,14 @@ class Job:
     arch: Arch
     calib: torch.Tensor  # normalised training images at any side (resized here)
     folder: Path
+    requested: tuple[str, ...]  # every format asked for (a writer may reuse another's file)
 
     def path(self, name: str) -> Path:
         return self.folder / BY_NAME[name].file
 
     def images(self, n: int | None = None) -> torch.Tensor:
+        from tofa_core.supernet.static import at_resolution
+
         return at_resolution(self.calib[:n], self.arch.resolution)
 
 
@@ -80,10 +84,14 @@ MAX_ABS_DIFF = 1e-4  # a float file of the same graph differs from PyTorch by ro
 
 
 def _write_onnx(job: Job, names: tuple[str, ...]) -> None:
+    from tofa_core import onnx_runtime
+
     job.path("onnx").write_bytes(onnx_runtime.onnx_bytes(job.model, job.images(1)))
 
 
 def _write_onnx_int8(job: Job, names: tuple[str, ...]) -> None:
+    from tofa_core.quantize import quantize_int8
+
     calibration = job.images().numpy()
     job.path("onnx-int8").write_bytes(quantize_int8(job.path("onnx").read_bytes(), calibration))
 
@@ -100,6 +108,10 @@ def _write_onnx_fp16(job: Job, names: tuple[str, ...]) -> None:
 def _write_torchscript(job: Job, names: tuple[str, ...]) -> None:
     """Traced, not scripted: 2-3x faster, and like the ONNX file it takes input at the subnet's
     own resolution (any batch size); model.json says how to resize to it."""
+    import torch
+
+    from tofa_core import onnx_runtime
+
     with onnx_runtime.EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript is deprecated in 2.13; tracer notes
         scripted = torch.jit.trace(job.model, job.images(1), check_trace=False)
@@ -113,6 +125,10 @@ def _write_pt2(job: Job, names: tuple[str, ...]) -> None:
 def save_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export's ExportedProgram with a dynamic batch dimension (the example has 2 images:
     torch.export fixes a dimension of size 1)."""
+    import torch
+
+    from tofa_core import onnx_runtime
+
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with onnx_runtime.EXPORT_LOCK, torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
@@ -124,6 +140,8 @@ def _write_litert(job: Job, names: tuple[str, ...]) -> None:
     pt2 file when it was written) by this process's LiteRT converter. A subnet that another
     target or candidate already converted (the same weights and calibration images) is copied
     from that conversion."""
+    from tofa_core import litert
+
     calibration = job.images().numpy()
     converter = litert.shared_converter()
     outputs = {
@@ -134,7 +152,7 @@ def _write_litert(job: Job, names: tuple[str, ...]) -> None:
     if converter.copy_converted(key, **outputs):
         return
     with tempfile.TemporaryDirectory(prefix="tofa-pt2-") as tmp:
-        program = job.path("pt2") if job.path("pt2").exists() else Path(tmp) / "model.pt2"
+        program = job.path("pt2") if "pt2" in job.requested else Path(tmp) / "model.pt2"
         if not program.exists():
             save_pt2(job.model, job.images(2), program)
         converter.convert(program, calibration, **outputs, key=key)
@@ -152,28 +170,43 @@ def _content_key(model: nn.Module, calibration: np.ndarray) -> str:
 
 
 def _onnx_runner(path: Path) -> Runner:
+    from tofa_core import onnx_runtime
+
     sess = onnx_runtime.session(str(path))
     return lambda x: onnx_runtime.run(sess, x)
 
 
-def _torch_runner(load: Callable[[str], Callable]) -> Callable[[Path], Runner]:
-    def runner(path: Path) -> Runner:
-        module = load(str(path))
+def _torch_runner(module) -> Runner:
+    import torch
 
-        def run(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return module(torch.from_numpy(x)).numpy()
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
 
-        return run
+    return run
 
-    return runner
+
+def _torchscript_runner(path: Path) -> Runner:
+    import torch
+
+    return _torch_runner(torch.jit.load(str(path)))
+
+
+def _pt2_runner(path: Path) -> Runner:
+    import torch
+
+    return _torch_runner(torch.export.load(str(path)).module())
 
 
 def _litert_runner(path: Path) -> Runner:
+    from tofa_core import litert
+
     return lambda x: litert.run(path, x)
 
 
-# In the order they are written and verified: onnx-int8 quantizes the ONNX file written before it.
+# In the order they are written and verified: the files derived from model.onnx after it, the
+# float files before the quantized ones (a float file that differs is a bug, not a candidate
+# to pass over), LiteRT last (its conversion reuses model.pt2).
 FORMATS = (
     Format(
         name="onnx",
@@ -185,16 +218,6 @@ FORMATS = (
         write=_write_onnx,
         runner=_onnx_runner,
         tolerance=MAX_ABS_DIFF,
-    ),
-    Format(
-        name="onnx-int8",
-        file="model.int8.onnx",
-        precision="int8",
-        runtime="ONNX Runtime",
-        key="int8",
-        accuracy="int8",
-        write=_write_onnx_int8,
-        runner=_onnx_runner,
     ),
     Format(
         name="onnx-fp16",
@@ -216,7 +239,7 @@ FORMATS = (
         key="torchscript",
         accuracy=None,
         write=_write_torchscript,
-        runner=_torch_runner(torch.jit.load),
+        runner=_torchscript_runner,
         tolerance=MAX_ABS_DIFF,
     ),
     Format(
@@ -227,8 +250,18 @@ FORMATS = (
         key="pt2",
         accuracy=None,
         write=_write_pt2,
-        runner=_torch_runner(lambda p: torch.export.load(p).module()),
+        runner=_pt2_runner,
         tolerance=MAX_ABS_DIFF,
+    ),
+    Format(
+        name="onnx-int8",
+        file="model.int8.onnx",
+        precision="int8",
+        runtime="ONNX Runtime",
+        key="int8",
+        accuracy="int8",
+        write=_write_onnx_int8,
+        runner=_onnx_runner,
     ),
     Format(
         name="tflite",
@@ -267,18 +300,21 @@ def deployed(runtime: str, precision: str) -> str | None:
     return next((f.name for f in FORMATS if f.runtime == runtime and f.precision == precision), None)
 
 
-def write_files(job: Job, names: tuple[str, ...]) -> dict[str, Path]:
-    """Write the files of `names` into job.folder, in registry order; their paths by file name."""
+def write_files(job: Job) -> dict[str, Path]:
+    """Write the files of job.requested into job.folder, in registry order; their paths by file name."""
+    unknown = set(job.requested) - set(NAMES)
+    if unknown:
+        raise ValueError(f"unknown export formats {sorted(unknown)}: the formats are {', '.join(NAMES)}")
     done = set()
     for fmt in FORMATS:
-        if fmt.name in names and fmt.write not in done:
-            fmt.write(job, tuple(f.name for f in FORMATS if f.write is fmt.write and f.name in names))
+        if fmt.name in job.requested and fmt.write not in done:
+            fmt.write(job, tuple(f.name for f in FORMATS if f.write is fmt.write and f.name in job.requested))
             done.add(fmt.write)
-    return {BY_NAME[n].file: job.path(n) for n in NAMES if n in names}
+    return {f.file: job.path(f.name) for f in FORMATS if f.name in job.requested}
 
 
 def metric_keys() -> tuple[str, ...]:
-    """What verification reports per file: each format's test accuracy and each quantized
-    format's agreement (a float file's difference from PyTorch is under 1e-4 or it fails)."""
+    """What verification reports per file, for MLflow and the summary: each format's test
+    accuracy and each quantized format's agreement (float files pass within their tolerance)."""
     accuracies = tuple(f"test_acc_{f.accuracy}" for f in FORMATS if f.accuracy)
     return accuracies + tuple(f.measured for f in FORMATS if f.tolerance is None)
