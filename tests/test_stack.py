@@ -78,7 +78,10 @@ def _status(url: str, auth: str | None = None, method: str = "GET", data: bytes 
     headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
     try:
         with urllib.request.urlopen(
-            urllib.request.Request(url, data, headers, method=method), timeout=10
+            # a hang guard, not a deadline: MLflow checks each request's password hash (CPU),
+            # which took over 10 s under make test beside a CPU-bound benchmark
+            urllib.request.Request(url, data, headers, method=method),
+            timeout=120,
         ) as r:
             return r.status
     except urllib.error.HTTPError as err:
