@@ -321,8 +321,9 @@ def test_an_int8_candidate_that_disagrees_gives_way_to_the_next(trained, predict
         return real(gate, name, run, target)
 
     monkeypatch.setattr(export._Gate, "check", unlucky_first)
-    # a barely trained supernet (see above)
-    target = Target(name="mcu", max_macs=400_000, precision="int8", min_int8_agreement=0.9)
+    # a barely trained supernet (see above): its candidates agree on 87-95% under int8, so the
+    # real gate is set well below that and only the forced failure rejects anything
+    target = Target(name="mcu", max_macs=400_000, precision="int8", min_int8_agreement=0.6)
     done = specialize(
         t.net, target, predictor[0], t.data, CostModel(t.net.space), tmp_path, classes=t.splits.classes,
         evolution=FAST,
@@ -330,7 +331,8 @@ def test_an_int8_candidate_that_disagrees_gives_way_to_the_next(trained, predict
     assert len(calls) == 2 and len(done.rejected) == 1 and "int8-agreement" in done.rejected[0]
     row = done.result({}).to_json()  # the summary's row counts the rejections per check
     assert row["rejected_by"] == {"int8-agreement": 1} and row["rejected_candidates"] == 1
-    assert done.measured["int8_agreement"] >= 0.9 and (tmp_path / "model.int8.onnx").exists()
+    assert not done.rejected[0].startswith(done.arch.to_json())  # the next candidate, deployed
+    assert (tmp_path / "model.int8.onnx").exists()
 
 
 def test_int8_that_never_agrees_fails_verification_and_leaves_nothing(trained, predictor, tmp_path):
