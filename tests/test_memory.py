@@ -99,9 +99,9 @@ def test_every_registered_constraint_reaches_targets_search_and_messages():
     smallest = space.min_arch()
     priced = costs.costs(smallest, "int8")
     for c in CONSTRAINTS:
-        if c.from_arch is None:  # latency: priced by a device table (tests in test_specialize)
+        if c.per_device:  # latency: priced by a device table (tests in test_specialize)
             continue
-        value = c.from_arch(smallest, space, "int8")
+        value = c.price(smallest, space, "int8", None)
         assert priced[c.key] == value > 0
         tight = Target(name="t", precision="int8", **{c.field: c.kind(value) / 2 if c.kind is float else 1})
         assert c.label in tight.describe() and tight.constraints() == {c.field: getattr(tight, c.field)}

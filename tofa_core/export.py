@@ -19,7 +19,7 @@ from torch import nn
 
 from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch, SearchSpace
-from tofa_core.constraints import BY_FIELD, CONSTRAINTS, KB
+from tofa_core.constraints import CONSTRAINTS, KB
 from tofa_core.costs import count_macs, count_params, folded_params
 from tofa_core.data.normalise import PIXEL_SCALE, normalise
 from tofa_core.formats import BY_NAME, DEFAULT, FORMATS, Job, by_runtime, deployed, metric_keys, write_files
@@ -157,6 +157,7 @@ def verify(
     measured |= checking.measured | _check_litert_memory(files, target)
     if target.device == HOST_DEVICE:
         measured["latency_ms"] = _check_latency(deployed_file, data, arch, target, latency_threads)
+    measured |= _check_analytic(measured, arch, space, target)
     _accuracies(measured, checking.logits, target.precision, deployed_file, data, arch)
     return measured
 
@@ -238,11 +239,26 @@ def _check_memory(deployed: Path, target: Target) -> dict:
 
 
 def _check_fits(name: str, ram_kb: float, flash_kb: float, target: Target) -> None:
-    for value, budget_field in ((ram_kb, "max_ram_kb"), (flash_kb, "max_flash_kb")):
-        budget = getattr(target, budget_field)
-        if budget is not None and value > budget:
-            c = BY_FIELD[budget_field]
-            raise VerificationError(budget_field, f"{name} needs {c.show(value)} > {budget:g} {c.unit}")
+    _within(target, {"ram_kb": ram_kb, "flash_kb": flash_kb}, name)
+
+
+def _within(target: Target, values: dict[str, float], where: str, after: str = "") -> None:
+    """Each value (by constraint key) within the target's budget for it, in registry order;
+    else the VerificationError of the first one over, named by its budget field."""
+    for c in CONSTRAINTS:
+        if c.key in values and (over := c.excess(values[c.key], getattr(target, c.field))):
+            raise VerificationError(c.field, f"{where} needs {over}{after}")
+
+
+def _check_analytic(measured: dict, arch: Arch, space: SearchSpace, target: Target) -> dict:
+    """The budgets no file shows (an analytic cost such as energy), computed from the arch."""
+    values = {
+        c.key: c.price(arch, space, target.priced_as, None)
+        for c in CONSTRAINTS
+        if c.source == "analytic" and c.key not in measured and getattr(target, c.field) is not None
+    }
+    _within(target, values, "the exported model")
+    return values
 
 
 def _check_litert_memory(files: dict[str, Path], target: Target) -> dict:
@@ -259,10 +275,7 @@ def _check_litert_memory(files: dict[str, Path], target: Target) -> dict:
 def _check_latency(deployed: Path, data: EvalData, arch: Arch, target: Target, threads: int) -> float:
     one = at_resolution(data.calib[:1], arch.resolution).numpy()
     latency = onnx_runtime.model_latency_ms(str(deployed), one, threads)
-    if latency > target.max_latency_ms:
-        raise VerificationError(
-            "max_latency_ms", f"measured {latency:.4f} ms > {target.max_latency_ms:g} ms on this host"
-        )
+    _within(target, {"latency_ms": latency}, deployed.name, after=" on this host")
     return latency
 
 
@@ -289,12 +302,7 @@ def _check_costs(onnx_file: Path, params: int, arch: Arch, space: SearchSpace, t
             f"exported model has {macs:,} MACs / {params:,} params ({onnx_params:,} in ONNX); its arch "
             f"implies {expected[0]:,} / {expected[1]:,} ({expected[2]:,})",
         )
-    if target.max_macs is not None and macs > target.max_macs:
-        raise VerificationError("max_macs", f"exported model has {macs:,} MACs > {target.max_macs:,}")
-    if target.max_params is not None and max(params, onnx_params) > target.max_params:
-        raise VerificationError(
-            "max_params", f"exported model has {params:,} parameters > {target.max_params:,}"
-        )
+    _within(target, {"macs": macs, "params": max(params, onnx_params)}, onnx_file.name)
     return {"macs": macs, "params": params, "onnx_params": onnx_params}
 
 

@@ -20,6 +20,7 @@ import torch
 
 from tofa_core import litert, onnx_runtime
 from tofa_core.arch import Arch
+from tofa_core.constraints import CONSTRAINTS
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
 from tofa_core.export import Exported, VerificationError, export_subnet, verify
@@ -186,22 +187,21 @@ def _tightened(target: Target, search_round: int, failed: set[str]) -> Target | 
     if not search_round:
         return target
     update = {
-        field: getattr(target, field) * factor**search_round
-        for field, factor in TIGHTEN.items()
-        if getattr(target, field) is not None and field in failed
+        c.field: getattr(target, c.field) * c.tighten**search_round
+        for c in CONSTRAINTS
+        if c.tighten is not None and getattr(target, c.field) is not None and c.field in failed
     }
     if update:
         log.info("target %s: searching again under tighter predicted budgets %s", target.name, update)
     return target.model_copy(update=update) if update else None
 
 
-# Searches per target when every candidate measures over a predicted budget, and the factor by
-# which each further search tightens that budget.
+# Searches per target when every candidate measures over a predicted budget (each further
+# search tightens that budget by its constraint's `tighten` factor).
 SEARCH_ROUNDS = 3
-# RAM is not among them: its model is exact for the ONNX graph and the LiteRT file alike.
-TIGHTEN = {"max_latency_ms": 0.8, "max_flash_kb": 0.97}
-# Verification failures after which the next-ranked candidate is tried.
-NEXT_CANDIDATE = ("max_latency_ms", "max_flash_kb", "max_ram_kb", "int8-agreement")
+# Verification failures after which the next-ranked candidate is tried: the budgets a file
+# can measure over by bad luck (`Constraint.retry`), and int8 error another subnet lacks.
+NEXT_CANDIDATE = (*(c.field for c in CONSTRAINTS if c.retry), "int8-agreement")
 
 
 def rank_candidates(

@@ -157,7 +157,7 @@ def _budget_cell(field: str, value: float) -> str:
     c = BY_FIELD[field]
     if c.kind is int:
         return f"{_short(value)} {c.key}"
-    return f"{value:g}{c.unit}" + (f" {c.label}" if c.from_arch is not None else "")
+    return f"{value:g}{c.unit}" + (f" {c.label}" if not c.per_device else "")
 
 
 def targets_table(rows: list[dict], title: str) -> Table:

@@ -31,18 +31,14 @@ class CostModel:
         self.space, self.latency = space, latency
 
     def value(self, c: Constraint, arch: Arch, precision: str = "fp32") -> float:
-        if c.from_arch is not None:
-            return c.from_arch(arch, self.space, precision)
-        if self.latency is None:
-            raise ValueError(f"{c.field} needs a latency table")
-        return self.latency.latency_ms(arch, self.space)
+        return c.price(arch, self.space, precision, self.latency)
 
     def costs(self, arch: Arch, precision: str = "fp32") -> dict[str, float]:
         """Every constraint's value of `arch` that can be priced here, by measured key."""
         return {
             c.key: self.value(c, arch, precision)
             for c in CONSTRAINTS
-            if c.from_arch is not None or self.latency is not None
+            if not c.per_device or self.latency is not None
         }
 
     def violations(self, arch: Arch, target: Target) -> list[str]:
@@ -50,12 +46,10 @@ class CostModel:
         out = []
         for name, budget in target.constraints().items():
             c = BY_FIELD[name]
-            if c.from_arch is None and (self.latency is None or self.latency.device != target.device):
+            if c.per_device and (self.latency is None or self.latency.device != target.device):
                 raise ValueError(f"target {target.name} needs the latency table of {target.device!r}")
-            if (v := self.value(c, arch, target.priced_as)) > budget:
-                predicted = "predicted " if c.from_arch is None else ""
-                where = f" on {target.device}" if c.from_arch is None else ""
-                out.append(f"{predicted}{c.show(v)} > {c.show(budget).split(' ', 1)[1]}{where}")
+            if over := c.excess(self.value(c, arch, target.priced_as), budget):
+                out.append(f"predicted {over} on {target.device}" if c.per_device else over)
         return out
 
     def fits(self, arch: Arch, target: Target) -> bool:

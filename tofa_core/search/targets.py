@@ -89,7 +89,7 @@ class Target(_Budgets):
         parts = []
         for field, value in self.constraints().items():
             c = BY_FIELD[field]
-            where = f" on {self.device}" if c.from_arch is None else ""
+            where = f" on {self.device}" if c.per_device else ""
             parts.append(c.show(value).replace(" ", " <= ", 1) + where)
         return ", ".join(parts) + ("" if self.precision == "fp32" else " (int8)")
 
