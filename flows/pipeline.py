@@ -43,6 +43,7 @@ from flows.specialize import (
 from flows.train import config_hash, new_run_id, train_flow
 from tofa_core import litert
 from tofa_core.arch import Arch
+from tofa_core.constraints import CONSTRAINTS
 from tofa_core.export import MEASURED_KEYS, Evaluation, preprocess
 from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
@@ -446,23 +447,29 @@ def _target_row(result: TargetResult, registration: dict) -> dict:
 
 def _artifact(record: dict) -> None:
     """The run's summary as a Markdown table on the Prefect flow run."""
+    key = re.sub(r"[^a-z0-9-]+", "-", f"tofa-{record['dataset']}-summary".lower())
+    create_markdown_artifact(summary_markdown(record), key=key, description="TOFA pipeline summary")
+
+
+def summary_markdown(record: dict) -> str:
+    """A Markdown table of the targets: a column per registered constraint some target measured."""
+    columns = [c for c in CONSTRAINTS if any(r.get(c.key) is not None for r in record["targets"])]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [
         f"# {record['dataset']} {record['data_version']}: supernet {record['supernet_run']}",
         "",
-        "| target | budget | MACs | params | latency ms | val acc | test acc | model | alias |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
+        "| target | budget | " + "".join(f"{c.label} {c.unit}".rstrip() + " | " for c in columns)
+        + "val acc | test acc | model | alias |",
+        "| --- | --- | " + "---: | " * len(columns) + "---: | ---: | --- | --- |",
+    ]  # fmt: skip
     for r in record["targets"]:
         budget = ", ".join(f"{k.removeprefix('max_')} {v:,}" for k, v in r["constraints"].items())
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        measured = "".join(f"{fmt(r.get(c.key), ',' if c.kind is int else '.4g')} | " for c in columns)
         reg = r["registered_model"]
         lines.append(
-            f"| {r['target']} | {budget} | {r['macs']:,} | {r['params']:,} "
-            f"| {fmt(r.get('latency_ms'), '.3f')} "
-            f"| {fmt(r.get('val_acc'), '.3f')} | {fmt(r.get('test_acc'), '.3f')} "
-            f"| {reg['model']} v{reg['version']} | {reg['alias']} |"
+            f"| {r['target']} | {budget} | {measured}{fmt(r.get('val_acc'), '.3f')} "
+            f"| {fmt(r.get('test_acc'), '.3f')} | {reg['model']} v{reg['version']} | {reg['alias']} |"
         )
     for f in record["failed"]:
         lines.append(f"\nfailed: **{f['target']}**: {f['error']}")
-    key = re.sub(r"[^a-z0-9-]+", "-", f"tofa-{record['dataset']}-summary".lower())
-    create_markdown_artifact("\n".join(lines), key=key, description="TOFA pipeline summary")
+    return "\n".join(lines)

@@ -305,6 +305,23 @@ def test_targets_table_fits_80_columns():
     assert "699k" in text and "1.40M" in text and "71k" in text and "0.3ms" in text
 
 
+def test_targets_table_columns_derive_from_the_constraint_registry():
+    from rich.console import Console
+
+    from flows.cli import targets_table
+
+    row = {"target": "coin", "constraints": {"max_energy_uj": 0.2, "max_ram_kb": 32}, "macs": 151_488,
+           "params": 60_000, "ram_kb": 12.25, "energy_uj": 0.1122, "flash_kb": 60.0, "test_acc": 0.9,
+           "seconds": 1.0}  # fmt: skip
+    console = Console(width=80, record=True)
+    console.print(targets_table([row], "digits v-1"))
+    lines = console.export_text().splitlines()
+    head = " ".join(lines[1:3])
+    assert "MACs" in head and "RAM" in head and "ene" in head and "uJ" in head  # budgeted ones only:
+    assert "lat" not in head and "fla" not in head  # no row budgets latency or flash
+    assert "0.112" in lines[4] and "12.2" in lines[4] and "0.2uJ energy" in lines[4]
+
+
 @pytest.mark.parametrize(
     "args, option, shown",
     [
@@ -392,3 +409,19 @@ def test_registration_is_not_retried_while_the_tracking_server_is_down():
 
     assert _unless_server_down(None, None, Failed(data=ServiceUnavailable("MLflow does not answer"))) is False
     assert _unless_server_down(None, None, Failed(data=ConnectionResetError("dropped"))) is True
+
+
+def test_the_flow_runs_summary_table_has_a_column_per_measured_constraint():
+    from flows.pipeline import summary_markdown
+
+    reg = {"model": "tofa-digits-coin", "version": 2, "alias": "champion"}
+    row = {"target": "coin", "constraints": {"max_energy_uj": 0.2}, "macs": 151_488, "params": 60_000,
+           "ram_kb": 12.25, "flash_kb": 60.0, "energy_uj": 0.1122, "latency_ms": None, "val_acc": 0.91,
+           "test_acc": 0.9, "registered_model": reg}  # fmt: skip
+    record = {"dataset": "digits", "data_version": "v1", "supernet_run": "r1", "targets": [row], "failed": []}
+    head, rule, line = summary_markdown(record).splitlines()[2:5]
+    columns = "target | budget | MACs | params | RAM KB | flash KB | energy uJ | val acc | test acc"
+    assert head == f"| {columns} | model | alias |"
+    assert rule.count("|") == head.count("|")
+    cells = "coin | energy_uj 0.2 | 151,488 | 60,000 | 12.25 | 60 | 0.1122 | 0.910 | 0.900"
+    assert line == f"| {cells} | tofa-digits-coin v2 | champion |"

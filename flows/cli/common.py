@@ -160,26 +160,44 @@ def _budget_cell(field: str, value: float) -> str:
     return f"{value:g}{c.unit}" + (f" {c.label}" if not c.per_device else "")
 
 
+def _columns(rows: list[dict]):
+    """The registered constraints shown as columns: the counts every subnet has (MACs,
+    params), then each other constraint that some row's target budgets."""
+    from tofa_core.constraints import CONSTRAINTS
+
+    budgeted = {f for r in rows for f in r["constraints"]}
+    return [c for c in CONSTRAINTS if c.kind is int or c.field in budgeted]
+
+
+def _header(c) -> str:
+    """MACs, params, lat/ms, RAM/KB: labels over 5 letters cut to 3 (the table fits 80 columns)."""
+    return f"{c.label if len(c.label) <= 5 else c.label[:3]}\n{c.unit}".strip()
+
+
+def _cell(c, value) -> str:
+    if value is None:
+        return "-"
+    return _short(value) if c.kind is int else f"{value:.3g}"
+
+
 def targets_table(rows: list[dict], title: str) -> Table:
     table = Table(
         title=f"specialized subnets: {title}", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
     )
     registered = any("registered_model" in r for r in rows)
+    columns = _columns(rows)
     table.add_column("target", no_wrap=True)
     table.add_column("budget", min_width=10)
-    for col in ("MACs", "params", "lat ms", "val/test", "s"):
+    for col in (*(_header(c) for c in columns), "val/test", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     if registered:
         table.add_column("model", no_wrap=True)
+    pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
     for r in rows:
         budget = " ".join(_budget_cell(k, v) for k, v in r["constraints"].items())
         budget += " int8" if r.get("precision") == "int8" else ""
-        latency = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
-        pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
-        cells = [
-            r["target"], budget, _short(r["macs"]), _short(r["params"]), latency,
-            f"{pct(r.get('val_acc'))}/{pct(r.get('test_acc'))}", f"{r['seconds']:.1f}",
-        ]  # fmt: skip
+        cells = [r["target"], budget, *(_cell(c, r.get(c.key)) for c in columns)]
+        cells += [f"{pct(r.get('val_acc'))}/{pct(r.get('test_acc'))}", f"{r['seconds']:.1f}"]
         if registered:
             reg = r["registered_model"]
             cells.append(f"v{reg['version']} {reg['alias']}")
