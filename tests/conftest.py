@@ -3,6 +3,7 @@
 import os
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,43 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` that queues a worker's next file only once its current file is down to
+    its last test. xdist's own queues the next file at two tests left, so a worker held one
+    more file behind a long test (the deployment run, minutes) while the other ran out of work:
+    a minutes-long idle tail."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneFileAhead(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            # A worker runs a test once it holds the next one (for module teardown): queue the
+            # next file at one test left, never at none.
+            if self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
+    return OneFileAhead(config, log)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With TOFA_TEST_TIMELINE=FILE, each test's xdist worker, start, end and id are appended to
+    FILE (setup and teardown included): where a parallel run's wall goes, and its idle tail."""
+    timeline = os.environ.get("TOFA_TEST_TIMELINE")
+    started = time.time()
+    yield
+    if timeline:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(timeline, "a", encoding="utf-8") as out:
+            out.write(f"{worker} {started:.1f} {time.time():.1f} {item.nodeid}\n")
 
 
 @pytest.fixture(scope="session", autouse=True)
