@@ -43,13 +43,15 @@ stack-down: setup
 	$(VENV)/bin/tofa stack down
 
 # --durations: the slowest tests, printed after the summary (what a faster suite starts from).
-# Two pytest-xdist workers, a test file each at a time (its module fixtures stay in one process):
+# Two pytest-xdist workers, a test file each at a time (its module fixtures stay in one process),
+# in collection order (tests/conftest.py puts the longest files first; xdist would otherwise
+# order files by their number of tests, which put the longest last):
 # the end-to-end tests spend a third of their wall waiting on servers and process starts, which
 # the other worker fills. `make test TEST_WORKERS=0` runs everything in one process.
 TEST_WORKERS ?= 2
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 # The tests that start no server, no Ray and train nothing (tests marked `slow` are left out).
 test-fast: setup

@@ -22,14 +22,17 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # collection order, so these start early and the many short files fill in around them
 # instead of one long file running alone at the end.
 LONGEST_FIRST = (
-    "test_stack.py",
     "test_pipeline.py",
-    "test_train_ray.py",
-    "test_quickstart.py",
     "test_specialize.py",
+    "test_stack.py",
+    "test_supernet.py",
     "test_litert.py",
+    "test_quickstart.py",
+    "test_train_ray.py",
     "test_train_cluster.py",
+    "test_training.py",
     "test_tune.py",
+    "test_cli.py",
 )
 
 

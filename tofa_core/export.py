@@ -275,7 +275,7 @@ def _check_litert_memory(files: dict[str, Path], target: Target) -> dict:
 def _check_latency(deployed: Path, data: EvalData, arch: Arch, target: Target, threads: int) -> float:
     one = at_resolution(data.calib[:1], arch.resolution).numpy()
     latency = onnx_runtime.model_latency_ms(str(deployed), one, threads)
-    _within(target, {"latency_ms": latency}, deployed.name, after=" on this host")
+    _within(target, {"latency_ms": latency}, f"{deployed.name} (measured)", after=" on this host")
     return latency
 
 
