@@ -227,7 +227,8 @@ def test_cli_profile_latency_writes_a_table_that_predicts_whole_subnets(tmp_path
     8 px), timed interleaved so that drift hits them alike, rank as the table predicts; and
     the table's own fit, on 12 other subnets timed the same way, is close. Over 11 runs beside
     a training job (2 at once): Spearman 0.947-1.000, fit error 1-7%; the profiler before
-    (blocks timed back to back, least squares) gave 0.24 and 26% once under heavy load."""
+    (blocks timed back to back, least squares) gave 0.24 and 26% once under heavy load.
+    Each subnet's latency is the faster of two interleaved timings."""
     from scipy.stats import spearmanr
     from typer.testing import CliRunner
 
@@ -249,7 +250,10 @@ def test_cli_profile_latency_writes_a_table_that_predicts_whole_subnets(tmp_path
     rng = random.Random(99)  # other subnets than the fit's
     archs = [space.min_arch(), space.max_arch(), *(space.sample(rng) for _ in range(12))]
     predicted = [table.latency_ms(a, space) for a in archs]
-    measured = measure_archs_latency(net, archs)
+    # the faster of two interleaved timings per subnet: a burst of load from the other test
+    # worker (a server starting) once pushed rho to 0.78 in one timing
+    first, second = measure_archs_latency(net, archs), measure_archs_latency(net, archs)
+    measured = [min(a, b) for a, b in zip(first, second)]
     rho = spearmanr(predicted, measured).statistic
     assert rho >= 0.8, [(round(p, 4), round(m, 4)) for p, m in zip(predicted, measured)]
     # a second run with the same table measures nothing new and keeps the entries
