@@ -230,11 +230,16 @@ def fit_whole_networks(
     burst of load inflates a subnet's time now and then, and with a dozen points least
     squares let one such time (the largest subnet's most of all) set the line; a fitted 0.045
     ms + 0.78 x sum then missed other subnets by a median 42%, their sums alone by 12%.
+    Under load one timing each still left the fit a median 20% off once; each subnet now
+    takes the faster of two.
     """
     rng = random.Random(12345)
     picks = [space.min_arch(), space.max_arch(), *(space.sample(rng) for _ in range(max(archs - 2, 0)))]
     sums = np.array([table.block_sum(a, space) for a in picks])
-    measured = np.array(measure_archs_latency(net, picks, threads))
+    # each subnet's faster of two interleaved timings: one burst of load on a shared machine
+    # inflates a timing, rarely both
+    first, second = (measure_archs_latency(net, picks, threads) for _ in range(2))
+    measured = np.minimum(first, second)
     fit = {"overhead_ms": table.overhead_ms, "scale": 1.0, "archs": len(picks)}
     if len(picks) >= 3 and np.ptp(sums) > 0:
         scale, offset = theil_sen(sums, measured)
