@@ -284,6 +284,8 @@ def test_help_shows_bracketed_defaults():
 
 
 def test_targets_table_fits_80_columns():
+    """The default targets file's mix of budgets (MACs, params, latency, RAM, flash) on an
+    80-column terminal: nothing cut, each budget under its measured value."""
     from rich.console import Console
 
     from flows.cli import targets_table
@@ -292,17 +294,29 @@ def test_targets_table_fits_80_columns():
         {"target": "host-cpu-fast", "constraints": {"max_latency_ms": 0.3, "max_macs": 700_000},
          "macs": 698_928, "params": 302_322, "latency_ms": 0.2912, "val_acc": 0.93, "test_acc": 0.9027,
          "seconds": 2.2, "registered_model": {"version": 12, "alias": "champion"}},
-        {"target": "mcu-m0", "constraints": {"max_macs": 150_000, "max_params": 80_000},
+        {"target": "mcu-m0", "constraints": {"max_macs": 1_500_000, "max_params": 80_000},
          "macs": 1_396_512, "params": 71_354, "latency_ms": None, "val_acc": None, "test_acc": 0.9083,
          "seconds": 1.5, "registered_model": {"version": 1, "alias": "challenger"}},
+        {"target": "mcu-m7", "precision": "int8", "seconds": 16.8, "test_acc": 0.9611,
+         "constraints": {"max_macs": 1_000_000, "max_params": 200_000, "max_ram_kb": 256.0,
+                         "max_flash_kb": 1024.0},
+         "macs": 910_000, "params": 128_000, "ram_kb": 4.0, "flash_kb": 1820.4,
+         "registered_model": {"version": 1, "alias": "champion"}},
     ]  # fmt: skip
     console = Console(width=80, record=True)
-    console.print(targets_table(rows, "digits v-1"))
+    console.print(targets_table(rows, "digits v-76a420d77b7dbc36"))
     text = console.export_text()
-    assert "…" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= 80
-    for cell in ("host-cpu-fast", "mcu-m0", "v12 champion", "v1 challenger", "0.291", "93.0/90.3", "-/90.8"):
+    assert "…" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    lines = text.splitlines()
+    for cell in ("host-cpu-fast", "mcu-m7", "v12 champion", "v1 challenger", "0.291", "90.3"):
         assert cell in text
-    assert "699k" in text and "1.40M" in text and "71k" in text and "0.3ms" in text
+    assert "699k" in text and "1.40M" in text and "71k" in text
+    assert "1820" in text and "e+03" not in text  # a value over 100 has no exponent
+    budget = lines[lines.index(next(x for x in lines if "mcu-m7" in x)) + 1]
+    assert budget.split() == ["int8", "≤1.00M", "≤200k", "≤256", "≤1024"]
+    assert lines[lines.index(next(x for x in lines if "host-cpu-fast" in x)) + 1].split() == [
+        "fp32", "≤700k", "≤0.3"
+    ]  # fmt: skip
 
 
 def test_targets_table_columns_derive_from_the_constraint_registry():
@@ -319,7 +333,7 @@ def test_targets_table_columns_derive_from_the_constraint_registry():
     head = " ".join(lines[1:3])
     assert "MACs" in head and "RAM" in head and "ene" in head and "uJ" in head  # budgeted ones only:
     assert "lat" not in head and "fla" not in head  # no row budgets latency or flash
-    assert "0.112" in lines[4] and "12.2" in lines[4] and "0.2uJ energy" in lines[4]
+    assert "0.112" in lines[4] and "12.2" in lines[4] and lines[5].split() == ["fp32", "≤32", "≤0.2"]
 
 
 @pytest.mark.parametrize(

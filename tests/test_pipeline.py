@@ -211,7 +211,7 @@ def test_same_data_and_config_is_a_noop(world, first):
     before = len(c.search_runs([exp.experiment_id]))
     again = run(world)
     assert again["noop"] and again["pipeline_run"] == first["pipeline_run"]
-    assert again["timings"]["total"] < 60
+    assert again["timings"]["total"] < 0.25 * first["timings"]["total"]  # no training, no export
     assert len(c.search_runs([exp.experiment_id])) == before  # nothing logged
     assert c.get_registered_model("tofa-shapes-small").aliases == {"champion": 1}
 

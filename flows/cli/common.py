@@ -150,16 +150,6 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
-def _budget_cell(field: str, value: float) -> str:
-    """160k macs, 75k params, 0.3ms, 32KB RAM: one constraint of the budget column."""
-    from tofa_core.constraints import BY_FIELD
-
-    c = BY_FIELD[field]
-    if c.kind is int:
-        return f"{_short(value)} {c.key}"
-    return f"{value:g}{c.unit}" + (f" {c.label}" if not c.per_device else "")
-
-
 def _columns(rows: list[dict]):
     """The registered constraints shown as columns: the counts every subnet has (MACs,
     params), then each other constraint that some row's target budgets."""
@@ -175,29 +165,39 @@ def _header(c) -> str:
 
 
 def _cell(c, value) -> str:
+    """A measured value: counts as 151k or 1.40M, others to 3 digits (1820, not 1.82e+03)."""
     if value is None:
         return "-"
-    return _short(value) if c.kind is int else f"{value:.3g}"
+    if c.kind is int:
+        return _short(value)
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def targets_table(rows: list[dict], title: str) -> Table:
+    """One target a row: what its subnet measured and, dim beneath each value, the target's
+    budget for it (a column per constraint, so 80 columns hold every kind of budget)."""
     table = Table(
-        title=f"specialized subnets: {title}", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
-    )
+        title=f"specialized subnets: {title}", caption="under each target: its precision and (dim) budgets",
+        box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True,
+    )  # fmt: skip
     registered = any("registered_model" in r for r in rows)
     columns = _columns(rows)
     table.add_column("target", no_wrap=True)
-    table.add_column("budget", min_width=10)
-    for col in (*(_header(c) for c in columns), "val/test", "s"):
+    for col in (*(_header(c) for c in columns), "test\n%", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     if registered:
         table.add_column("model", no_wrap=True)
-    pct = lambda v: f"{100 * v:.1f}" if v is not None else "-"  # noqa: E731
     for r in rows:
-        budget = " ".join(_budget_cell(k, v) for k, v in r["constraints"].items())
-        budget += " int8" if r.get("precision") == "int8" else ""
-        cells = [r["target"], budget, *(_cell(c, r.get(c.key)) for c in columns)]
-        cells += [f"{pct(r.get('val_acc'))}/{pct(r.get('test_acc'))}", f"{r['seconds']:.1f}"]
+        budgets = r["constraints"]
+        precision = r.get("precision") or "fp32"
+        cells = [f"{escape(r['target'])}\n[dim]{precision}[/]"]
+        for c in columns:
+            cell = _cell(c, r.get(c.key))
+            if c.field in budgets:
+                cell += f"\n[dim]≤{_cell(c, budgets[c.field])}[/]"
+            cells.append(cell)
+        test = r.get("test_acc")
+        cells += [f"{100 * test:.1f}" if test is not None else "-", f"{r['seconds']:.1f}"]
         if registered:
             reg = r["registered_model"]
             cells.append(f"v{reg['version']} {reg['alias']}")
