@@ -51,13 +51,16 @@ def ingest_flow(
     store: str | None = None,
     config_file: str | None = None,
     lock: bool = True,
+    config: stages.IngestConfig | None = None,
 ) -> dict:
     """Ingest SOURCE (digits, a folder, a Parquet/CSV table, local or s3://) as DATASET.
 
     Holds the data set's run lock while it runs (`lock=False`: the caller holds it), so
     `tofa gc` never removes the shards of an ingest still writing them; a pipeline run on the
-    same data set makes it fail at once with RunLocked, naming the holder."""
-    config = stages.IngestConfig.from_yaml(config_file) if config_file else stages.IngestConfig()
+    same data set makes it fail at once with RunLocked, naming the holder. `config`: the
+    ingest settings already resolved (a pipeline's plan): `config_file` is not read."""
+    if config is None:
+        config = stages.IngestConfig.from_yaml(config_file) if config_file else stages.IngestConfig()
     root = open_storage(store_uri(store))
     ds = DatasetStore(root)
     with RunLock(root, dataset, f"ingest (pid {os.getpid()})") if lock else nullcontext():

@@ -13,14 +13,13 @@ every champion as it was; running the flow again picks up from what exists.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -36,37 +35,24 @@ from flows.specialize import (
     Specialization,
     SpecializationFailed,
     default_targets,
-    load_supernet,
     specialize_flow,
     task_runner,
 )
-from flows.train import config_hash, new_run_id, train_flow
-from tofa_core import litert
+from flows.train import new_run_id, train_flow
 from tofa_core.arch import Arch
 from tofa_core.constraints import CONSTRAINTS
 from tofa_core.export import MEASURED_KEYS, Evaluation, preprocess
+from tofa_core.plan import RunPlan, config_hash
 from tofa_core.runlock import RunLock
 from tofa_core.runs import Runs
 from tofa_core.search.pareto import subnet_points
 from tofa_core.search.predictor import predictor_key
-from tofa_core.search.targets import Target, read_targets, table_devices
+from tofa_core.search.targets import table_devices
 from tofa_core.specialize import TargetResult, Trained
 from tofa_core.storage import open_storage
 from tofa_core.training.config import TrainConfig
 
 PARETO_SUBNETS = 80  # sampled subnets whose test accuracy the Pareto plot shows
-
-
-def pipeline_key(version: str, cfg: TrainConfig, targets_text: str, samples: int, score: str) -> str:
-    """Everything a pipeline's result depends on; an equal key means nothing new to do."""
-    parts = [
-        version,
-        config_hash(cfg),
-        hashlib.sha256(targets_text.encode()).hexdigest(),
-        str(samples),
-        score,
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 @task(name="new-data-gate", cache_policy=NONE, retries=2, retry_delay_seconds=2)
@@ -210,51 +196,15 @@ def retrain_flow(
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     check_services(store, prefect=False)  # the API answered: this flow is running
+    plan = RunPlan.resolve(
+        source=source, dataset=dataset, store=store, tracking_uri=tracking.tracking_uri(),
+        config_file=config_file, targets_file=targets_file or default_targets(),
+        devices=table_devices(latency_dir()), workers=workers, samples=samples, score=score,
+        epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes,
+    )  # fmt: skip
     owner = f"tofa-retrain flow run {flow_run.get_name() or flow_run.get_id()}"
     with RunLock(open_storage(store), dataset, owner, wait=lock_wait):
-        return _retrain(
-            Retrain(
-                source,
-                dataset,
-                targets_file,
-                config_file,
-                epochs,
-                workers,
-                store,
-                samples,
-                score,
-                force,
-                gpus_per_worker,
-                budget_minutes,
-            )  # fmt: skip
-        )
-
-
-@dataclass(frozen=True)
-class Retrain:
-    """What one pipeline run was asked to do (the flow's parameters, resolved)."""
-
-    source: str
-    dataset: str
-    targets_file: str | None
-    config_file: str | None
-    epochs: int | None
-    workers: int
-    store: str
-    samples: int
-    score: str
-    force: bool
-    gpus_per_worker: float | None = None
-    budget_minutes: float | None = None
-
-    def train_config(self) -> TrainConfig:
-        """The config file's train section with this run's overrides."""
-        return TrainConfig.load(
-            self.config_file,
-            epochs=self.epochs,
-            gpus_per_worker=self.gpus_per_worker,
-            budget_minutes=self.budget_minutes,
-        )
+        return _retrain(plan, force)
 
 
 @contextmanager
@@ -264,39 +214,33 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = time.perf_counter() - mark
 
 
-def _retrain(p: Retrain) -> dict:
+def _retrain(p: RunPlan, force: bool) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    targets_file = p.targets_file or default_targets()
-    # read once: the "nothing new" key hashes the text these targets were parsed from
-    targets_text, targets = read_targets(targets_file, devices=table_devices(latency_dir()))
-    litert.require_for(targets)  # a bad file fails now, and so does a LiteRT format not made here
-    cfg = p.train_config()
-
     logger.info("stage 1/4: ingest %s as %s", p.source, p.dataset)
     with _timed(timings, "ingest"):
         data = ingest_flow(
-            source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, lock=False
+            source=p.source, dataset=p.dataset, store=p.store, config=p.ingest, lock=False
         )  # this run holds the data set's lock
-    key = pipeline_key(data["version"], cfg, targets_text, p.samples, p.score)
-    if not p.force and (last := _nothing_new(p, data["version"], key)) is not None:
+    key = p.key(data["version"])
+    if not force and (last := _nothing_new(p, data["version"], key)) is not None:
         return {**last, "noop": True, "timings": {"total": round(time.perf_counter() - started, 2)}}
 
     pipeline_run = new_run_id()
-    parent = _start_parent(p, cfg, data["version"], targets_file, targets_text, pipeline_run)
+    parent = _start_parent(p, data["version"], pipeline_run)
     record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
     record |= {"data_version": data["version"], "data_created": data["created"]}
-    record["mlflow"] = {"tracking_uri": redact(tracking.tracking_uri()), "parent_run_id": parent}
+    record["mlflow"] = {"tracking_uri": redact(p.tracking_uri), "parent_run_id": parent}
     runs = Runs(open_storage(p.store))
     ok = False
     try:
         record["mlflow"]["run_url"] = tracking.run_url(p.dataset, parent)
         with _timed(timings, "train"):
-            trained_record, reused = _train_stage(p, cfg, data["version"], parent)
+            trained_record, reused = _train_stage(p, data["version"], parent)
         with _timed(timings, "specialize"):
-            logger.info("stage 3/4: specialize for every target in %s", targets_file)
-            spec, failed_stage = _specialize_stage(p, targets_file, targets, trained_record["run_id"])
+            logger.info("stage 3/4: specialize for every target in %s", p.targets_file)
+            spec, failed_stage = _specialize_stage(p, trained_record["run_id"])
         with _timed(timings, "report"):
             registered, plot_files = _report_stage(p, parent, spec, trained_record)
         timings["total"] = time.perf_counter() - started
@@ -325,7 +269,7 @@ def _retrain(p: Retrain) -> dict:
     return {**record, "noop": False}
 
 
-def _nothing_new(p: Retrain, version: str, key: str) -> dict | None:
+def _nothing_new(p: RunPlan, version: str, key: str) -> dict | None:
     """The last completed run with the same data version, config, targets and search settings."""
     last = last_completed(p.store, p.dataset, key)
     if last is not None:
@@ -337,19 +281,17 @@ def _nothing_new(p: Retrain, version: str, key: str) -> dict | None:
     return last
 
 
-def _start_parent(
-    p: Retrain, cfg: TrainConfig, version: str, targets_file: str, targets_text: str, pipeline_run: str
-) -> str:
+def _start_parent(p: RunPlan, version: str, pipeline_run: str) -> str:
     """The pipeline's MLflow parent run, with what it was asked to do as params and tags."""
     params = {
         "source": p.source,
         "data_version": version,
-        "targets_file": targets_file,
-        "targets_sha256": hashlib.sha256(targets_text.encode()).hexdigest(),
+        "targets_file": p.targets_file,
+        "targets_sha256": p.targets_sha256,
         "workers": p.workers,
         "samples": p.samples,
         "score": p.score,
-        "train": cfg.model_dump(mode="json"),
+        "train": p.train.model_dump(mode="json"),
     }
     tags = {"tofa.dataset": p.dataset, "tofa.data_version": version, "tofa.pipeline_run": pipeline_run}
     if commit := tracking.git_commit():
@@ -357,10 +299,10 @@ def _start_parent(
     return tracking.start_pipeline(p.dataset, f"pipeline-{pipeline_run}", params, tags)
 
 
-def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tuple[dict, bool]:
+def _train_stage(p: RunPlan, version: str, parent: str) -> tuple[dict, bool]:
     """The supernet of this data version and config: reused when one exists, else trained."""
     logger = get_run_logger()
-    trained = reusable_supernet(p.store, p.dataset, version, cfg)
+    trained = reusable_supernet(p.store, p.dataset, version, p.train)
     if trained is not None:
         logger.info("stage 2/4: reusing supernet %s (same data version and config)", trained["run_id"])
         return trained, True
@@ -368,21 +310,18 @@ def _train_stage(p: Retrain, cfg: TrainConfig, version: str, parent: str) -> tup
         "stage 2/4: train on %s with %d workers (warm start from the last supernet)", version, p.workers
     )
     trained = train_flow(
-        source=p.source, dataset=p.dataset, store=p.store, config_file=p.config_file, epochs=p.epochs,
-        workers=p.workers, warm_start="last", version=version, parent_run=parent,
-        gpus_per_worker=p.gpus_per_worker, budget_minutes=p.budget_minutes,
+        source=p.source, dataset=p.dataset, store=p.store, cfg=p.train, workers=p.workers,
+        warm_start="last", version=version, parent_run=parent,
     )  # fmt: skip
     return trained, False
 
 
-def _specialize_stage(
-    p: Retrain, targets_file: str, targets: list[Target], run_id: str
-) -> tuple[Specialization, Exception | None]:
+def _specialize_stage(p: RunPlan, run_id: str) -> tuple[Specialization, Exception | None]:
     """Every target in parallel; a failed target's error is kept to raise after registering the rest."""
     try:
         spec = specialize_flow.with_options(task_runner=task_runner())(
-            source=p.source, dataset=p.dataset, targets_file=targets_file, store=p.store,
-            run_id=run_id, samples=p.samples, score=p.score, targets=targets,
+            source=p.source, dataset=p.dataset, targets_file=p.targets_file, store=p.store,
+            run_id=run_id, samples=p.samples, score=p.score, targets=list(p.targets),
         )  # fmt: skip
         return spec, None
     except SpecializationFailed as err:  # register what succeeded, then fail
@@ -390,10 +329,10 @@ def _specialize_stage(
 
 
 def _report_stage(
-    p: Retrain, parent: str, spec: Specialization, trained_record: dict
+    p: RunPlan, parent: str, spec: Specialization, trained_record: dict
 ) -> tuple[dict, list[str]]:
     get_run_logger().info("stage 4/4: register %d models in MLflow and draw the plots", len(spec.targets))
-    trained = load_supernet(p.store, trained_record["run_dir"])
+    trained = spec.trained  # the supernet specialization loaded, not loaded again
     registered = register_models(parent, p.dataset, spec.targets, trained)
     run_dir = open_storage(trained_record["run_dir"])
     predictor = json.loads(run_dir.read_bytes(f"{predictor_key(p.score, p.samples, 0)}.json"))

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -56,6 +56,12 @@ class Specialization:
     targets: list[TargetResult]
     failed: list[FailedTarget]
     seconds: float
+    # The supernet this run loaded, for its caller (a pipeline registers and plots with it):
+    # not in summary.json, and not pickled with a flow's state.
+    trained: Trained | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "trained"} | {"trained": None}
 
     def to_json(self) -> dict:
         head = ("dataset", "data_version", "splits", "supernet_run", "supernet_dir", "predictor")
@@ -268,6 +274,7 @@ def specialize_flow(
         targets=done,
         failed=failed,
         seconds=round(time.perf_counter() - started, 2),
+        trained=trained,
     )
     summary_json = json.dumps(summary.to_json(), indent=2).encode()
     open_storage(store).child(prefix).write_bytes("summary.json", summary_json)

@@ -10,7 +10,6 @@ RAY_ADDRESS when set, else starts a local instance.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import secrets
@@ -26,6 +25,7 @@ from flows.settings import dataset_name, store_uri
 from flows.tracking import log_training
 from flows.train_worker import FATAL_KEY, train_worker
 from tofa_core.data.store import DamagedShard
+from tofa_core.plan import config_hash
 from tofa_core.runs import Runs, WarmStart
 from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
 from tofa_core.training.checkpoint import CheckpointError, OtherSpaceError
@@ -195,12 +195,6 @@ def _progress(run_dir, epochs: int, every: float = 2.0):
         thread.join(timeout=30)
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """Identifies a training setup: same data version + same hash = the same supernet to expect."""
-    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 @flow(name="tofa-train")
 def train_flow(
     source: str = "digits",
@@ -214,21 +208,24 @@ def train_flow(
     parent_run: str | None = None,
     gpus_per_worker: float | None = None,
     budget_minutes: float | None = None,
+    cfg: TrainConfig | None = None,
 ) -> dict:
     """Ingest SOURCE if needed (a no-op when stored), then train one supernet on it with Ray.
 
     `version`: train on this stored data version (the caller ingested it); `parent_run`: the
     MLflow run (a pipeline's) this training is nested under; `gpus_per_worker` and
-    `budget_minutes` override train.gpus_per_worker and train.budget_minutes."""
+    `budget_minutes` override train.gpus_per_worker and train.budget_minutes. `cfg`: the
+    training settings already resolved (a pipeline's plan): the config file is not read."""
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
     store = store_uri(store)
     if version is None:
         version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     data = {"version": version}
-    cfg = TrainConfig.load(
-        config_file, epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes
-    )
+    if cfg is None:
+        cfg = TrainConfig.load(
+            config_file, epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes
+        )
     runs = Runs(open_storage(store))
     warm = WarmStart.resolve(warm_start, runs, dataset)
     run_id = new_run_id()

@@ -9,8 +9,10 @@ versions and moves `champion` only where the new model scored at least as well.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +112,41 @@ def run(world, **kwargs) -> dict:
     return retrain_flow(**(args | kwargs))
 
 
+@contextmanager
+def counted_reads():
+    """Counts, while it is open, each file read through tofa_core.config_files (config and
+    targets files) by resolved path, each supernet load and each check for LiteRT's converter."""
+    import flows.specialize
+    from tofa_core import config_files, litert
+
+    counts: collections.Counter = collections.Counter()
+    read, load, require = config_files._read_text, flows.specialize.load_trained, litert.require_for
+
+    def reading(path, what):
+        counts[str(Path(path).resolve())] += 1
+        return read(path, what)
+
+    def loading(*args, **kwargs):
+        counts["supernet loads"] += 1
+        return load(*args, **kwargs)
+
+    def requiring(targets):
+        counts["litert checks"] += 1
+        return require(targets)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_files, "_read_text", reading)
+        mp.setattr(flows.specialize, "load_trained", loading)
+        mp.setattr(litert, "require_for", requiring)
+        yield counts
+
+
 @pytest.fixture(scope="module")
 def first(world):
-    return run(world)
+    with counted_reads() as counts:
+        out = run(world)
+    world["first_run_reads"] = counts
+    return out
 
 
 def client():
@@ -205,6 +239,14 @@ def test_first_run_registers_every_target_as_champion(world, first):
             assert target_run.data.params["precision"] == "fp32" and "test_acc_int8" not in metrics
 
 
+def test_a_run_reads_its_config_and_targets_files_and_loads_its_supernet_once(world, first):
+    """The run is resolved once (tofa_core.plan.RunPlan): no stage reads a file again."""
+    counts = world["first_run_reads"]
+    config, targets = str(Path(world["config"]).resolve()), str(world["targets"].resolve())
+    assert counts[config] == 1 and counts[targets] == 1, counts
+    assert counts["supernet loads"] == 1 and counts["litert checks"] == 1, counts
+
+
 def test_same_data_and_config_is_a_noop(world, first):
     c = client()
     exp = c.get_experiment_by_name("tofa-shapes")
@@ -256,7 +298,8 @@ def registration_kit(
     ones when asked: all, or only the first), and a function registering them under a parent
     run as the pipeline does (as another target's model when asked)."""
     from flows import tracking
-    from flows.pipeline import _evaluation, load_supernet
+    from flows.pipeline import _evaluation
+    from flows.specialize import load_supernet
     from tofa_core.export import preprocess
     from tofa_core.specialize import TargetResult
     from tofa_core.storage import open_storage

@@ -93,25 +93,35 @@ def parse_yaml(text: str, path: str | Path) -> object:
         raise ConfigError(f"{path}: not valid YAML ({short(str(err))})") from None
 
 
-def load_section(path: str | Path, section: str) -> dict:
-    """One section of a config file ({} when absent); unknown sections are refused."""
+def load_sections(path: str | Path) -> dict[str, dict]:
+    """Every section of a config file, read once ({} for an absent one); unknown sections are refused."""
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file is a YAML mapping with sections such as '{section}:'")
+        raise ConfigError(f"{path}: a config file is a YAML mapping with sections such as '{SECTIONS[-1]}:'")
     unknown = sorted(str(k) for k in data if k not in SECTIONS)
     if unknown:
         raise ConfigError(
             f"{path}: unknown section(s) {short(repr(unknown))}; a config file has {', '.join(SECTIONS)}"
         )
-    value = data.get(section) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: '{section}' must be a mapping, got {short(repr(value))}")
-    return value
+    for section in SECTIONS:
+        if not isinstance(data.get(section) or {}, dict):
+            raise ConfigError(f"{path}: '{section}' must be a mapping, got {short(repr(data[section]))}")
+    return {section: data.get(section) or {} for section in SECTIONS}
+
+
+def load_section(path: str | Path, section: str) -> dict:
+    """One section of a config file ({} when absent); unknown sections are refused."""
+    return load_sections(path)[section]
 
 
 def load_section_model(model, path: str | Path, section: str, **overrides):
     """Build pydantic `model` from a config file's `section`; errors name file, field and value."""
-    data = {**load_section(path, section), **overrides}
+    return section_model(model, load_section(path, section), path, section, **overrides)
+
+
+def section_model(model, values: dict, path: str | Path, section: str, **overrides):
+    """Build pydantic `model` from `values`, the `section` of config file `path` (already read)."""
+    data = {**values, **overrides}
     if bad := [k for k in data if not isinstance(k, str)]:  # YAML keys may be numbers, null, lists
         raise ConfigError(f"{path}: {section}: setting names are words, got {short(repr(bad[0]))}")
     try:
