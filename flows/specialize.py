@@ -142,21 +142,27 @@ def latency_tables(targets: list[Target], trained: Trained, tables_dir: str) -> 
     return tables
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every target's task shares: the supernet, the predictor and the subnets it scored
+    (they compete with search's candidates), the latency tables by device, and where the
+    exports go (`store`, under `prefix`)."""
+
+    trained: Trained
+    predictor: object
+    measured: list[Scored]
+    tables: dict[str, LatencyTable]
+    store: str
+    prefix: str
+    score: str
+    seed: int
+
+
 @task(name="specialize-target", cache_policy=NONE)
-def specialize_target(
-    target: Target,
-    trained: Trained,
-    predictor,
-    measured: list[Scored],
-    tables: dict,
-    store: str,
-    prefix: str,
-    score: str,
-    seed: int,
-) -> TargetResult:
-    """Search, export and verify one target, then publish its files to the store.
-    `measured`: the predictor's scored samples, which compete with search's candidates."""
-    costs = CostModel(trained.net.space, tables.get(target.device))
+def specialize_target(target: Target, shared: Shared) -> TargetResult:
+    """Search, export and verify one target, then publish its files to the store."""
+    trained, prefix = shared.trained, shared.prefix
+    costs = CostModel(trained.net.space, shared.tables.get(target.device))
     about = {
         "dataset": trained.state["dataset"],
         "data_version": trained.state["data_version"],
@@ -169,18 +175,18 @@ def specialize_target(
         done = specialize(
             trained.net,
             target,
-            predictor,
+            shared.predictor,
             trained.data,
             costs,
             tmp,
             classes=list(trained.state["classes"]),
             about=about,
-            score=score,
-            seed=seed,
+            score=shared.score,
+            seed=shared.seed,
             reference=trained.reference,
-            measured=measured,
+            measured=shared.measured,
         )
-        files = publish(done.exported.files, open_storage(store).child(f"{prefix}/{target.name}"))
+        files = publish(done.exported.files, open_storage(shared.store).child(f"{prefix}/{target.name}"))
     return done.result(files)
 
 
@@ -254,7 +260,7 @@ def specialize_flow(
     prefix = f"exports/{dataset}/{record['run_id']}"
 
     measured = [Scored.from_dict(s) for s in report["scored"]]
-    states = _run_targets(targets, (trained, predictor, measured, tables, store, prefix, score, seed))
+    states = _run_targets(targets, Shared(trained, predictor, measured, tables, store, prefix, score, seed))
     done, failed = [], []
     for target in targets:
         state = states[target.name]
@@ -284,7 +290,7 @@ def specialize_flow(
     return summary
 
 
-def _run_targets(targets: list[Target], args: tuple) -> dict:
+def _run_targets(targets: list[Target], shared: Shared) -> dict:
     """Each target's final Prefect state, by name: in parallel on the task runner, except the
     targets whose latency is measured on this host, which run here one at a time after the
     others (timed beside parallel work, or on another Ray node, the figure would be wrong)."""
@@ -294,12 +300,12 @@ def _run_targets(targets: list[Target], args: tuple) -> dict:
         return specialize_target.with_options(**options, retry_condition_fn=_worth_retrying)
 
     here = [t for t in targets if t.device == HOST_DEVICE]
-    futures = {t.name: task_for(t).submit(t, *args) for t in targets if t not in here}
+    futures = {t.name: task_for(t).submit(t, shared) for t in targets if t not in here}
     for future in futures.values():
         future.wait()
     states = {name: future.state for name, future in futures.items()}
     for target in here:
-        states[target.name] = task_for(target)(target, *args, return_state=True)
+        states[target.name] = task_for(target)(target, shared, return_state=True)
     return states
 
 
