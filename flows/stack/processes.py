@@ -25,6 +25,21 @@ def _try_bind(port: int) -> socket.socket | None:
     return sock
 
 
+def port_taken(port: int) -> bool:
+    """Something on 127.0.0.1 listens on or holds `port`. Connections a stopped server left in
+    TIME_WAIT (for a minute after `tofa stack down`) do not count: the services bind with
+    SO_REUSEADDR, as this check does, so they start on the port all the same."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return False
+
+
 def free_port_pairs(n: int, low: int = 20000) -> list[int]:
     """n distinct ports p on 127.0.0.1 with p and p + 10000 both free (weed dials HTTP + 10000
     for gRPC in places that ignore the explicit flags). Sockets are held until all are found."""
@@ -82,19 +97,21 @@ def _launch(name: str, cmd: list[str], env: dict, cfg: StackConfig, cwd: Path) -
     return {"pid": proc.pid, "started": _start_time(proc.pid), "log": str(log), "cmd": cmd[:3]}
 
 
-def _stop(entry: dict, timeout: float = 20.0) -> None:
-    """SIGTERM the recorded process group, SIGKILL what is left after `timeout`."""
-    if not _ours(entry):
-        return
-    pid = entry["pid"]
-    os.killpg(pid, signal.SIGTERM)  # start_new_session: the group id is the PID
+def _stop(*entries: dict, timeout: float = 20.0) -> None:
+    """SIGTERM the recorded process groups together, SIGKILL what is left after `timeout`:
+    services that each take seconds to shut down gracefully stop in the time of the slowest."""
+    ours = [e for e in entries if _ours(e)]
+    for entry in ours:
+        os.killpg(entry["pid"], signal.SIGTERM)  # start_new_session: the group id is the PID
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _start_time(pid) == entry["started"]:
-        _reap(pid)
+    while time.monotonic() < deadline and any(_start_time(e["pid"]) == e["started"] for e in ours):
+        for entry in ours:
+            _reap(entry["pid"])
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
-        os.killpg(pid, signal.SIGKILL)  # the leader's leftovers too (uvicorn workers, flow runs)
-    _reap(pid)
+    for entry in ours:
+        with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
+            os.killpg(entry["pid"], signal.SIGKILL)  # the leader's leftovers too (uvicorn workers, flow runs)
+        _reap(entry["pid"])
 
 
 def _reap(pid: int) -> None:

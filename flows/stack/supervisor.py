@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from flows.stack.config import POOL, PROJECT_ROOT, SERVICES, StackConfig, StackError, _load, _save
-from flows.stack.processes import _launch, _ours, _stop, _tail, _try_bind, free_port_pairs
+from flows.stack.processes import _launch, _ours, _stop, _tail, free_port_pairs, port_taken
 from flows.stack.services import (
     JWT_KEYS,
     _commands,
@@ -35,12 +35,10 @@ def up(cfg: StackConfig, timeout: float = 180.0, progress=lambda message: None) 
             "weed_internal": free_port_pairs(4),
         }
         for name, port in (("s3", cfg.s3_port), ("mlflow", cfg.mlflow_port), ("prefect", cfg.prefect_port)):
-            sock = _try_bind(port)
-            if sock is None:
+            if port_taken(port):
                 raise StackError(
                     f"port {port} on 127.0.0.1 (for {name}) is in use; choose another with --{name}-port"
                 )
-            sock.close()
     _save(cfg, record)
     _write_service_configs(cfg, record)
     commands = _commands(cfg, record)
@@ -92,12 +90,10 @@ def _wait(name: str, record: dict, timeout: float) -> None:
 def down(cfg: StackConfig) -> list[str]:
     """Stop every recorded service (worker first); return the names that were running."""
     record = _load(cfg)
-    stopped = []
-    for name in reversed(SERVICES):
-        entry = record.get("services", {}).pop(name, None)
-        if _ours(entry):
-            _stop(entry)
-            stopped.append(name)
+    entries = {name: record.get("services", {}).pop(name, None) for name in reversed(SERVICES)}
+    stopped = [name for name, entry in entries.items() if _ours(entry)]
+    _stop(entries.pop("worker"))  # first: its flow runs end while their servers still answer
+    _stop(*entries.values())  # then the servers together
     if record:
         _save(cfg, record)
     return stopped
