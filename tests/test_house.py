@@ -36,3 +36,49 @@ def test_the_core_never_imports_orchestration():
                 names = [node.module]
             found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in banned]
     assert not found, found
+
+
+# Where a run's settings and targets are parsed: a pipeline run's plan (tofa_core/plan.py),
+# and the entry of each flow that also runs on its own (`tofa train`, `tofa tune`, `tofa
+# baseline`, `tofa specialize`, `tofa targets validate`), each only when its caller handed it
+# nothing resolved. Anywhere else a stage would read a file again, and could see another
+# version of it than the one the run hashed.
+PARSERS = {"load", "from_yaml", "section_model", "load_section_model", "load_targets", "read_targets"}
+PARSED = {"TrainConfig", "IngestConfig", "config_files", "stages"}
+ALLOWED_PARSES = {
+    ("flows/baseline.py", "baseline_flow", "TrainConfig.load"),
+    ("flows/cli/targets.py", "targets_validate", "load_targets"),
+    ("flows/ingest.py", "ingest_flow", "stages.IngestConfig.from_yaml"),
+    ("flows/specialize.py", "specialize_flow", "load_targets"),
+    ("flows/train.py", "train_flow", "TrainConfig.load"),
+    ("flows/tune.py", "tune_flow", "TrainConfig.load"),
+    ("tofa_core/plan.py", "resolve", "config_files.section_model"),
+    ("tofa_core/plan.py", "resolve", "read_targets"),
+}
+
+
+def _called(node: ast.Call) -> str | None:
+    """`TrainConfig.load`, `read_targets`, ...: the parse a call makes, if it is one."""
+    func = node.func
+    if isinstance(func, ast.Name) and func.id in PARSERS:
+        return func.id
+    if isinstance(func, ast.Attribute) and func.attr in PARSERS:
+        owner = ast.unparse(func.value)
+        if owner.split(".")[0] in PARSED:
+            return f"{owner}.{func.attr}"
+    return None
+
+
+def test_settings_and_targets_are_parsed_only_where_a_run_is_resolved():
+    found = set()
+    for package in ("tofa_core", "flows"):
+        for path, tree in _modules(package):
+            for fn in ast.walk(tree):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and (call := _called(node)):
+                        found.add((str(path.relative_to(ROOT)), fn.name, call))
+    # the parsers' own layers (TrainConfig.load calls from_yaml, and so on) are not call sites
+    inner = {f for f in found if f[0].startswith("tofa_core/") and f[0] != "tofa_core/plan.py"}
+    assert found - inner == ALLOWED_PARSES, sorted((found - inner) ^ ALLOWED_PARSES)
