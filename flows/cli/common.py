@@ -110,8 +110,8 @@ def _name(check):
 def _config(value: Path | None) -> Path | None:
     """An option callback: a config file is read and its sections checked before anything starts."""
     try:
-        for section in config_files.SECTIONS if value is not None else ():
-            config_files.load_section(value, section)
+        if value is not None:
+            config_files.load_sections(value)
     except config_files.ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     return value
