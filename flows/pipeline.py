@@ -197,11 +197,20 @@ def retrain_flow(
     store = store_uri(store)
     check_services(store, prefect=False)  # the API answered: this flow is running
     plan = RunPlan.resolve(
-        source=source, dataset=dataset, store=store, tracking_uri=tracking.tracking_uri(),
-        config_file=config_file, targets_file=targets_file or default_targets(),
-        devices=table_devices(latency_dir()), workers=workers, samples=samples, score=score,
-        epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes,
-    )  # fmt: skip
+        source=source,
+        dataset=dataset,
+        store=store,
+        tracking_uri=tracking.tracking_uri(),
+        config_file=config_file,
+        targets_file=targets_file or default_targets(),
+        devices=table_devices(latency_dir()),
+        workers=workers,
+        samples=samples,
+        score=score,
+        epochs=epochs,
+        gpus_per_worker=gpus_per_worker,
+        budget_minutes=budget_minutes,
+    )
     owner = f"tofa-retrain flow run {flow_run.get_name() or flow_run.get_id()}"
     with RunLock(open_storage(store), dataset, owner, wait=lock_wait):
         return _retrain(plan, force)
@@ -310,9 +319,15 @@ def _train_stage(p: RunPlan, version: str, parent: str) -> tuple[dict, bool]:
         "stage 2/4: train on %s with %d workers (warm start from the last supernet)", version, p.workers
     )
     trained = train_flow(
-        source=p.source, dataset=p.dataset, store=p.store, cfg=p.train, workers=p.workers,
-        warm_start="last", version=version, parent_run=parent,
-    )  # fmt: skip
+        source=p.source,
+        dataset=p.dataset,
+        store=p.store,
+        cfg=p.train,
+        workers=p.workers,
+        warm_start="last",
+        version=version,
+        parent_run=parent,
+    )
     return trained, False
 
 
@@ -320,9 +335,15 @@ def _specialize_stage(p: RunPlan, run_id: str) -> tuple[Specialization, Exceptio
     """Every target in parallel; a failed target's error is kept to raise after registering the rest."""
     try:
         spec = specialize_flow.with_options(task_runner=task_runner())(
-            source=p.source, dataset=p.dataset, targets_file=p.targets_file, store=p.store,
-            run_id=run_id, samples=p.samples, score=p.score, targets=list(p.targets),
-        )  # fmt: skip
+            source=p.source,
+            dataset=p.dataset,
+            targets_file=p.targets_file,
+            store=p.store,
+            run_id=run_id,
+            samples=p.samples,
+            score=p.score,
+            targets=list(p.targets),
+        )
         return spec, None
     except SpecializationFailed as err:  # register what succeeded, then fail
         return err.summary, err

@@ -67,10 +67,20 @@ class RunPlan:
         text, targets = read_targets(targets_file, devices=devices)
         litert.require_for(targets)
         return cls(
-            source=source, dataset=dataset, store=store, tracking_uri=tracking_uri,
-            config_file=config_file, ingest=ingest, train=train, targets_file=str(targets_file),
-            targets_text=text, targets=tuple(targets), workers=workers, samples=samples, score=score,
-        )  # fmt: skip
+            source=source,
+            dataset=dataset,
+            store=store,
+            tracking_uri=tracking_uri,
+            config_file=config_file,
+            ingest=ingest,
+            train=train,
+            targets_file=str(targets_file),
+            targets_text=text,
+            targets=tuple(targets),
+            workers=workers,
+            samples=samples,
+            score=score,
+        )
 
     def key(self, version: str) -> str:
         """Everything the run's result depends on, for data `version`: an equal key means

@@ -177,9 +177,12 @@ def targets_table(rows: list[dict], title: str) -> Table:
     """One target a row: what its subnet measured and, dim beneath each value, the target's
     budget for it (a column per constraint, so 80 columns hold every kind of budget)."""
     table = Table(
-        title=f"specialized subnets: {title}", caption="under each target: its precision and (dim) budgets",
-        box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True,
-    )  # fmt: skip
+        title=f"specialized subnets: {title}",
+        caption="under each target: its precision and (dim) budgets",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
     registered = any("registered_model" in r for r in rows)
     columns = _columns(rows)
     table.add_column("target", no_wrap=True)
