@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = f"{tmp}/store"
-        version = ingest("digits", "digits", DatasetStore(open_storage(store))).manifest.version
+        store = open_storage(f"{tmp}/store")
+        version = ingest("digits", "digits", DatasetStore(store)).manifest.version
         for workers, threads in ((1, 2), (2, 1)):
             cfg = TrainConfig(
                 epochs=args.epochs, steps_per_epoch=args.steps, resolutions=(8,), threads=threads

@@ -15,11 +15,11 @@ import json
 from prefect import flow, get_run_logger
 
 from flows.ingest import ingest_flow
-from flows.settings import dataset_name, store_uri
+from flows.settings import dataset_name, open_store
 from flows.tracking import log_training
 from flows.train import new_run_id, run_trainer
 from tofa_core.arch import Arch
-from tofa_core.storage import open_storage
+from tofa_core.storage import Storage
 from tofa_core.training.config import TrainConfig
 
 
@@ -28,7 +28,7 @@ def baseline_flow(
     archs: dict[str, dict],
     source: str = "digits",
     dataset: str | None = None,
-    store: str | None = None,
+    store: str | Storage | None = None,
     config_file: str | None = None,
     epochs: int | None = None,
     workers: int = 1,
@@ -37,7 +37,7 @@ def baseline_flow(
     """Train each of `archs` ({label: arch dict}) alone, one Ray Train run each."""
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
-    store = store_uri(store)
+    store = open_store(store)
     version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     cfg = TrainConfig.load(config_file, epochs=epochs, seed=seed)
     results = []
@@ -63,7 +63,7 @@ def baseline_flow(
         summary["mlflow_run_id"] = log_training(
             summary | {"test_acc/arch": summary["test_acc"]}, cfg, out["history"], kind="baseline"
         )
-        open_storage(store).child(f"baselines/{dataset}").write_bytes(
+        store.child(f"baselines/{dataset}").write_bytes(
             f"{run_id}.json", json.dumps(summary, indent=2).encode()
         )
         logger.info(

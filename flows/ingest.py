@@ -13,11 +13,11 @@ from contextlib import nullcontext
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.settings import store_uri
+from flows.settings import open_store
 from tofa_core.data import ingest as stages
 from tofa_core.data.store import DatasetStore
 from tofa_core.runlock import RunLock
-from tofa_core.storage import NotFound, StorageError, open_storage
+from tofa_core.storage import NotFound, Storage, StorageError
 
 
 def _storage_hiccup(task, task_run, state) -> bool:
@@ -48,7 +48,7 @@ def _as_task(stage: str, fn, *args):
 def ingest_flow(
     source: str = "digits",
     dataset: str = "digits",
-    store: str | None = None,
+    store: str | Storage | None = None,
     config_file: str | None = None,
     lock: bool = True,
     config: stages.IngestConfig | None = None,
@@ -61,7 +61,7 @@ def ingest_flow(
     ingest settings already resolved (a pipeline's plan): `config_file` is not read."""
     if config is None:
         config = stages.IngestConfig.from_yaml(config_file) if config_file else stages.IngestConfig()
-    root = open_storage(store_uri(store))
+    root = open_store(store)
     ds = DatasetStore(root)
     with RunLock(root, dataset, f"ingest (pid {os.getpid()})") if lock else nullcontext():
         result = stages.ingest(source, dataset, ds, config, run=_as_task)

@@ -49,24 +49,24 @@ from tofa_core.search.pareto import subnet_points
 from tofa_core.search.predictor import predictor_key
 from tofa_core.search.targets import table_devices
 from tofa_core.specialize import TargetResult, Trained
-from tofa_core.storage import open_storage
+from tofa_core.storage import Storage
 from tofa_core.training.config import TrainConfig
 
 PARETO_SUBNETS = 80  # sampled subnets whose test accuracy the Pareto plot shows
 
 
 @task(name="new-data-gate", cache_policy=NONE, retries=2, retry_delay_seconds=2)
-def last_completed(store: str, dataset: str, key: str) -> dict | None:
+def last_completed(store: Storage, dataset: str, key: str) -> dict | None:
     """The newest completed pipeline run with this key, if any."""
-    done = [r for r in Runs(open_storage(store)).pipelines(dataset) if r.get("status") == "completed"]
+    done = [r for r in Runs(store).pipelines(dataset) if r.get("status") == "completed"]
     return done[-1] if done and done[-1]["key"] == key else None
 
 
 @task(name="reusable-supernet", cache_policy=NONE, retries=2, retry_delay_seconds=2)
-def reusable_supernet(store: str, dataset: str, version: str, cfg: TrainConfig) -> dict | None:
+def reusable_supernet(store: Storage, dataset: str, version: str, cfg: TrainConfig) -> dict | None:
     """A supernet already trained on this data version with this config."""
     wanted = config_hash(cfg)
-    same = [r for r in Runs(open_storage(store)).supernets(dataset) if r["data_version"] == version]
+    same = [r for r in Runs(store).supernets(dataset) if r["data_version"] == version]
     same = [r for r in same if r.get("config_hash") == wanted]
     return same[-1] if same else None
 
@@ -98,11 +98,13 @@ def _unless_server_down(task, task_run, state) -> bool:
     name="register-models", cache_policy=NONE, retries=2, retry_delay_seconds=5,
     retry_condition_fn=_unless_server_down,
 )  # fmt: skip
-def register_models(parent: str, dataset: str, rows: list[TargetResult], trained: Trained) -> dict[str, dict]:
+def register_models(
+    parent: str, dataset: str, rows: list[TargetResult], trained: Trained, store: Storage
+) -> dict[str, dict]:
     """Each target: a nested MLflow run, a new registered model version, its alias decision.
     A tracking server that stops answering fails it with ServiceUnavailable, naming it."""
     try:
-        return _register(parent, dataset, rows, trained)
+        return _register(parent, dataset, rows, trained, store)
     except ServiceUnavailable:
         raise
     except Exception:
@@ -110,7 +112,9 @@ def register_models(parent: str, dataset: str, rows: list[TargetResult], trained
         raise
 
 
-def _register(parent: str, dataset: str, rows: list[TargetResult], trained: Trained) -> dict[str, dict]:
+def _register(
+    parent: str, dataset: str, rows: list[TargetResult], trained: Trained, store: Storage
+) -> dict[str, dict]:
     logger = get_run_logger()
     evaluation = _evaluation(trained)
     out = {}
@@ -119,7 +123,7 @@ def _register(parent: str, dataset: str, rows: list[TargetResult], trained: Trai
             folder = Path(tmp)
             for name, uri in row.files.items():
                 where, _, key = uri.rpartition("/")
-                (folder / name).write_bytes(open_storage(where).read_bytes(key))
+                (folder / name).write_bytes(store.at(where).read_bytes(key))
             example = preprocess(evaluation.images[:1], json.loads((folder / "model.json").read_text()))
             done = tracking.register_target(parent, dataset, row, folder, example, evaluation)
         logger.info(
@@ -212,7 +216,7 @@ def retrain_flow(
         budget_minutes=budget_minutes,
     )
     owner = f"tofa-retrain flow run {flow_run.get_name() or flow_run.get_id()}"
-    with RunLock(open_storage(store), dataset, owner, wait=lock_wait):
+    with RunLock(plan.store, dataset, owner, wait=lock_wait):
         return _retrain(plan, force)
 
 
@@ -241,7 +245,7 @@ def _retrain(p: RunPlan, force: bool) -> dict:
     record = {"pipeline_run": pipeline_run, "status": "running", "key": key, "dataset": p.dataset}
     record |= {"data_version": data["version"], "data_created": data["created"]}
     record["mlflow"] = {"tracking_uri": redact(p.tracking_uri), "parent_run_id": parent}
-    runs = Runs(open_storage(p.store))
+    runs = Runs(p.store)
     ok = False
     try:
         record["mlflow"]["run_url"] = tracking.run_url(p.dataset, parent)
@@ -354,8 +358,8 @@ def _report_stage(
 ) -> tuple[dict, list[str]]:
     get_run_logger().info("stage 4/4: register %d models in MLflow and draw the plots", len(spec.targets))
     trained = spec.trained  # the supernet specialization loaded, not loaded again
-    registered = register_models(parent, p.dataset, spec.targets, trained)
-    run_dir = open_storage(trained_record["run_dir"])
+    registered = register_models(parent, p.dataset, spec.targets, trained, p.store)
+    run_dir = p.store.at(trained_record["run_dir"])
     predictor = json.loads(run_dir.read_bytes(f"{predictor_key(p.score, p.samples, 0)}.json"))
     history = json.loads(run_dir.read_bytes("result.json"))["history"]
     return registered, draw_plots(parent, trained, spec, history, predictor)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tofa_core import names
+
+if TYPE_CHECKING:  # storage imports pyarrow: not for `tofa --help`
+    from tofa_core.storage import Storage
 
 DEFAULT_STORE = ".tofa/store"
 
@@ -16,6 +20,15 @@ def store_uri(override: str | None = None) -> str:
     uri = override or os.environ.get("TOFA_STORE") or DEFAULT_STORE
     # Absolute for local paths: Ray workers run in folders of their own.
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def open_store(store: str | Storage | None = None) -> Storage:
+    """The store, opened once per process where a flow starts (each flow also runs alone, as
+    a deployment); a Storage the caller already opened (the pipeline's plan) is used as it is.
+    Everything below a flow derives its folders from it (`child`, `at`)."""
+    from tofa_core.storage import Storage, open_storage
+
+    return store if isinstance(store, Storage) else open_storage(store_uri(store))
 
 
 def dataset_name(source: str, override: str | None = None) -> str:

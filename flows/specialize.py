@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.settings import dataset_name, latency_dir, state_dir, store_uri
+from flows.settings import dataset_name, latency_dir, open_store, state_dir
 from tofa_core import litert
 from tofa_core.costs import LatencyTable, LatencyTableError
 from tofa_core.data.store import DatasetStore
@@ -32,7 +32,7 @@ from tofa_core.search.evolution import CostModel, InfeasibleTarget
 from tofa_core.search.predictor import Scored, cached_predictor, predictor_key
 from tofa_core.search.targets import HOST_DEVICE, Target, TargetError, load_targets, table_devices
 from tofa_core.specialize import TargetResult, Trained, load_trained, specialize
-from tofa_core.storage import open_storage
+from tofa_core.storage import Storage
 from tofa_core.training.checkpoint import CheckpointError
 
 
@@ -87,26 +87,25 @@ class SpecializationFailed(RuntimeError):
         return SpecializationFailed, (self.summary,)
 
 
-def last_supernet(store: str, dataset: str) -> dict:
+def last_supernet(store: Storage, dataset: str) -> dict:
     """The newest training record of `dataset` (written by tofa-train)."""
-    latest = Runs(open_storage(store)).latest_supernet(dataset)
+    latest = Runs(store).latest_supernet(dataset)
     if latest is None:
         raise FileNotFoundError(
-            f"no trained supernet for data set {dataset!r} in {open_storage(store).uri()}; "
+            f"no trained supernet for data set {dataset!r} in {store.uri()}; "
             f"run `tofa train --data {dataset}` (or `tofa run`) first"
         )
     return latest
 
 
 @task(name="load-supernet", cache_policy=NONE)
-def load_supernet(store: str, run_dir: str) -> Trained:
-    return load_trained(DatasetStore(open_storage(store)), open_storage(run_dir))
+def load_supernet(store: Storage, run_dir: str) -> Trained:
+    return load_trained(DatasetStore(store), store.at(run_dir))
 
 
 @task(name="accuracy-predictor", cache_policy=NONE)
-def accuracy_predictor(trained: Trained, run_dir: str, samples: int, score: str, seed: int = 0):
-    """Built once per trained supernet and kept beside it; later runs reuse it."""
-    folder = open_storage(run_dir)
+def accuracy_predictor(trained: Trained, folder: Storage, samples: int, score: str, seed: int = 0):
+    """Built once per trained supernet and kept beside it (in its run `folder`); later runs reuse it."""
     model, report, reused = cached_predictor(
         trained.net, trained.data, folder, samples=samples, score=score, seed=seed
     )
@@ -152,7 +151,7 @@ class Shared:
     predictor: object
     measured: list[Scored]
     tables: dict[str, LatencyTable]
-    store: str
+    store: Storage
     prefix: str
     score: str
     seed: int
@@ -186,7 +185,7 @@ def specialize_target(target: Target, shared: Shared) -> TargetResult:
             reference=trained.reference,
             measured=shared.measured,
         )
-        files = publish(done.exported.files, open_storage(shared.store).child(f"{prefix}/{target.name}"))
+        files = publish(done.exported.files, shared.store.child(f"{prefix}/{target.name}"))
     return done.result(files)
 
 
@@ -234,7 +233,7 @@ def specialize_flow(
     source: str = "digits",
     dataset: str | None = None,
     targets_file: str | None = None,
-    store: str | None = None,
+    store: str | Storage | None = None,
     run_id: str | None = None,
     samples: int = 300,
     score: str = "agreement",
@@ -246,16 +245,16 @@ def specialize_flow(
     logger = get_run_logger()
     started = time.perf_counter()
     dataset = dataset_name(source, dataset)
-    store = store_uri(store)
+    store = open_store(store)
     tables_dir = str(latency_dir())
     if targets is None:
         targets = load_targets(targets_file or default_targets(), devices=table_devices(tables_dir))
         litert.require_for(targets)
-    runs = Runs(open_storage(store))
+    runs = Runs(store)
     record = last_supernet(store, dataset) if run_id is None else runs.supernet(dataset, run_id)
     run_dir = record["run_dir"]
     trained = load_supernet(store, run_dir)
-    predictor, report = accuracy_predictor(trained, run_dir, samples, score, seed)
+    predictor, report = accuracy_predictor(trained, store.at(run_dir), samples, score, seed)
     tables = latency_tables(targets, trained, tables_dir)
     prefix = f"exports/{dataset}/{record['run_id']}"
 
@@ -283,7 +282,7 @@ def specialize_flow(
         trained=trained,
     )
     summary_json = json.dumps(summary.to_json(), indent=2).encode()
-    open_storage(store).child(prefix).write_bytes("summary.json", summary_json)
+    store.child(prefix).write_bytes("summary.json", summary_json)
     logger.info("specialized %d targets (%d failed) in %.1f s", len(done), len(failed), summary.seconds)
     if failed:
         raise SpecializationFailed(summary)

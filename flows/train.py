@@ -21,13 +21,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.ingest import ingest_flow
-from flows.settings import dataset_name, store_uri
+from flows.settings import dataset_name, open_store
 from flows.tracking import log_training
 from flows.train_worker import FATAL_KEY, train_worker
 from tofa_core.data.store import DamagedShard
 from tofa_core.plan import config_hash
 from tofa_core.runs import Runs, WarmStart
-from tofa_core.storage import NotFound, S3Storage, StorageError, open_storage
+from tofa_core.storage import NotFound, S3Storage, Storage, StorageError
 from tofa_core.training.checkpoint import CheckpointError, OtherSpaceError
 from tofa_core.training.config import TrainConfig
 
@@ -37,9 +37,8 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def _ray_storage(store: str):
+def _ray_storage(storage: Storage):
     """Where Ray keeps its run metadata: beside the data (S3 needs an explicit endpoint)."""
-    storage = open_storage(store)
     if isinstance(storage, S3Storage):
         import pyarrow.fs as pafs
 
@@ -94,7 +93,7 @@ def _gpus_per_worker(cfg: TrainConfig) -> float:
 @task(name="train-supernet", cache_policy=NONE)
 def run_trainer(
     cfg: TrainConfig,
-    store: str,
+    store: Storage,
     dataset: str,
     version: str,
     run_id: str,
@@ -111,16 +110,16 @@ def run_trainer(
     gpus = _gpus_per_worker(cfg)
     nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     threads = cfg.threads or cpus_per_worker(nodes, workers)
-    run_dir = open_storage(store).child(f"runs/{run_id}").root
+    run_dir = store.child(f"runs/{run_id}")
     storage_path, fs = _ray_storage(store)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "train": cfg.model_copy(update={"threads": threads}).model_dump(mode="json"),
-            "store": store,
+            "store": store.root,  # each worker opens it once, in its own process
             "dataset": dataset,
             "version": version,
-            "run_dir": run_dir,
+            "run_dir": run_dir.root,
             "warm": dataclasses.asdict(warm) if warm else None,
             "fixed": fixed,
         },
@@ -136,12 +135,12 @@ def run_trainer(
             failure_config=FailureConfig(max_failures=3),
         ),
     )
-    with _progress(open_storage(run_dir), cfg.epochs):
+    with _progress(run_dir, cfg.epochs):
         trainer.fit()  # raises when the workers fail for good (after FailureConfig's restarts)
-    _raise_recurring(open_storage(run_dir))
-    record = json.loads(open_storage(run_dir).read_bytes("result.json"))
+    _raise_recurring(run_dir)
+    record = json.loads(run_dir.read_bytes("result.json"))
     return {
-        "run_dir": run_dir,
+        "run_dir": run_dir.root,
         "final": {**record["final"], "seconds": record["seconds"]},
         "history": record["history"],
         "warm_start": record.get("warm_start"),
@@ -199,7 +198,7 @@ def _progress(run_dir, epochs: int, every: float = 2.0):
 def train_flow(
     source: str = "digits",
     dataset: str | None = None,
-    store: str | None = None,
+    store: str | Storage | None = None,
     config_file: str | None = None,
     epochs: int | None = None,
     workers: int = 2,
@@ -218,7 +217,7 @@ def train_flow(
     training settings already resolved (a pipeline's plan): the config file is not read."""
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
-    store = store_uri(store)
+    store = open_store(store)
     if version is None:
         version = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)["version"]
     data = {"version": version}
@@ -226,7 +225,7 @@ def train_flow(
         cfg = TrainConfig.load(
             config_file, epochs=epochs, gpus_per_worker=gpus_per_worker, budget_minutes=budget_minutes
         )
-    runs = Runs(open_storage(store))
+    runs = Runs(store)
     warm = WarmStart.resolve(warm_start, runs, dataset)
     run_id = new_run_id()
     logger.info("training run %s on %s %s with %d workers", run_id, dataset, data["version"], workers)

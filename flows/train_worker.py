@@ -12,7 +12,7 @@ import json
 from tofa_core.arch import Arch
 from tofa_core.data.store import DamagedShard, DatasetStore
 from tofa_core.runs import WarmStart
-from tofa_core.storage import open_storage
+from tofa_core.storage import Storage, StorageError, open_storage
 from tofa_core.training.config import TrainConfig
 
 # Errors of the input, not of the machine: the same run fails the same way every time.
@@ -28,15 +28,16 @@ def train_worker(config: dict) -> None:
     from tofa_core.training.loop import train_supernet
 
     cfg = TrainConfig(**config["train"])
-    run_dir = open_storage(config["run_dir"])
+    store = open_storage(config["store"])  # once in this process; the rest derives from it
+    run_dir = store.at(config["run_dir"])
     start = WarmStart(**config["warm"]) if config.get("warm") else None
     warm = None
     if start is not None:
-        warm = (start.where, None) if start.kind == "ofa" else (open_storage(start.where), start.key)
+        warm = (start.where, None) if start.kind == "ofa" else (_folder(store, start.where), start.key)
     try:
         result = train_supernet(
             cfg,
-            DatasetStore(open_storage(config["store"])),
+            DatasetStore(store),
             config["dataset"],
             run_dir,
             version=config.get("version"),
@@ -67,3 +68,11 @@ def recurring(err: BaseException) -> bool:
     import torch.distributed as dist
 
     return isinstance(err, RECURRING) and dist.is_available() and dist.is_initialized()
+
+
+def _folder(store: Storage, where: str) -> Storage:
+    """A warm start's checkpoint folder: in the store, or wherever a user's option named it."""
+    try:
+        return store.at(where)
+    except StorageError:
+        return open_storage(where)

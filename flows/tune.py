@@ -15,10 +15,10 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flows.ingest import ingest_flow
-from flows.settings import dataset_name, store_uri
+from flows.settings import dataset_name, open_store
 from flows.tracking import log_sweep
 from flows.train import new_run_id, start_ray
-from tofa_core.storage import open_storage
+from tofa_core.storage import Storage, open_storage
 from tofa_core.training.config import TrainConfig
 
 SWEPT = ("lr", "lambda_u", "tau", "lambda_kd")
@@ -38,11 +38,12 @@ def _trial(params: dict) -> None:
         score = (metrics["val_acc/max"] + metrics["val_acc/min"]) / 2
         tune.report({"val_acc/mean": score, **{k: v for k, v in metrics.items() if k.startswith("val_acc/")}})
 
+    store = open_storage(params["store"])  # once in this trial's process
     train_supernet(
         cfg,
-        DatasetStore(open_storage(params["store"])),
+        DatasetStore(store),
         params["dataset"],
-        open_storage(params["sweep_dir"]).child(trial),
+        store.at(params["sweep_dir"]).child(trial),
         version=params["version"],
         report=report,
     )
@@ -52,7 +53,7 @@ def _trial(params: dict) -> None:
 def tune_flow(
     source: str = "digits",
     dataset: str | None = None,
-    store: str | None = None,
+    store: str | Storage | None = None,
     config_file: str | None = None,
     trials: int = 8,
     epochs: int = 4,
@@ -63,18 +64,18 @@ def tune_flow(
 
     logger = get_run_logger()
     dataset = dataset_name(source, dataset)
-    store = store_uri(store)
+    store = open_store(store)
     data = ingest_flow(source=source, dataset=dataset, store=store, config_file=config_file)
     base = TrainConfig.load(config_file, epochs=epochs)
     sweep_id = new_run_id()
-    sweep_dir = open_storage(store).child(f"tune/{sweep_id}")
+    sweep_dir = store.child(f"tune/{sweep_id}")
     ray = start_ray()
     cpus = int(ray.available_resources().get("CPU", 1))
     parallel = concurrent or max(1, cpus // 2)
     threads = max(1, cpus // parallel)
     param_space = _search_space(tune) | {
         "base": base.model_copy(update={"threads": threads}).model_dump(mode="json"),
-        "store": store,
+        "store": store.root,
         "dataset": dataset,
         "version": data["version"],
         "sweep_dir": sweep_dir.root,
@@ -111,7 +112,7 @@ def _search_space(tune) -> dict:
 
 
 def _tuner(
-    param_space: dict, threads: int, trials: int, parallel: int, epochs: int, sweep_id: str, store: str
+    param_space: dict, threads: int, trials: int, parallel: int, epochs: int, sweep_id: str, store: Storage
 ):
     """Ray Tune over `param_space` with ASHA stopping weak trials after their first epochs."""
     from ray import tune
@@ -131,7 +132,7 @@ def _tuner(
     )
 
 
-def _local_ray_dir(store: str) -> str:
+def _local_ray_dir(store: Storage) -> str:
     """Ray Tune's own bookkeeping: beside a local store, else under .tofa/ (trial data is in the store)."""
-    root = open_storage(store).root
+    root = store.root
     return root if "://" not in root else os.path.abspath(".tofa")

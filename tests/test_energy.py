@@ -59,8 +59,10 @@ def test_verification_reports_the_energy_and_refuses_a_subnet_over_its_budget(tm
     model = calibrated_subnet(Supernet(SPACE), arch, data.calib)
     exported = export_subnet(model, arch, data, tmp_path, classes=[str(i) for i in range(10)])
     spent = energy_uj(arch, SPACE, "fp32")
-    measured = verify(exported, model, arch, SPACE, Target(name="ok", max_energy_uj=spent * 1.01), data)
-    assert measured["energy_uj"] == spent and "energy_uj" in MEASURED_KEYS  # reaches MLflow and the summary
+    verified = verify(exported, model, arch, SPACE, Target(name="ok", max_energy_uj=spent * 1.01), data)
+    assert (
+        verified.costs["energy_uj"] == spent and "energy_uj" in MEASURED_KEYS
+    )  # reaches MLflow and the summary
     with pytest.raises(VerificationError, match=r"needs energy [\d.]+ uJ > [\d.]+ uJ") as err:
         verify(exported, model, arch, SPACE, Target(name="over", max_energy_uj=spent * 0.99), data)
     assert err.value.check == "max_energy_uj" and not BY_FIELD["max_energy_uj"].retry  # a defect, not luck

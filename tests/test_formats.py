@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tofa_core.arch import SearchSpace
-from tofa_core.export import VerificationError, export_subnet, verify
+from tofa_core.export import MEASURED_KEYS, VerificationError, export_subnet, verify
 from tofa_core.search.targets import Target
 from tofa_core.supernet import Supernet
 from tofa_core.training.evaluate import EvalData, calibrated_subnet
@@ -32,11 +32,12 @@ def subnet(seed: int) -> torch.nn.Module:
 def test_an_fp16_onnx_file_is_half_the_size_and_within_its_tolerance(tmp_path):
     arch, model, data = SPACE.max_arch(), subnet(0), images()
     exported = export_subnet(model, arch, data, tmp_path, classes=CLASSES, formats=TARGET.formats)
-    measured = verify(exported, model, arch, SPACE, TARGET, data)
+    verified = verify(exported, model, arch, SPACE, TARGET, data)
     half, full = exported.files["model.fp16.onnx"], exported.files["model.onnx"]
     assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
-    assert 1e-5 < measured["fp16_max_abs_diff"] < 1e-2  # rounded to half floats, and close
-    assert abs(measured["test_acc_fp16"] - measured["test_acc_fp32"]) <= 1 / 48
+    assert 1e-5 < verified.files["fp16_max_abs_diff"] < 1e-2  # rounded to half floats, and close
+    assert abs(verified.accuracy["test_acc_fp16"] - verified.accuracy["test_acc_fp32"]) <= 1 / 48
+    assert set(verified.accuracy) <= set(MEASURED_KEYS)  # each file's accuracy reaches MLflow and the summary
 
 
 def test_an_fp16_file_of_other_weights_fails_verification(tmp_path):

@@ -69,7 +69,9 @@ def _called(node: ast.Call) -> str | None:
     return None
 
 
-def test_settings_and_targets_are_parsed_only_where_a_run_is_resolved():
+def _call_sites(which) -> set[tuple]:
+    """(file, function, what `which` makes of the call) for each call in tofa_core and flows
+    for which `which` returns something."""
     found = set()
     for package in ("tofa_core", "flows"):
         for path, tree in _modules(package):
@@ -77,8 +79,49 @@ def test_settings_and_targets_are_parsed_only_where_a_run_is_resolved():
                 if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     continue
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.Call) and (call := _called(node)):
+                    if isinstance(node, ast.Call) and (call := which(node)):
                         found.add((str(path.relative_to(ROOT)), fn.name, call))
+    return found
+
+
+def test_settings_and_targets_are_parsed_only_where_a_run_is_resolved():
+    found = _call_sites(_called)
     # the parsers' own layers (TrainConfig.load calls from_yaml, and so on) are not call sites
     inner = {f for f in found if f[0].startswith("tofa_core/") and f[0] != "tofa_core/plan.py"}
     assert found - inner == ALLOWED_PARSES, sorted((found - inner) ^ ALLOWED_PARSES)
+
+
+# Where a store is opened: the plan of a pipeline run, the entry of each flow that also runs
+# on its own (flows.settings.open_store, which uses a store its caller opened as it is), and
+# each Ray process (a training worker, a Tune trial), which gets URIs. Everything else derives
+# its folders from an open store (`child`, `at`), sharing its connection. Sources a user names
+# (tofa_core/data) and a warm start's checkpoint outside the store are not the store.
+ALLOWED_OPENS = {
+    ("flows/settings.py", "open_store"),
+    ("flows/train_worker.py", "train_worker"),
+    ("flows/train_worker.py", "_folder"),
+    ("flows/tune.py", "_trial"),
+    ("tofa_core/plan.py", "resolve"),
+    ("tofa_core/data/ingest.py", "_decode_chunk"),  # a source's files, in a decode process
+    ("tofa_core/data/sources.py", "list_source"),
+}
+OPEN_STORE_CALLERS = {  # open_store's callers: every flow that runs alone, and `tofa gc`
+    ("flows/baseline.py", "baseline_flow"),
+    ("flows/cli/data.py", "gc"),
+    ("flows/ingest.py", "ingest_flow"),
+    ("flows/specialize.py", "specialize_flow"),
+    ("flows/train.py", "train_flow"),
+    ("flows/tune.py", "tune_flow"),
+}
+
+
+def _calls_of(name: str) -> set[tuple[str, str]]:
+    def named(node: ast.Call) -> bool:
+        return isinstance(node.func, ast.Name) and node.func.id == name
+
+    return {(path, fn) for path, fn, _ in _call_sites(named)}
+
+
+def test_the_store_is_opened_once_per_process_where_a_run_or_a_flow_starts():
+    assert _calls_of("open_storage") == ALLOWED_OPENS, sorted(_calls_of("open_storage") ^ ALLOWED_OPENS)
+    assert _calls_of("open_store") == OPEN_STORE_CALLERS, sorted(_calls_of("open_store") ^ OPEN_STORE_CALLERS)

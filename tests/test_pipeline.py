@@ -319,9 +319,9 @@ def registration_kit(
         (folder / "model.json").write_text(json.dumps(about))
     row = TargetResult.from_json({k: v for k, v in row.items() if k != "registered_model"})
     row = dataclasses.replace(row, target=as_target or row.target)
-    trained = load_supernet.fn(str(world["root"] / "store"), json.loads(
-        (world["root"] / "store" / "supernets" / "shapes" / f"{first['supernet_run']}.json").read_text()
-    )["run_dir"])  # fmt: skip
+    store = open_storage(world["root"] / "store")
+    record = json.loads(store.read_bytes(f"supernets/shapes/{first['supernet_run']}.json"))
+    trained = load_supernet.fn(store, record["run_dir"])
     evaluation = _evaluation(trained)
 
     def register(parent: str) -> dict:

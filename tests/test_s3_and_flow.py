@@ -64,7 +64,7 @@ def test_s3_storage_round_trip_and_conditional_put(s3_env, s3_bucket):
         st.read_bytes("a/b.bin", max_bytes=2)
     assert st.stat(["a/m.json", "a/gone.bin"]) == {"a/m.json": st.list()[1]}
     again = pickle.loads(pickle.dumps(st.child("a")))  # to a Ray task: a client of its own
-    assert again.read_bytes("m.json") == b"first" and again._client is not st._client
+    assert again.read_bytes("m.json") == b"first" and again.client is not st.client
     with st.open_file("a/m.json") as f:  # a local temporary copy, seekable
         assert f.read() == b"first" and f.seek(1) == 1 and f.read(2) == b"ir"
     with pytest.raises(StorageError, match="does not exist"):

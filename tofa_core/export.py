@@ -39,6 +39,28 @@ MEASURED_KEYS = (
     "tflite_ram_kb",
     "tflite_flash_kb",
 )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What verification measured on a target's exported files, by registry entry.
+
+    `costs`: by constraint key (tofa_core.constraints: macs, params, ram_kb, flash_kb,
+    latency_ms, energy_uj, ...), plus the ONNX graph's parameters after BN folding and the
+    shipped LiteRT file's RAM and flash; `files`: by format (tofa_core.formats, its
+    `measured` key), each file's check: max abs diff from PyTorch for a float file, top-1
+    agreement for a quantized one; `accuracy`: `test_acc` (the deployed file's),
+    `test_acc_<format>` per file and `val_acc` (the deployed file's)."""
+
+    costs: dict[str, float]
+    files: dict[str, float]
+    accuracy: dict[str, float]
+
+    def as_dict(self) -> dict[str, float]:
+        """One flat mapping: model.json's `verified`, a summary row."""
+        return {**self.costs, **self.files, **self.accuracy}
+
+
 # What model.json says about an int8 file: how it was made, so a runtime knows what it gets.
 INT8_SCHEME = {
     "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around each op)",
@@ -130,7 +152,7 @@ def verify(
     data: EvalData,
     *,
     latency_threads: int = 1,
-) -> dict:
+) -> Verification:
     """Check the exported files against PyTorch and the target's budget; return what was measured.
 
     Each file is judged as its format's entry says (tofa_core.formats). Accuracy, RAM, flash and
@@ -149,17 +171,17 @@ def verify(
     # treats them differently (NEXT_CANDIDATE): the float files, what the arch implies, the
     # int8 ONNX file, its memory, then the LiteRT files (the slowest runtime) and theirs.
     checking.run(lambda f: f.runtime != "LiteRT" and f.tolerance is not None)
-    measured = _check_costs(onnx_file, _file_params(files, model), arch, space, target)
+    costs = _check_costs(onnx_file, _file_params(files, model), arch, space, target)
     checking.run(lambda f: f.runtime != "LiteRT" and f.tolerance is None)
     deployed_file = files[FILES[deployed("ONNX Runtime", target.precision)]]
-    measured |= _check_memory(deployed_file, target)
+    costs |= _check_memory(deployed_file, target)
     checking.run(lambda f: f.runtime == "LiteRT")
-    measured |= checking.measured | _check_litert_memory(files, target)
+    costs |= _check_litert_memory(files, target)
     if target.device == HOST_DEVICE:
-        measured["latency_ms"] = _check_latency(deployed_file, data, arch, target, latency_threads)
-    measured |= _check_analytic(measured, arch, space, target)
-    _accuracies(measured, checking.logits, target.precision, deployed_file, data, arch)
-    return measured
+        costs["latency_ms"] = _check_latency(deployed_file, data, arch, target, latency_threads)
+    costs |= _check_analytic(costs, arch, space, target)
+    accuracy = _accuracies(checking.logits, target.precision, deployed_file, data, arch)
+    return Verification(costs, checking.measured, accuracy)
 
 
 @dataclass
@@ -279,8 +301,9 @@ def _check_latency(deployed: Path, data: EvalData, arch: Arch, target: Target, t
     return latency
 
 
-def _accuracies(measured: dict, logits: dict, precision: str, deployed: Path, data, arch) -> None:
+def _accuracies(logits: dict, precision: str, deployed: Path, data, arch) -> dict[str, float]:
     """test_acc (the deployed file's), test_acc_<precision> per file, val_acc (deployed file)."""
+    measured = {}
     if len(data.test_y):
         truth = data.test_y.numpy()
         for name, values in logits.items():
@@ -290,6 +313,7 @@ def _accuracies(measured: dict, logits: dict, precision: str, deployed: Path, da
         sess = onnx_runtime.session(str(deployed))
         val = onnx_runtime.run(sess, at_resolution(data.val_x, arch.resolution).numpy())
         measured["val_acc"] = float((val.argmax(1) == data.val_y.numpy()).mean())
+    return measured
 
 
 def _check_costs(onnx_file: Path, params: int, arch: Arch, space: SearchSpace, target: Target) -> dict:

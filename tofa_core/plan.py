@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tofa_core import config_files, litert
 from tofa_core.data.ingest import IngestConfig
 from tofa_core.search.targets import Target, read_targets
+from tofa_core.storage import Storage, open_storage
 from tofa_core.training.config import TrainConfig
 
 
@@ -22,13 +23,14 @@ from tofa_core.training.config import TrainConfig
 class RunPlan:
     """What one pipeline run does: its data, store, settings and targets, resolved.
 
-    `store` is the store's URI and `tracking_uri` where MLflow records the run (both as the
-    entry point resolved them from options and the environment); `targets_text` is the text
-    `targets` were parsed from."""
+    `store` is the store, opened once for the whole run (every stage derives its folders
+    from it), and `tracking_uri` where MLflow records the run (both as the entry point
+    resolved them from options and the environment); `targets_text` is the text `targets`
+    were parsed from."""
 
     source: str
     dataset: str
-    store: str
+    store: Storage
     tracking_uri: str
     config_file: str | None
     ingest: IngestConfig
@@ -69,7 +71,7 @@ class RunPlan:
         return cls(
             source=source,
             dataset=dataset,
-            store=store,
+            store=open_storage(store),
             tracking_uri=tracking_uri,
             config_file=config_file,
             ingest=ingest,

@@ -23,7 +23,7 @@ from tofa_core.arch import Arch
 from tofa_core.constraints import CONSTRAINTS
 from tofa_core.data.loaders import DataSplits, load_splits
 from tofa_core.data.store import DatasetStore
-from tofa_core.export import Exported, VerificationError, export_subnet, verify
+from tofa_core.export import Exported, Verification, VerificationError, export_subnet, verify
 from tofa_core.formats import by_runtime
 from tofa_core.quantize import quantize_int8
 from tofa_core.search.evolution import CostModel, EvolutionConfig, InfeasibleTarget, SearchResult, evolve
@@ -46,12 +46,17 @@ class Specialized:
     arch: Arch
     predicted: float  # the predictor's score
     score: float  # the same score measured after BN recalibration
-    measured: dict  # what verification measured on the exported files
+    verification: Verification  # what verification measured on the exported files
     exported: Exported
     search: dict
     seconds: float
     rejected: list[str] = field(default_factory=list)  # better candidates that failed verification
     rejected_by: dict[str, int] = field(default_factory=dict)  # how many of them each check rejected
+
+    @property
+    def measured(self) -> dict[str, float]:
+        """What verification measured, as one flat mapping (a summary row's keys)."""
+        return self.verification.as_dict()
 
     def result(self, files: dict[str, str]) -> TargetResult:
         """What later stages read of it, with `files` where they were published."""
@@ -63,7 +68,7 @@ class Specialized:
             arch=self.arch.to_dict(),
             predicted_score=round(self.predicted, 4),
             score=round(self.score, 4),
-            measured=dict(self.measured),
+            measured=self.measured,
             search=self.search,
             rejected=self.rejected,
             rejected_by=self.rejected_by,
@@ -302,7 +307,7 @@ def _export_verify(
         scores = {"predicted": predicted[cand.arch], score: cand.score(score)}
         exported = _export(job, model, cand.arch, scores)
         try:
-            measured = verify(exported, model, cand.arch, net.space, target, data)
+            verification = verify(exported, model, cand.arch, net.space, target, data)
         except VerificationError as err:
             for path in exported.files.values():  # nothing of a failed candidate stays in `folder`
                 path.unlink(missing_ok=True)
@@ -314,14 +319,14 @@ def _export_verify(
             err.args = (f"{cand.arch.to_json()}: {err}",)
             rejected.append(err)
             continue
-        exported.about["verified"] = measured
+        exported.about["verified"] = verification.as_dict()
         exported.files["model.json"].write_text(json.dumps(exported.about, indent=2))
         return Specialized(
             target,
             cand.arch,
             predicted[cand.arch],
             cand.score(score),
-            measured,
+            verification,
             exported,
             search,
             time.perf_counter() - started,

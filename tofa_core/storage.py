@@ -89,6 +89,20 @@ class Storage:
     def child(self, prefix: str) -> Storage:
         raise NotImplementedError
 
+    def at(self, uri: str) -> Storage:
+        """The place `uri` names, inside this one (a run folder a record in the store names):
+        derived from this storage, sharing its connection, instead of opened anew."""
+        relative = self._relative(str(uri))
+        if relative is None:
+            raise StorageError(f"{uri!r} is not inside the store {self.root!r}")
+        return self.child(relative) if relative else self
+
+    def _relative(self, uri: str) -> str | None:
+        root = self.root.rstrip("/")
+        if uri.rstrip("/") == root:
+            return ""
+        return uri[len(root) + 1 :].strip("/") if uri.startswith(root + "/") else None
+
     def impatient(self) -> Storage:
         """The same place, with calls that give up within about a minute (a run lock's lease
         must outlast its renewal); local storage never waits."""
@@ -162,6 +176,12 @@ class LocalStorage(Storage):
 
     def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self.path / prefix, self.confined)
+
+    def _relative(self, uri: str) -> str | None:
+        if "://" in uri:
+            return None
+        path = Path(uri).expanduser().resolve()
+        return str(path.relative_to(self.path)).removeprefix(".") if path.is_relative_to(self.path) else None
 
     def _file(self, key: str) -> Path:
         return self.path / key
@@ -387,17 +407,19 @@ class S3Storage(Storage):
             raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._client, self.patient = client, patient
+        # One client for a store and every folder derived from it (made on first use): a list,
+        # so that a child made before the first request shares the client made after it.
+        self._client, self.patient = [client] if not isinstance(client, list) else client, patient
 
     @property
     def client(self):
-        if self._client is None:
+        if self._client[0] is None:
             import boto3
             from botocore.config import Config
 
             # A session of its own: boto3's module-level default session caches the
             # credentials it first saw, and a store must follow the environment it runs in.
-            self._client = boto3.session.Session().client(
+            self._client[0] = boto3.session.Session().client(
                 "s3",
                 config=Config(
                     s3={"addressing_style": "path"},
@@ -411,11 +433,11 @@ class S3Storage(Storage):
                     read_timeout=60 if self.patient else 10,
                 ),
             )
-        return self._client
+        return self._client[0]
 
     def __getstate__(self) -> dict:
         # Sent to another process (a Ray task): it makes its own client from its own environment.
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": [None]}
 
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"{self.root}/{prefix.strip('/')}", self._client, self.patient)

@@ -59,12 +59,11 @@ def gc(
 ) -> None:
     """Remove a data set's files that no committed version refers to: shards of ingests killed
     before their commit, temp files of interrupted writes. Holds the data set's run lock."""
-    from flows.settings import store_uri
+    from flows.settings import open_store
     from tofa_core.data.store import DatasetStore
     from tofa_core.runlock import RunLock
-    from tofa_core.storage import open_storage
 
-    root = open_storage(store_uri(store))
+    root = open_store(store)
     ds = DatasetStore(root)
     with _clean_errors(), RunLock(root, dataset, f"tofa gc (pid {os.getpid()})"):
         if dry_run:
