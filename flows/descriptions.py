@@ -49,8 +49,11 @@ def target(row: TargetResult, data_version: str) -> str:
     budget = ", ".join(BY_FIELD[f].show(v) for f, v in row.constraints.items()) or "none"
     m = row.measured
     shown = [f"{m['macs']:,} MACs", f"{m['params']:,} parameters"]
-    shown += [f"{label} {m[key]:.1f} KB" for key, label in (("ram_kb", "RAM"), ("flash_kb", "flash"))
-              if _number(m.get(key))]  # fmt: skip
+    shown += [
+        f"{label} {m[key]:.1f} KB"
+        for key, label in (("ram_kb", "RAM"), ("flash_kb", "flash"))
+        if _number(m.get(key))
+    ]
     if _number(m.get("latency_ms")):
         shown.append(f"{m['latency_ms']:.3f} ms on {row.device}")
     text = (

@@ -95,9 +95,12 @@ def _unless_server_down(task, task_run, state) -> bool:
 # Retried: a tracking server can drop a request; targets registered before the failure are
 # returned as they were (tracking.register_target is idempotent per pipeline run and target).
 @task(
-    name="register-models", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+    name="register-models",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=5,
     retry_condition_fn=_unless_server_down,
-)  # fmt: skip
+)
 def register_models(
     parent: str, dataset: str, rows: list[TargetResult], trained: Trained, store: Storage
 ) -> dict[str, dict]:

@@ -178,9 +178,12 @@ def _progress(run_dir, epochs: int, every: float = 2.0):
             for row in history[shown:]:
                 logger.info(
                     "epoch %d/%d: val acc largest %.3f, smallest %.3f, %.0f images/s",
-                    row["epoch"], epochs, row.get("val_acc/max", float("nan")),
-                    row.get("val_acc/min", float("nan")), row.get("images_per_s", 0.0),
-                )  # fmt: skip
+                    row["epoch"],
+                    epochs,
+                    row.get("val_acc/max", float("nan")),
+                    row.get("val_acc/min", float("nan")),
+                    row.get("images_per_s", 0.0),
+                )
             shown = max(shown, len(history))
             if stopping:
                 return

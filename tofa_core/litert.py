@@ -156,8 +156,11 @@ class Converter:
             with open(self._log, "ab") as log:  # the child keeps its own (appending) descriptor
                 self._proc = subprocess.Popen(
                     [str(python), "-I", str(CONVERTER), "--serve"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                )  # fmt: skip
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                )
         return self._proc
 
     def _output(self, start: int) -> str:

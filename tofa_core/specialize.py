@@ -378,9 +378,13 @@ def load_trained(store: DatasetStore, run_dir: Storage, key: str = "supernet.pt"
     state = load_checkpoint(run_dir, key)
     config = TrainConfig(**state["config"])
     splits = load_splits(
-        store, state["dataset"], state["data_version"], val_fraction=config.val_fraction, seed=config.seed,
+        store,
+        state["dataset"],
+        state["data_version"],
+        val_fraction=config.val_fraction,
+        seed=config.seed,
         hold_training=False,  # specialization reads only the calibration and pool images of them
-    )  # fmt: skip
+    )
     space = space_for(config, splits)
     check_fits(state, space, run_dir.uri(key))
     net = Supernet(space)

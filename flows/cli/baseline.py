@@ -51,9 +51,15 @@ def baseline(
     baseline_flow = _flow("flows.baseline:baseline_flow", ray=True)
     with _clean_errors():
         results = baseline_flow(
-            archs=archs, source=data, dataset=dataset, store=store,
-            config_file=str(config) if config else None, epochs=epochs, workers=workers, seed=seed,
-        )  # fmt: skip
+            archs=archs,
+            source=data,
+            dataset=dataset,
+            store=store,
+            config_file=str(config) if config else None,
+            epochs=epochs,
+            workers=workers,
+            seed=seed,
+        )
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
     table = Table(title=f"baselines: each architecture trained alone on {results[0]['dataset']}")

@@ -62,11 +62,19 @@ def run(
     try:
         with _clean_errors(FileNotFoundError):
             summary = retrain_flow(
-                source=data, dataset=dataset, targets_file=str(targets) if targets else None,
-                config_file=str(config) if config else None, epochs=epochs, workers=workers, store=store,
-                samples=samples, force=force, lock_wait=wait_lock, gpus_per_worker=gpus_per_worker,
+                source=data,
+                dataset=dataset,
+                targets_file=str(targets) if targets else None,
+                config_file=str(config) if config else None,
+                epochs=epochs,
+                workers=workers,
+                store=store,
+                samples=samples,
+                force=force,
+                lock_wait=wait_lock,
+                gpus_per_worker=gpus_per_worker,
                 budget_minutes=budget,
-            )  # fmt: skip
+            )
     except SpecializationFailed as err:
         failed = err
         summary = None

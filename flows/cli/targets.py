@@ -93,9 +93,13 @@ def profile_latency(
     with Progress(console=console, transient=True) as bar:
         job = bar.add_task("profiling blocks", total=None)
         table = measure(
-            space, device, threads=threads, repeats=repeats, known=known,
+            space,
+            device,
+            threads=threads,
+            repeats=repeats,
+            known=known,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
-        )  # fmt: skip
+        )
     table.save(path)
     console.print(
         f"{device}: {len(table.entries)} block entries, call overhead {table.overhead_ms:.4f} ms -> {path}",
@@ -131,9 +135,14 @@ def specialize(
     try:
         with _clean_errors(FileNotFoundError):  # FileNotFoundError: no supernet (or --run) to specialize
             summary = specialize_flow.with_options(task_runner=task_runner())(
-                source=data, dataset=dataset, targets_file=str(targets) if targets else None, store=store,
-                run_id=run, samples=samples, score=score,
-            )  # fmt: skip
+                source=data,
+                dataset=dataset,
+                targets_file=str(targets) if targets else None,
+                store=store,
+                run_id=run,
+                samples=samples,
+                score=score,
+            )
     except SpecializationFailed as err:
         summary, failed = err.summary, err
     summary = summary.to_json()

@@ -90,8 +90,12 @@ def tune(
     tune_flow = _flow("flows.tune:tune_flow", ray=True)
     with _clean_errors(RuntimeError):  # RuntimeError: no trial reported a result
         summary = tune_flow(
-            source=data, dataset=dataset, store=store, config_file=str(config) if config else None,
-            trials=trials, epochs=epochs,
-        )  # fmt: skip
+            source=data,
+            dataset=dataset,
+            store=store,
+            config_file=str(config) if config else None,
+            trials=trials,
+            epochs=epochs,
+        )
     console.print(f"best of {summary['trials']} trials: {summary['best']}", highlight=False)
     console.print(f"mean val accuracy {summary['best_val_acc/mean']:.4f}; config: {summary['best_config']}")

@@ -91,9 +91,14 @@ def _launch(name: str, cmd: list[str], env: dict, cfg: StackConfig, cwd: Path) -
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     return {"pid": proc.pid, "started": _start_time(proc.pid), "log": str(log), "cmd": cmd[:3]}
 
 

@@ -629,11 +629,17 @@ def write_shards(
         pixels = staged.pixels(d) if d.offset >= 0 else d.pixels
         writer.add(
             {
-                "content_hash": d.content_hash, "source_id": r.source_id, "path": r.path, "split": r.split,
+                "content_hash": d.content_hash,
+                "source_id": r.source_id,
+                "path": r.path,
+                "split": r.split,
                 "label": index[r.label] if r.label is not None else None,
-                "height": d.height, "width": d.width, "channels": d.channels, "pixels": pixels,
+                "height": d.height,
+                "width": d.width,
+                "channels": d.channels,
+                "pixels": pixels,
             }
-        )  # fmt: skip
+        )
     writer.flush()
     return reused + writer.shards, len(reused)
 

@@ -155,9 +155,13 @@ class StreamedSet:
 
     def _subset(self, keep: list[int], rows, labels) -> StreamedSet:
         return StreamedSet(
-            self.ds, [self.shards[i] for i in keep], [rows[i] for i in keep], [labels[i] for i in keep],
-            self.hw, self.channels,
-        )  # fmt: skip
+            self.ds,
+            [self.shards[i] for i in keep],
+            [rows[i] for i in keep],
+            [labels[i] for i in keep],
+            self.hw,
+            self.channels,
+        )
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The images at `idx` (positions in this split), in that order; one shard read at a time."""
@@ -372,9 +376,11 @@ class BatchStream:
     def state_dict(self) -> dict:
         """Where the stream is: resuming from it draws the same batches an unbroken run would."""
         return {
-            "gen": self.generator.get_state(), "order": self._order.clone(), "passes": self.passes,
+            "gen": self.generator.get_state(),
+            "order": self._order.clone(),
+            "passes": self.passes,
             "size": len(self.data),
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "gen" not in state or state.get("size", len(self.data)) != len(self.data):
@@ -521,8 +527,10 @@ def _restart_warning(state: dict, size: int) -> None:
     log.warning(
         "a checkpointed batch stream (%s, %s images) does not fit this one (%d images): it "
         "starts afresh; the resumed run draws other batches than an unbroken one would",
-        "streamed" if "drawn" in state else "in memory", state.get("size", "?"), size,
-    )  # fmt: skip
+        "streamed" if "drawn" in state else "in memory",
+        state.get("size", "?"),
+        size,
+    )
 
 
 def stream_of(data: ImageSet | StreamedSet, batch_size: int, seed: int = 0, device=None):

@@ -175,8 +175,11 @@ class _Run:
         if state.get("device", "cpu") != self.device.type:
             # A CUDA generator's state means nothing to a CPU one: the run continues with its
             # weights, optimizer and batches restored, and fresh augmentation draws.
-            log.warning("resumed on %s from a %s checkpoint: augmentation draws start afresh",
-                        self.device.type, state.get("device", "cpu"))  # fmt: skip
+            log.warning(
+                "resumed on %s from a %s checkpoint: augmentation draws start afresh",
+                self.device.type,
+                state.get("device", "cpu"),
+            )
             return
         self.aug_gen.set_state(state["aug"])
         if self.device.type == "cuda":
@@ -257,19 +260,7 @@ def _build(
         space.validate(fixed)
     torch.manual_seed(cfg.seed)
     net = Supernet(space).to(device)
-    per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
-    hold = cfg.in_memory_mb * 2**20
-    labelled, share = worker_splits(splits, rank, world, cfg.seed, hold, unlabelled=cfg.semi_supervised)
-    log.info(
-        "worker %d of %d holds %.0f MiB of training pixels (budget train.in_memory_mb %.0f); streams %s",
-        rank, world, sum(s.nbytes for s in (labelled, share) if isinstance(s, ImageSet)) / 2**20,
-        cfg.in_memory_mb, ", ".join(n for n, s in (("labelled", labelled), ("unlabelled", share))
-                                    if isinstance(s, StreamedSet)) or "nothing",
-    )  # fmt: skip
-    streams = [stream_of(labelled, per_rank, seed=seed + rank, device=device)]
-    if share is not None and len(share):
-        unlabelled = stream_of(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
-        streams.append(unlabelled)
+    streams = _streams(cfg, splits, rank, world, device)
     adaptive = None
     if cfg.threshold == "adaptive" and len(streams) > 1:
         adaptive = AdaptiveThreshold(len(splits.classes), cfg.threshold_momentum)
@@ -282,15 +273,47 @@ def _build(
         **({"fixed_arch": fixed.to_dict()} if fixed else {}),
     }
     run = _Run(
-        cfg, rank, world, splits, space, fixed, net, streams,
+        cfg,
+        rank,
+        world,
+        splits,
+        space,
+        fixed,
+        net,
+        streams,
         aug=Augmenter(cfg.augment, splits.channels),
-        aug_gen=torch.Generator(device=device).manual_seed(seed + 2 * STREAM_OFFSET + rank),
-        sampler=random.Random(cfg.seed), adaptive=adaptive, about=about,
-        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)), epochs=cfg.epochs,
+        aug_gen=torch.Generator(device=device).manual_seed(cfg.seed * SEED_STRIDE + 2 * STREAM_OFFSET + rank),
+        sampler=random.Random(cfg.seed),
+        adaptive=adaptive,
+        about=about,
+        steps_per_epoch=cfg.epoch_steps(len(splits.train), len(splits.unlabeled)),
+        epochs=cfg.epochs,
         device=device,
-    )  # fmt: skip
+    )
     run.optimizer, run.scheduler = _optimizer(cfg, net, cfg.epochs * run.steps_per_epoch)
     return run
+
+
+def _streams(cfg: TrainConfig, splits, rank: int, world: int, device: torch.device) -> list:
+    """This worker's batch streams: its share of the labelled images, and of the unlabelled
+    ones when there are any; each held in memory within train.in_memory_mb, else streamed."""
+    per_rank, seed = cfg.batch_size // world, cfg.seed * SEED_STRIDE
+    hold = cfg.in_memory_mb * 2**20
+    labelled, share = worker_splits(splits, rank, world, cfg.seed, hold, unlabelled=cfg.semi_supervised)
+    log.info(
+        "worker %d of %d holds %.0f MiB of training pixels (budget train.in_memory_mb %.0f); streams %s",
+        rank,
+        world,
+        sum(s.nbytes for s in (labelled, share) if isinstance(s, ImageSet)) / 2**20,
+        cfg.in_memory_mb,
+        ", ".join(n for n, s in (("labelled", labelled), ("unlabelled", share)) if isinstance(s, StreamedSet))
+        or "nothing",
+    )
+    streams = [stream_of(labelled, per_rank, seed=seed + rank, device=device)]
+    if share is not None and len(share):
+        unlabelled = stream_of(share, per_rank * cfg.mu, seed=seed + STREAM_OFFSET + rank, device=device)
+        streams.append(unlabelled)
+    return streams
 
 
 def _optimizer(cfg: TrainConfig, net: Supernet, total_steps: int):
@@ -396,8 +419,13 @@ def _fit_budget(run: _Run, spent: float, per_epoch: float) -> None:
         dist.all_reduce(fit, op=dist.ReduceOp.MIN)
     epochs = min(run.epochs, int(fit.item()))
     if epochs < run.epochs:
-        log.info("budget %.1f min at %.0f s per epoch: %d of %d epochs", run.cfg.budget_minutes, per_epoch,
-                 epochs, run.epochs)  # fmt: skip
+        log.info(
+            "budget %.1f min at %.0f s per epoch: %d of %d epochs",
+            run.cfg.budget_minutes,
+            per_epoch,
+            epochs,
+            run.epochs,
+        )
         run.epochs = epochs
         # CosineAnnealingLR steps by ratios of its curve: with the new end it reaches 0 there
         run.scheduler.T_max = epochs * run.steps_per_epoch
