@@ -67,15 +67,25 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """With TOFA_TEST_TIMELINE=FILE, each test's xdist worker, start, end and id are appended to
-    FILE (setup and teardown included): where a parallel run's wall goes, and its idle tail."""
+    """With TOFA_TEST_TIMELINE=FILE, each test's xdist worker, start, end, CPU seconds and id are
+    appended to FILE (setup and teardown included): where a parallel run's wall goes, and its
+    idle tail. The CPU is this process's and its reaped subprocesses' (a CLI run, a LiteRT
+    conversion), not Ray's or the servers' processes, which outlive the test."""
     timeline = os.environ.get("TOFA_TEST_TIMELINE")
-    started = time.time()
+    started, cpu = time.time(), _cpu_seconds()
     yield
     if timeline:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         with open(timeline, "a", encoding="utf-8") as out:
-            out.write(f"{worker} {started:.1f} {time.time():.1f} {item.nodeid}\n")
+            used = _cpu_seconds() - cpu
+            out.write(f"{worker} {started:.1f} {time.time():.1f} {used:.1f} {item.nodeid}\n")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
 
 
 @pytest.fixture(scope="session", autouse=True)
